@@ -1,0 +1,92 @@
+"""Shared Triton helpers: typed loads, per-row bounds and launch geometry."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def load_tile(ptr, offs, mask, other, F64: tl.constexpr):
+    """Load a tile and upcast to the compute dtype (float64 or float32)."""
+    x = tl.load(ptr + offs, mask=mask, other=other)
+    if F64:
+        return x.to(tl.float64)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def load_row_bound(ptr, rows, row_mask, value, HAS_TENSOR: tl.constexpr, F64: tl.constexpr,
+                   BLOCK_ROWS: tl.constexpr):
+    """Per-row bound: from a (rows,) tensor if given, else the scalar ``value``."""
+    if HAS_TENSOR:
+        return load_tile(ptr, rows, row_mask, 1.0, F64)
+    else:
+        if F64:
+            return tl.zeros([BLOCK_ROWS], dtype=tl.float64) + value
+        else:
+            return tl.zeros([BLOCK_ROWS], dtype=tl.float32) + value
+
+
+def row_geometry(n_rows: int, d: int, elements_per_program: int = 4096):
+    """(BLOCK_ROWS, BLOCK_D, grid) for a kernel that gives each program whole rows."""
+    block_d = triton.next_power_of_2(max(d, 1))
+    block_rows = max(1, min(triton.next_power_of_2(max(n_rows, 1)),
+                            elements_per_program // block_d))
+    return block_rows, block_d, (triton.cdiv(n_rows, block_rows),)
+
+
+def num_warps_for(block_rows: int, block_d: int) -> int:
+    return 8 if block_rows * block_d >= 8192 else 4
+
+
+def bound_arg(bound: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """A pointer argument for an optional per-row bound (a dummy when it is a scalar)."""
+    return like if bound is None else bound
+
+
+@triton.jit
+def row_tile(pid, n_rows, d, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Row indices, row mask, element mask and int64 element offsets of one program's tile
+    of a contiguous (n_rows, d) array."""
+    rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, BLOCK_D)
+    row_mask = rows < n_rows
+    mask = row_mask[:, None] & (cols[None, :] < d)
+    offs = rows.to(tl.int64)[:, None] * d + cols[None, :]
+    return rows, row_mask, mask, offs
+
+
+def launch_rows(kernel, inputs, outputs, mean_bound, cov_bound, mean_bound_value,
+                cov_bound_value, **extra):
+    """Launch a row kernel with the argument order every projection kernel here uses:
+    ``(*inputs, mean_bound_ptr, cov_bound_ptr, *outputs, n_rows, d, mean_bound_value,
+    cov_bound_value, **extra, HAS_MEAN_BOUND, HAS_COV_BOUND, F64, BLOCK_ROWS, BLOCK_D)``.
+
+    ``inputs[0]`` is (n_rows, d) and fixes the geometry; ``mean_bound`` / ``cov_bound`` are
+    (n_rows,) tensors in the compute dtype, or None to use the scalar values.
+    """
+    from torch.library import wrap_triton
+
+    n_rows, d = inputs[0].shape
+    block_rows, block_d, grid = row_geometry(n_rows, d)
+    wrap_triton(kernel)[grid](
+        *inputs,
+        bound_arg(mean_bound, inputs[0]),
+        bound_arg(cov_bound, inputs[0]),
+        *outputs,
+        n_rows,
+        d,
+        float(mean_bound_value),
+        float(cov_bound_value),
+        **extra,
+        HAS_MEAN_BOUND=mean_bound is not None,
+        HAS_COV_BOUND=cov_bound is not None,
+        F64=inputs[0].dtype == torch.float64,
+        BLOCK_ROWS=block_rows,
+        BLOCK_D=block_d,
+        num_warps=num_warps_for(block_rows, block_d),
+    )
+    return outputs

@@ -1,0 +1,93 @@
+"""Fused Frobenius projection for diagonal covariances (MATH.md "Frobenius covariance
+projection" + "Mean projection").
+
+Forward reads ``mean, std, old_mean, old_std`` once and writes ``mean_t, std_t`` once:
+``f = sum((v - v_o)^2)``; where ``f > eps``: ``v_t = v_o + sqrt(eps / f) (v - v_o)``.
+Backward recomputes the row sums from the inputs instead of saving them.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import launch_rows, load_row_bound, load_tile, row_tile
+from .mean import mean_project_bwd, mean_project_fwd
+
+
+@triton.jit
+def _frob_diag_fwd_kernel(
+    mean_ptr, std_ptr, old_mean_ptr, old_std_ptr, mean_bound_ptr, cov_bound_ptr,
+    mean_out_ptr, std_out_ptr,
+    n_rows, d, mean_bound_value, cov_bound_value,
+    HAS_MEAN_BOUND: tl.constexpr, HAS_COV_BOUND: tl.constexpr, F64: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows, row_mask, mask, offs = row_tile(tl.program_id(0), n_rows, d, BLOCK_ROWS, BLOCK_D)
+    mu = load_tile(mean_ptr, offs, mask, 0.0, F64)
+    sd = load_tile(std_ptr, offs, mask, 1.0, F64)
+    mu_o = load_tile(old_mean_ptr, offs, mask, 0.0, F64)
+    sd_o = load_tile(old_std_ptr, offs, mask, 1.0, F64)
+    eps_mu = load_row_bound(mean_bound_ptr, rows, row_mask, mean_bound_value, HAS_MEAN_BOUND, F64, BLOCK_ROWS)
+    eps_cov = load_row_bound(cov_bound_ptr, rows, row_mask, cov_bound_value, HAS_COV_BOUND, F64, BLOCK_ROWS)
+
+    var_o = sd_o * sd_o
+    tl.store(mean_out_ptr + offs, mean_project_fwd(mu, mu_o, var_o, eps_mu), mask=mask)
+
+    diff = sd * sd - var_o
+    f = tl.sum(diff * diff, axis=1)
+    active = f > eps_cov
+    scale = tl.sqrt(eps_cov / tl.where(active, f, eps_cov))
+    sd_t = tl.sqrt(var_o + scale[:, None] * diff)
+    tl.store(std_out_ptr + offs, tl.where(active[:, None], sd_t, sd), mask=mask)
+
+
+@triton.jit
+def _frob_diag_bwd_kernel(
+    grad_mean_ptr, grad_std_ptr, mean_ptr, std_ptr, old_mean_ptr, old_std_ptr,
+    mean_bound_ptr, cov_bound_ptr,
+    grad_mean_out_ptr, grad_std_out_ptr,
+    n_rows, d, mean_bound_value, cov_bound_value,
+    HAS_MEAN_BOUND: tl.constexpr, HAS_COV_BOUND: tl.constexpr, F64: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows, row_mask, mask, offs = row_tile(tl.program_id(0), n_rows, d, BLOCK_ROWS, BLOCK_D)
+    g_mu = load_tile(grad_mean_ptr, offs, mask, 0.0, F64)
+    g_sd = load_tile(grad_std_ptr, offs, mask, 0.0, F64)
+    mu = load_tile(mean_ptr, offs, mask, 0.0, F64)
+    sd = load_tile(std_ptr, offs, mask, 1.0, F64)
+    mu_o = load_tile(old_mean_ptr, offs, mask, 0.0, F64)
+    sd_o = load_tile(old_std_ptr, offs, mask, 1.0, F64)
+    eps_mu = load_row_bound(mean_bound_ptr, rows, row_mask, mean_bound_value, HAS_MEAN_BOUND, F64, BLOCK_ROWS)
+    eps_cov = load_row_bound(cov_bound_ptr, rows, row_mask, cov_bound_value, HAS_COV_BOUND, F64, BLOCK_ROWS)
+
+    var_o = sd_o * sd_o
+    tl.store(grad_mean_out_ptr + offs, mean_project_bwd(g_mu, mu, mu_o, var_o, eps_mu), mask=mask)
+
+    # v_t = v_o + a (v - v_o), a = sqrt(eps / f): dL/dv = a g_v - (a / f) <g_v, D> D.
+    diff = sd * sd - var_o
+    f = tl.sum(diff * diff, axis=1)
+    active = f > eps_cov
+    f_safe = tl.where(active, f, eps_cov)
+    scale = tl.sqrt(eps_cov / f_safe)
+    sd_t = tl.sqrt(var_o + scale[:, None] * diff)
+    g_var_t = g_sd / (2.0 * sd_t)
+    g_dot = tl.sum(g_var_t * diff, axis=1)
+    g_var = scale[:, None] * g_var_t - (scale * g_dot / f_safe)[:, None] * diff
+    tl.store(grad_std_out_ptr + offs, tl.where(active[:, None], 2.0 * sd * g_var, g_sd), mask=mask)
+
+
+def launch_frob_diag_fwd(mean, std, old_mean, old_std, mean_bound, cov_bound,
+                         mean_bound_value: float, cov_bound_value: float):
+    """(rows, d) contiguous inputs, (rows,) bounds or None -> (mean_t, std_t)."""
+    outs = [torch.empty_like(mean), torch.empty_like(std)]
+    return tuple(launch_rows(_frob_diag_fwd_kernel, [mean, std, old_mean, old_std], outs,
+                             mean_bound, cov_bound, mean_bound_value, cov_bound_value))
+
+
+def launch_frob_diag_bwd(grad_mean, grad_std, mean, std, old_mean, old_std, mean_bound,
+                         cov_bound, mean_bound_value: float, cov_bound_value: float):
+    """Upstream grads and forward inputs -> (grad_mean, grad_std)."""
+    outs = [torch.empty_like(mean), torch.empty_like(std)]
+    return tuple(launch_rows(_frob_diag_bwd_kernel,
+                             [grad_mean, grad_std, mean, std, old_mean, old_std], outs,
+                             mean_bound, cov_bound, mean_bound_value, cov_bound_value))

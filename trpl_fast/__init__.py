@@ -1,0 +1,12 @@
+"""trpl_fast: fast differentiable trust-region projection layers for Gaussian policies.
+
+``project_diag`` / ``project_full`` are the functional API over the ``torch.ops.trpl``
+operators; ``TrustRegionProjection`` is the layer with entropy control, the trust-region
+regression loss and the constraint metrics; ``reference`` is the float64 oracle.
+"""
+
+from . import ops  # noqa: F401  (registers torch.ops.trpl.*)
+from .functional import project_diag, project_full
+
+__all__ = ["project_diag", "project_full"]
+__version__ = "0.1.0"

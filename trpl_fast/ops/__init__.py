@@ -1,0 +1,19 @@
+"""``torch.ops.trpl.*``: the projection operators (schemas, dispatch, autograd).
+
+Importing this package registers, for each kind and covariance form, a forward op
+``trpl::project_<kind>_<form>`` and its backward op ``trpl::project_<kind>_<form>_backward``
+(see :class:`trpl_fast.ops._common.ProjectionOp` for the schema). Triton kernels are used
+for CUDA tensors; vectorized torch everywhere else.
+"""
+
+from .frobenius import FROB_DIAG, FROB_FULL
+from .wasserstein import W2_DIAG, W2_FULL
+
+OPS = {
+    ("frob", "diag"): FROB_DIAG,
+    ("frob", "full"): FROB_FULL,
+    ("w2", "diag"): W2_DIAG,
+    ("w2", "full"): W2_FULL,
+}
+
+__all__ = ["OPS"]

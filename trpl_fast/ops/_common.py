@@ -1,0 +1,216 @@
+"""Helpers shared by the operator definitions: dtypes, flattening, metadata checks and the
+operator factory that wires forward op, backward op, CPU kernel and autograd together."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+SUPPORTED_DTYPES = (torch.float32, torch.float64) + HALF_DTYPES
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """bf16 / fp16 are computed in float32; float32 and float64 in themselves."""
+    return torch.float32 if dtype in HALF_DTYPES else dtype
+
+
+def check_metadata(names, tensors, event_dims: int, bounds) -> tuple:
+    """Shape / dtype / device checks that need no data (safe under tracing).
+
+    ``names`` and ``tensors`` are the distribution inputs, all of the same shape
+    ``(*batch, d)`` for means and ``(*batch, d[, d])`` for the covariance parameters;
+    ``event_dims`` is a parallel tuple (1 or 2). ``bounds`` are (name, tensor-or-None)
+    pairs that must broadcast to ``batch``. Returns ``(batch_shape, d)``.
+    """
+    first = tensors[0]
+    if first.dim() < 1:
+        raise ValueError(f"{names[0]} must have at least 1 dimension (..., d), got a scalar")
+    d = first.shape[-1]
+    batch = first.shape[:-1]
+    if d < 1:
+        raise ValueError(f"{names[0]} must have a non-empty last dimension, got shape {tuple(first.shape)}")
+    for name, t, ed in zip(names, tensors, event_dims):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name} must be float16/bfloat16/float32/float64, got {t.dtype}")
+        if t.dtype != first.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but {names[0]} has {first.dtype}")
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {names[0]} is on {first.device}")
+        want = tuple(batch) + (d,) * ed
+        if tuple(t.shape) != want:
+            raise ValueError(f"{name} must have shape {want} (batch {tuple(batch)}, d={d}), got {tuple(t.shape)}")
+    for name, b in bounds:
+        if b is None:
+            continue
+        if b.device != first.device:
+            raise ValueError(f"{name} is on {b.device} but {names[0]} is on {first.device}")
+        if not b.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor, got {b.dtype}")
+        try:
+            ok = torch.broadcast_shapes(b.shape, batch) == batch
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{name} of shape {tuple(b.shape)} does not broadcast to the batch shape {tuple(batch)}")
+    return batch, d
+
+
+def flat_bound(bound: Optional[Tensor], batch, dtype) -> Optional[Tensor]:
+    """A per-state bound as a contiguous (rows,) tensor in the compute dtype, or None."""
+    if bound is None:
+        return None
+    return bound.to(dtype).expand(batch).reshape(-1).contiguous()
+
+
+def _rows(t: Tensor, d: int, event_dims: int, dtype, contiguous: bool) -> Tensor:
+    r = t.reshape((-1,) + (d,) * event_dims)
+    if dtype is not None:
+        r = r.to(dtype)
+    return r.contiguous() if contiguous else r
+
+
+class ProjectionOp:
+    """Defines ``trpl::<name>`` and ``trpl::<name>_backward`` as ``triton_op``s.
+
+    Forward schema: ``(mean, cov, old_mean, old_cov, mean_bound?, cov_bound?,
+    mean_bound_value, cov_bound_value) -> [mean_t, cov_t, *aux]``, where ``cov`` is the
+    covariance parameter (std (..., d) or a factor (..., d, d)), bounds are optional
+    per-state tensors broadcastable to the batch shape (else the float values are used),
+    and ``aux`` are ``n_aux`` per-state diagnostics (e.g. the KL dual variable) that get no
+    gradient but are handed to the backward.
+
+    Backward schema: ``(grad_mean_t, grad_cov_t, mean, cov, old_mean, old_cov, aux,
+    bounds...) -> [grad_mean, grad_cov]``. The old policy is a constant: no gradient.
+
+    ``impl`` / ``impl_backward`` are the vectorized-torch implementations on flattened rows
+    ((rows, d) and (rows, d[, d]) tensors in float32/float64, (rows,) bounds or None, then
+    the two float values); they run on CPU, and on every device when there is no launcher.
+    ``launch`` / ``launch_backward`` are the Triton launchers used on CUDA (same arguments,
+    contiguous, in the input dtype: the kernels upcast half precision themselves).
+    """
+
+    def __init__(self, name: str, cov_event_dims: int, impl: Callable, impl_backward: Callable,
+                 launch: Callable | None = None, launch_backward: Callable | None = None,
+                 aux_dtypes=()):
+        self.name = name
+        self.cov_name = "std" if cov_event_dims == 1 else "factor"
+        self.cov_event_dims = cov_event_dims
+        self.impl, self.impl_backward = impl, impl_backward
+        self.launch, self.launch_backward = launch, launch_backward
+        self.aux_dtypes = tuple(aux_dtypes)
+        self.forward_op = self._define_forward()
+        self.backward_op = self._define_backward()
+        self._register_autograd()
+
+    def _check(self, mean, cov, old_mean, old_cov, mean_bound, cov_bound):
+        names = ("mean", self.cov_name, "old_mean", f"old_{self.cov_name}")
+        ev = (1, self.cov_event_dims, 1, self.cov_event_dims)
+        return check_metadata(names, (mean, cov, old_mean, old_cov), ev,
+                              [("mean_bound", mean_bound), ("cov_bound", cov_bound)])
+
+    def _to_rows(self, tensors, d, use_kernel, cdt):
+        # (mean-like, cov-like) pairs: event dims alternate 1, cov_event_dims
+        ev = [1 if i % 2 == 0 else self.cov_event_dims for i in range(len(tensors))]
+        return [_rows(t, d, e, None if use_kernel else cdt, use_kernel) for t, e in zip(tensors, ev)]
+
+    def run_forward(self, mean, cov, old_mean, old_cov, mean_bound, cov_bound, mbv, cbv,
+                    allow_kernel: bool):
+        batch, d = self._check(mean, cov, old_mean, old_cov, mean_bound, cov_bound)
+        cdt = compute_dtype(mean.dtype)
+        use_kernel = allow_kernel and self.launch is not None and mean.device.type == "cuda"
+        rows = self._to_rows([mean, cov, old_mean, old_cov], d, use_kernel, cdt)
+        mb, cb = flat_bound(mean_bound, batch, cdt), flat_bound(cov_bound, batch, cdt)
+        if use_kernel and rows[0].shape[0] == 0:  # no zero-sized grids
+            outs = [rows[0].clone(), rows[1].clone()] + [
+                rows[0].new_empty((0,), dtype=dt) for dt in self.aux_dtypes]
+        elif use_kernel:
+            outs = self.launch(*rows, mb, cb, float(mbv), float(cbv))
+        else:
+            outs = self.impl(*rows, mb, cb, float(mbv), float(cbv))
+        return [outs[0].to(mean.dtype).reshape(mean.shape),
+                outs[1].to(mean.dtype).reshape(cov.shape)] + [a.reshape(batch) for a in outs[2:]]
+
+    def run_backward(self, grad_mean, grad_cov, mean, cov, old_mean, old_cov, aux, mean_bound,
+                     cov_bound, mbv, cbv, allow_kernel: bool):
+        batch, d = self._check(mean, cov, old_mean, old_cov, mean_bound, cov_bound)
+        if grad_mean.shape != mean.shape or grad_cov.shape != cov.shape:
+            raise ValueError("grad_mean / grad_cov must have the shapes of mean / cov")
+        cdt = compute_dtype(mean.dtype)
+        use_kernel = (allow_kernel and self.launch_backward is not None
+                      and mean.device.type == "cuda")
+        rows = self._to_rows([grad_mean.to(mean.dtype), grad_cov.to(mean.dtype), mean, cov,
+                              old_mean, old_cov], d, use_kernel, cdt)
+        aux_rows = [a.reshape(-1).contiguous() for a in aux]
+        mb, cb = flat_bound(mean_bound, batch, cdt), flat_bound(cov_bound, batch, cdt)
+        if use_kernel and rows[0].shape[0] == 0:
+            outs = [rows[0].clone(), rows[1].clone()]
+        elif use_kernel:
+            outs = self.launch_backward(*rows, *aux_rows, mb, cb, float(mbv), float(cbv))
+        else:
+            outs = self.impl_backward(*rows, *aux_rows, mb, cb, float(mbv), float(cbv))
+        return [outs[0].to(mean.dtype).reshape(mean.shape), outs[1].to(mean.dtype).reshape(cov.shape)]
+
+    def _define_forward(self):
+        spec = self
+
+        def forward(mean: Tensor, cov: Tensor, old_mean: Tensor, old_cov: Tensor,
+                    mean_bound: Optional[Tensor], cov_bound: Optional[Tensor],
+                    mean_bound_value: float, cov_bound_value: float) -> list[Tensor]:
+            return spec.run_forward(mean, cov, old_mean, old_cov, mean_bound, cov_bound,
+                                    mean_bound_value, cov_bound_value, allow_kernel=True)
+
+        op = torch.library.triton_op(f"trpl::{self.name}", forward, mutates_args=())
+
+        @op.register_kernel("cpu")
+        def _(mean, cov, old_mean, old_cov, mean_bound, cov_bound, mbv, cbv):
+            return spec.run_forward(mean, cov, old_mean, old_cov, mean_bound, cov_bound, mbv,
+                                    cbv, allow_kernel=False)
+
+        return op
+
+    def _define_backward(self):
+        spec = self
+
+        def backward(grad_mean: Tensor, grad_cov: Tensor, mean: Tensor, cov: Tensor,
+                     old_mean: Tensor, old_cov: Tensor, aux: list[Tensor],
+                     mean_bound: Optional[Tensor], cov_bound: Optional[Tensor],
+                     mean_bound_value: float, cov_bound_value: float) -> list[Tensor]:
+            return spec.run_backward(grad_mean, grad_cov, mean, cov, old_mean, old_cov, aux,
+                                     mean_bound, cov_bound, mean_bound_value, cov_bound_value,
+                                     allow_kernel=True)
+
+        op = torch.library.triton_op(f"trpl::{self.name}_backward", backward, mutates_args=())
+
+        @op.register_kernel("cpu")
+        def _(grad_mean, grad_cov, mean, cov, old_mean, old_cov, aux, mean_bound, cov_bound,
+              mbv, cbv):
+            return spec.run_backward(grad_mean, grad_cov, mean, cov, old_mean, old_cov, aux,
+                                     mean_bound, cov_bound, mbv, cbv, allow_kernel=False)
+
+        return op
+
+    def _register_autograd(self):
+        spec = self
+
+        def setup_context(ctx, inputs, output):
+            mean, cov, old_mean, old_cov, mean_bound, cov_bound, mbv, cbv = inputs
+            ctx.save_for_backward(mean, cov, old_mean, old_cov, mean_bound, cov_bound, *output[2:])
+            ctx.bound_values = (mbv, cbv)
+
+        def backward(ctx, grads):  # the op returns a list: one list of grads comes back
+            grad_mean, grad_cov = grads[0], grads[1]
+            mean, cov, old_mean, old_cov, mean_bound, cov_bound, *aux = ctx.saved_tensors
+            if grad_mean is None:
+                grad_mean = torch.zeros_like(mean)
+            if grad_cov is None:
+                grad_cov = torch.zeros_like(cov)
+            gm, gc = spec.backward_op(grad_mean, grad_cov, mean, cov, old_mean, old_cov, aux,
+                                      mean_bound, cov_bound, *ctx.bound_values)
+            return gm, gc, None, None, None, None, None, None
+
+        self.forward_op.register_autograd(backward, setup_context=setup_context)
