@@ -7,6 +7,7 @@ regression loss and the constraint metrics; ``reference`` is the float64 oracle.
 
 from . import ops  # noqa: F401  (registers torch.ops.trpl.*)
 from .functional import project_diag, project_full
+from .projection import EntropySchedule, TrustRegionProjection
 
-__all__ = ["project_diag", "project_full"]
+__all__ = ["project_diag", "project_full", "TrustRegionProjection", "EntropySchedule"]
 __version__ = "0.1.0"
