@@ -155,6 +155,13 @@ class ProjectionOp:
             outs = self.impl_backward(*rows, *aux_rows, mb, cb, float(mbv), float(cbv))
         return [outs[0].to(mean.dtype).reshape(mean.shape), outs[1].to(mean.dtype).reshape(cov.shape)]
 
+    def _make_op(self, qualname, body, fake):
+        if self.launch is not None:
+            return torch.library.triton_op(qualname, body, mutates_args=())
+        op = torch.library.custom_op(qualname, body, mutates_args=())
+        op.register_fake(fake)
+        return op
+
     def _define_forward(self):
         spec = self
 
@@ -164,7 +171,7 @@ class ProjectionOp:
             return spec.run_forward(mean, cov, old_mean, old_cov, mean_bound, cov_bound,
                                     mean_bound_value, cov_bound_value, allow_kernel=True)
 
-        op = torch.library.triton_op(f"trpl::{self.name}", forward, mutates_args=())
+        op = self._make_op(f"trpl::{self.name}", forward, lambda *a: spec.run_forward(*a, allow_kernel=False))
 
         @op.register_kernel("cpu")
         def _(mean, cov, old_mean, old_cov, mean_bound, cov_bound, mbv, cbv):
@@ -184,7 +191,8 @@ class ProjectionOp:
                                      mean_bound, cov_bound, mean_bound_value, cov_bound_value,
                                      allow_kernel=True)
 
-        op = torch.library.triton_op(f"trpl::{self.name}_backward", backward, mutates_args=())
+        op = self._make_op(f"trpl::{self.name}_backward", backward,
+                           lambda *a: spec.run_backward(*a, allow_kernel=False))
 
         @op.register_kernel("cpu")
         def _(grad_mean, grad_cov, mean, cov, old_mean, old_cov, aux, mean_bound, cov_bound,
