@@ -7,6 +7,7 @@ for CUDA tensors; vectorized torch everywhere else.
 """
 
 from .frobenius import FROB_DIAG, FROB_FULL
+from .kl import KL_DIAG, KL_FULL
 from .wasserstein import W2_DIAG, W2_FULL
 
 OPS = {
@@ -14,6 +15,8 @@ OPS = {
     ("frob", "full"): FROB_FULL,
     ("w2", "diag"): W2_DIAG,
     ("w2", "full"): W2_FULL,
+    ("kl", "diag"): KL_DIAG,
+    ("kl", "full"): KL_FULL,
 }
 
 __all__ = ["OPS"]

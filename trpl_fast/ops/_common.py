@@ -96,13 +96,15 @@ class ProjectionOp:
 
     def __init__(self, name: str, cov_event_dims: int, impl: Callable, impl_backward: Callable,
                  launch: Callable | None = None, launch_backward: Callable | None = None,
-                 aux_dtypes=()):
+                 aux: tuple[str, ...] = ()):
         self.name = name
         self.cov_name = "std" if cov_event_dims == 1 else "factor"
         self.cov_event_dims = cov_event_dims
         self.impl, self.impl_backward = impl, impl_backward
         self.launch, self.launch_backward = launch, launch_backward
-        self.aux_dtypes = tuple(aux_dtypes)
+        # aux outputs: ("t", "converged") for KL -- the dual variable in the compute
+        # dtype and a bool flag per state. Their impls also take ``early_exit``.
+        self.aux = tuple(aux)
         self.forward_op = self._define_forward()
         self.backward_op = self._define_backward()
         self._register_autograd()
@@ -119,7 +121,9 @@ class ProjectionOp:
         return [_rows(t, d, e, None if use_kernel else cdt, use_kernel) for t, e in zip(tensors, ev)]
 
     def run_forward(self, mean, cov, old_mean, old_cov, mean_bound, cov_bound, mbv, cbv,
-                    allow_kernel: bool):
+                    allow_kernel: bool, early_exit: bool = False):
+        """``allow_kernel``: use the Triton launcher for CUDA tensors. ``early_exit``: the
+        tensors are real CPU tensors, so iterative solves may stop on a host check."""
         batch, d = self._check(mean, cov, old_mean, old_cov, mean_bound, cov_bound)
         cdt = compute_dtype(mean.dtype)
         use_kernel = allow_kernel and self.launch is not None and mean.device.type == "cuda"
@@ -127,11 +131,12 @@ class ProjectionOp:
         mb, cb = flat_bound(mean_bound, batch, cdt), flat_bound(cov_bound, batch, cdt)
         if use_kernel and rows[0].shape[0] == 0:  # no zero-sized grids
             outs = [rows[0].clone(), rows[1].clone()] + [
-                rows[0].new_empty((0,), dtype=dt) for dt in self.aux_dtypes]
+                rows[0].new_empty((0,), dtype=torch.bool if a == "converged" else cdt) for a in self.aux]
         elif use_kernel:
             outs = self.launch(*rows, mb, cb, float(mbv), float(cbv))
         else:
-            outs = self.impl(*rows, mb, cb, float(mbv), float(cbv))
+            kw = {"early_exit": early_exit} if self.aux else {}
+            outs = self.impl(*rows, mb, cb, float(mbv), float(cbv), **kw)
         return [outs[0].to(mean.dtype).reshape(mean.shape),
                 outs[1].to(mean.dtype).reshape(cov.shape)] + [a.reshape(batch) for a in outs[2:]]
 
@@ -156,6 +161,10 @@ class ProjectionOp:
         return [outs[0].to(mean.dtype).reshape(mean.shape), outs[1].to(mean.dtype).reshape(cov.shape)]
 
     def _make_op(self, qualname, body, fake):
+        """A ``triton_op`` when there is a Triton launcher (its body traces under
+        ``torch.compile`` and branches on the device); an opaque ``custom_op`` with a fake
+        kernel otherwise (pure batched linear algebra: inductor decomposing it produced
+        wrong gradients for the full-covariance Frobenius op on torch 2.13 CPU)."""
         if self.launch is not None:
             return torch.library.triton_op(qualname, body, mutates_args=())
         op = torch.library.custom_op(qualname, body, mutates_args=())
@@ -168,15 +177,19 @@ class ProjectionOp:
         def forward(mean: Tensor, cov: Tensor, old_mean: Tensor, old_cov: Tensor,
                     mean_bound: Optional[Tensor], cov_bound: Optional[Tensor],
                     mean_bound_value: float, cov_bound_value: float) -> list[Tensor]:
+            # a triton_op body may be traced (torch.compile): no host checks there; an
+            # opaque custom_op body always runs on real tensors
+            eager_cpu = spec.launch is None and mean.device.type == "cpu"
             return spec.run_forward(mean, cov, old_mean, old_cov, mean_bound, cov_bound,
-                                    mean_bound_value, cov_bound_value, allow_kernel=True)
+                                    mean_bound_value, cov_bound_value, allow_kernel=True,
+                                    early_exit=eager_cpu)
 
         op = self._make_op(f"trpl::{self.name}", forward, lambda *a: spec.run_forward(*a, allow_kernel=False))
 
         @op.register_kernel("cpu")
         def _(mean, cov, old_mean, old_cov, mean_bound, cov_bound, mbv, cbv):
             return spec.run_forward(mean, cov, old_mean, old_cov, mean_bound, cov_bound, mbv,
-                                    cbv, allow_kernel=False)
+                                    cbv, allow_kernel=False, early_exit=True)
 
         return op
 
@@ -209,6 +222,8 @@ class ProjectionOp:
             mean, cov, old_mean, old_cov, mean_bound, cov_bound, mbv, cbv = inputs
             ctx.save_for_backward(mean, cov, old_mean, old_cov, mean_bound, cov_bound, *output[2:])
             ctx.bound_values = (mbv, cbv)
+            if len(output) > 2:
+                ctx.mark_non_differentiable(*output[2:])
 
         def backward(ctx, grads):  # the op returns a list: one list of grads comes back
             grad_mean, grad_cov = grads[0], grads[1]

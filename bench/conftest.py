@@ -1,0 +1,76 @@
+"""Benchmark setup: inputs, the copy-bandwidth floor and helpers shared by the suites."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_inputs(kind, form, n, d, device, dtype=torch.float32, seed=0):
+    """Inputs where every state is outside the trust region (all rows projected)."""
+    gen = torch.Generator().manual_seed(seed)
+    old_mean = torch.randn(n, d, generator=gen)
+    mean = old_mean + 0.5 * torch.randn(n, d, generator=gen)
+    if form == "diag":
+        old_cov = torch.exp(0.3 * torch.randn(n, d, generator=gen))
+        cov = old_cov * torch.exp(0.5 * torch.randn(n, d, generator=gen))
+    else:
+        base = torch.randn(d, d, generator=gen) / d ** 0.5
+        s_old = (base @ base.T + torch.eye(d)).expand(n, d, d)
+        a = torch.eye(d) + 0.3 * torch.randn(n, d, d, generator=gen) / d ** 0.5
+        s_new = a @ s_old @ a.mT
+        if kind == "w2":
+            def root(s):
+                e, u = torch.linalg.eigh(s)
+                r = u @ torch.diag_embed(e.sqrt()) @ u.mT
+                return 0.5 * (r + r.mT)
+            cov, old_cov = root(s_new), root(s_old)
+        else:
+            cov, old_cov = torch.linalg.cholesky(s_new), torch.linalg.cholesky(s_old.contiguous())
+    return [t.to(device=device, dtype=dtype).contiguous() for t in (mean, cov, old_mean, old_cov)]
+
+
+@pytest.fixture(scope="session")
+def copy_bandwidth():
+    """Measured device copy bandwidth in bytes/s per device (read + write counted):
+    the physical floor for memory-bound ops."""
+    cache = {}
+
+    def measure(device):
+        if device in cache:
+            return cache[device]
+        n = (256 << 20) // 4
+        src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
+        dst = torch.empty_like(src)
+        for _ in range(3):
+            dst.copy_(src)
+        sync(device)
+        import time
+        times = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        times.sort()
+        cache[device] = 2 * src.numel() * 4 / times[len(times) // 2]
+        return cache[device]
+
+    return measure
+
+
+def big_ok(n, form, d, device):
+    """1M-state full-covariance cases at d = 17 need ~10 GB on CPU; allow with
+    TRPL_BENCH_LARGE=1."""
+    if device == "cpu" and form == "full" and n >= 1 << 20 and d > 7:
+        return os.environ.get("TRPL_BENCH_LARGE") == "1"
+    return True

@@ -1,0 +1,92 @@
+"""Throughput of the Frobenius / W2 operators vs eager torch and torch.compile(eager torch).
+
+Run:  .venv/bin/python -m pytest bench/test_bench_projection.py --benchmark-json bench/results/<name>.json
+One setup for every op; providers trpl / eager / compiled; modes fwd / bwd / full
+(fwd + bwd). ``extra_info`` records the bytes a diagonal op must move and the copy
+bandwidth measured in the same run, so the report can state the fraction of the floor.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import trpl_fast
+
+from .baselines import eager_diag, eager_full
+from .conftest import DEVICES, big_ok, make_inputs, sync
+
+MEAN_BOUND, COV_BOUND = 0.03, 0.001
+CASES = [("diag", 17, n) for n in (512, 65536, 1 << 20)] + [
+    ("full", d, n) for d in (7, 17) for n in (512, 65536, 1 << 20)]
+
+_compiled = {}
+
+
+def provider_fn(provider, kind, form):
+    if provider == "trpl":
+        api = trpl_fast.project_diag if form == "diag" else trpl_fast.project_full
+        return lambda *t: api(*t, kind=kind, mean_bound=MEAN_BOUND, cov_bound=COV_BOUND, check_values=False)
+    base = eager_diag if form == "diag" else eager_full
+    fn = lambda *t: base(kind, *t, MEAN_BOUND, COV_BOUND)  # noqa: E731
+    if provider == "compiled":
+        key = (kind, form)
+        if key not in _compiled:
+            _compiled[key] = torch.compile(fn, dynamic=False)
+        return _compiled[key]
+    return fn
+
+
+def bytes_moved(form, n, d, mode, itemsize=4):
+    """Bytes a fused diagonal op must move: fwd reads 4 arrays and writes 2; bwd reads
+    6 (two upstream grads, four inputs) and writes 2."""
+    per = n * d * itemsize
+    return {"fwd": 6 * per, "bwd": 8 * per, "full": 14 * per}[mode]
+
+
+@pytest.mark.parametrize("mode", ["fwd", "bwd", "full"])
+@pytest.mark.parametrize("provider", ["trpl", "eager", "compiled"])
+@pytest.mark.parametrize("form,d,n", CASES, ids=[f"{f}-d{d}-n{n}" for f, d, n in CASES])
+@pytest.mark.parametrize("kind", ["frob", "w2"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_projection(benchmark, copy_bandwidth, device, kind, form, d, n, provider, mode):
+    if not big_ok(n, form, d, device):
+        pytest.skip("set TRPL_BENCH_LARGE=1 for 1M-state full covariance at d=17 on CPU")
+    if provider == "compiled" and device == "cpu" and n >= 1 << 20 and form == "full":
+        pytest.skip("inductor CPU compile of batched linalg at 1M states: minutes per case")
+    mean, cov, old_mean, old_cov = make_inputs(kind, form, n, d, device)
+    fn = provider_fn(provider, kind, form)
+    g_mean, g_cov = torch.randn_like(mean), torch.randn_like(cov)
+    benchmark.group = f"{device}-{kind}-{form}-d{d}-n{n}-{mode}"
+    benchmark.extra_info.update(device=device, kind=kind, form=form, d=d, n=n, mode=mode,
+                                provider=provider, dtype="float32",
+                                torch=torch.__version__)
+    if form == "diag":
+        benchmark.extra_info["bytes"] = bytes_moved(form, n, d, mode)
+        benchmark.extra_info["copy_bandwidth"] = copy_bandwidth(device)
+    if device == "cuda":
+        benchmark.extra_info["gpu"] = torch.cuda.get_device_name()
+
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                out = fn(mean, cov, old_mean, old_cov)
+            sync(device)
+            return out
+    else:
+        m = mean.clone().requires_grad_(True)
+        c = cov.clone().requires_grad_(True)
+        if mode == "bwd":
+            mt, ct = fn(m, c, old_mean, old_cov)
+
+            def run():
+                torch.autograd.backward([mt, ct], [g_mean, g_cov], retain_graph=True)
+                sync(device)
+        else:
+            def run():
+                mt, ct = fn(m, c, old_mean, old_cov)
+                torch.autograd.backward([mt, ct], [g_mean, g_cov])
+                sync(device)
+    run()  # warm-up (compilation, autotuning)
+    rounds = 3 if n >= 1 << 20 else (10 if n >= 65536 else 50)
+    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)

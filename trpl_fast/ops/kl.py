@@ -1,0 +1,173 @@
+"""KL projection operators (MATH.md "KL covariance projection"):
+``trpl::project_kl_diag`` (std vectors; one fused Triton kernel on CUDA) and
+``trpl::project_kl_full`` (lower Cholesky factors: whitening and eigen-decomposition in
+batched torch, the Newton solve on the eigenvalues in Triton on CUDA), each with an
+implicit ``_backward`` op. Mean part: ``0.5 maha <= eps_mu``.
+
+Both forward ops return ``[mean_t, cov_t, t, converged]``: the dual variable ``t`` per
+state (``L_t = t L + (1 - t) L_o``; 1 for states inside the region) and whether its Newton
+solve met the tolerance within ``MAX_ITER`` iterations.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..kernels.kl import (MAX_ITER, TOL_F32, TOL_F64, launch_kl_diag_bwd, launch_kl_diag_fwd,
+                          launch_kl_newton)
+from ._common import ProjectionOp
+from ._linalg import cholesky_backward, solve_lower, solve_lower_t
+from ._torch_mean import bound_or_value, mean_project, mean_project_backward
+
+# phi(x) = log1p(x) - x / (1 + x): series coefficients of x^2 * P(x), highest first
+_PHI_SERIES = (-8.0 / 9.0, 7.0 / 8.0, -6.0 / 7.0, 5.0 / 6.0, -4.0 / 5.0, 3.0 / 4.0, -2.0 / 3.0, 0.5)
+
+
+def kl_phi(x: Tensor) -> Tensor:
+    """``log1p(x) - x / (1 + x)`` without cancellation (the same scheme as the kernel)."""
+    p = torch.full_like(x, _PHI_SERIES[0])
+    for c in _PHI_SERIES[1:]:
+        p = p * x + c
+    cut = 0.01 if x.dtype == torch.float64 else 0.05
+    return torch.where(x.abs() < cut, x * x * p, torch.log1p(x) - x / (1.0 + x))
+
+
+def kl_dual_newton(r: Tensor, eps, early_exit: bool = False):
+    """Safeguarded Newton on ``h(t) = log KLc(t) - log eps`` for every row of ``r`` (rows, d)
+    (whitened precision ratios minus one). Returns ``(t, converged, active)``, (rows,) each.
+
+    Runs ``MAX_ITER`` masked iterations with no host sync, unless ``early_exit`` (real CPU
+    tensors only), which stops once every row has converged.
+    """
+    tol = TOL_F64 if r.dtype == torch.float64 else TOL_F32
+    active = 0.5 * kl_phi(r).sum(-1) > eps
+    sum_r2 = (r * r).sum(-1)
+    t = torch.clamp(2.0 * torch.sqrt(eps / torch.where(active, sum_r2, 1.0)), max=1.0)
+    t = torch.where(active, t, 1.0)
+    lo, hi = torch.zeros_like(t), torch.ones_like(t)
+    done = ~active
+    for _ in range(MAX_ITER):
+        if early_exit and bool(done.all()):
+            break
+        x = t.unsqueeze(-1) * r
+        g = 1.0 + x
+        kl = 0.5 * kl_phi(x).sum(-1)
+        dkl = 0.5 * (t.unsqueeze(-1) * r * r / (g * g)).sum(-1)
+        h = torch.log(torch.where(kl > 0, kl, eps) / eps)
+        done = done | (h.abs() <= tol)
+        over = kl > eps
+        hi = torch.where(over, t, hi)
+        lo = torch.where(over, lo, t)
+        t_new = t - h * kl / torch.where(dkl > 0, dkl, 1.0)
+        t_new = torch.where((t_new > lo) & (t_new < hi), t_new, 0.5 * (lo + hi))
+        t = torch.where(done, t, t_new)
+    return t, done, active
+
+
+def _ratio_minus_one(std, old_std):
+    return (old_std - std) * (old_std + std) / (std * std)
+
+
+def kl_diag(mean, std, old_mean, old_std, mean_bound, cov_bound, mbv, cbv, early_exit=False):
+    old_var = old_std * old_std
+    mean_t = mean_project(mean, old_mean, (mean - old_mean) / old_var, 2.0 * bound_or_value(mean_bound, mbv))
+    r = _ratio_minus_one(std, old_std)
+    t, conv, active = kl_dual_newton(r, bound_or_value(cov_bound, cbv), early_exit)
+    std_t = old_std / torch.sqrt(1.0 + t.unsqueeze(-1) * r)
+    return mean_t, torch.where(active.unsqueeze(-1), std_t, std), t, conv
+
+
+def kl_diag_backward(g_mean, g_std, mean, std, old_mean, old_std, t, conv, mean_bound, cov_bound, mbv, cbv):
+    """Implicit gradient (MATH.md), elementwise with ``lam = 1 / v``: see the kernel."""
+    old_var = old_std * old_std
+    g_mean = mean_project_backward(g_mean, mean, old_mean, (mean - old_mean) / old_var,
+                                   2.0 * bound_or_value(mean_bound, mbv))
+    r = _ratio_minus_one(std, old_std)
+    active = 0.5 * kl_phi(r).sum(-1) > bound_or_value(cov_bound, cbv)
+    t = t.to(r.dtype).unsqueeze(-1)
+    g = 1.0 + t * r
+    var_t = old_var / g
+    big_g = -var_t * var_t * g_std / (2.0 * torch.sqrt(var_t))   # dL/dlam_t
+    k = 0.5 * var_t * (t * r) / g                                 # dKLc/dlam_t
+    lam_o = 1.0 / old_var
+    g_dot = (big_g * lam_o * r).sum(-1, keepdim=True)
+    k_dot = torch.where(active.unsqueeze(-1), (k * lam_o * r).sum(-1, keepdim=True), 1.0)
+    g_lam = t * (big_g - (g_dot / k_dot) * k)
+    lam = lam_o * (1.0 + r)
+    return g_mean, torch.where(active.unsqueeze(-1), -2.0 * std * lam * lam * g_lam, g_std)
+
+
+def _solve_newton(r, cov_bound, cbv, early_exit):
+    """The Newton solve for the full case: the Triton kernel on CUDA, torch elsewhere."""
+    if r.device.type == "cuda":
+        t, conv = launch_kl_newton(r.contiguous(), cov_bound, cbv)
+        active = 0.5 * kl_phi(r).sum(-1) > bound_or_value(cov_bound, cbv)
+        return t, conv, active
+    return kl_dual_newton(r, bound_or_value(cov_bound, cbv), early_exit)
+
+
+def _whiten(factor, old_factor):
+    """``C``, ``C_o``, eigenvalues ``m`` and eigenvectors ``U`` of ``M = C_o^T L C_o``."""
+    chol, old_chol = factor.tril(), old_factor.tril()
+    a = torch.linalg.solve_triangular(chol, old_chol, upper=False)  # C^-1 C_o, M = A^T A
+    m, u = torch.linalg.eigh(a.mT @ a)
+    return chol, old_chol, m, u
+
+
+def _assemble(old_chol, u, g, active):
+    """Projected covariance ``S_t = W diag(1/g) W^T`` (``W = C_o U``) and its factor;
+    inactive rows factor ``S_o`` instead (always PD) and are replaced by the caller."""
+    w = old_chol @ u
+    cov_t = (w / g.unsqueeze(-2)) @ w.mT
+    cov_t = 0.5 * (cov_t + cov_t.mT)
+    cov_t = torch.where(active[..., None, None], cov_t, old_chol @ old_chol.mT)
+    return w, torch.linalg.cholesky(cov_t)
+
+
+def kl_full(mean, factor, old_mean, old_factor, mean_bound, cov_bound, mbv, cbv, early_exit=False):
+    chol, old_chol, m, u = _whiten(factor, old_factor)
+    prec_delta = solve_lower_t(old_chol, solve_lower(old_chol, mean - old_mean))
+    mean_t = mean_project(mean, old_mean, prec_delta, 2.0 * bound_or_value(mean_bound, mbv))
+    r = m - 1.0
+    t, conv, active = _solve_newton(r, cov_bound, cbv, early_exit)
+    _, chol_t = _assemble(old_chol, u, 1.0 + t.unsqueeze(-1) * r, active)
+    return mean_t, torch.where(active[..., None, None], chol_t, chol), t, conv
+
+
+def kl_full_backward(g_mean, g_factor, mean, factor, old_mean, old_factor, t, conv, mean_bound,
+                     cov_bound, mbv, cbv):
+    """Implicit gradient in the whitened eigenbasis. With ``P = C_o^-T U`` (so that
+    ``L = P diag(m) P^T``, ``L_o = P P^T``), ``H = W^T dL/dS_t W`` and ``D = diag(m / g)``:
+
+        dL/dS = t P [D H D + 0.5 c diag(m^2 k)] P^T,  k = t r / g^2,
+        c = <G, L - L_o> / <K, L - L_o> = (-sum r diag(H) / g^2) / (0.5 sum k r)
+    """
+    chol, old_chol, m, u = _whiten(factor, old_factor)
+    prec_delta = solve_lower_t(old_chol, solve_lower(old_chol, mean - old_mean))
+    g_mean = mean_project_backward(g_mean, mean, old_mean, prec_delta, 2.0 * bound_or_value(mean_bound, mbv))
+    r = m - 1.0
+    active = 0.5 * kl_phi(r).sum(-1) > bound_or_value(cov_bound, cbv)
+    t = t.to(r.dtype)
+    tt = t.unsqueeze(-1)
+    g = 1.0 + tt * r
+    w, chol_t = _assemble(old_chol, u, g, active)
+    h = w.mT @ cholesky_backward(chol_t, g_factor) @ w
+    k = tt * r / (g * g)
+    g_dot = -(r * h.diagonal(dim1=-2, dim2=-1) / (g * g)).sum(-1, keepdim=True)
+    k_dot = torch.where(active.unsqueeze(-1), 0.5 * (k * r).sum(-1, keepdim=True), 1.0)
+    dm = m / g
+    y = dm.unsqueeze(-1) * h * dm.unsqueeze(-2) + torch.diag_embed(0.5 * (g_dot / k_dot) * m * m * k)
+    p = torch.linalg.solve_triangular(old_chol.mT, u, upper=True)                 # C_o^-T U
+    pt_c = u.mT @ torch.linalg.solve_triangular(old_chol, chol, upper=False)       # U^T C_o^-1 C
+    g_chol = (2.0 * tt.unsqueeze(-1) * (p @ y @ pt_c)).tril()
+    return g_mean, torch.where(active[..., None, None], g_chol, g_factor.tril())
+
+
+def _launch_kl_diag_bwd(g_mean, g_std, mean, std, old_mean, old_std, t, conv, mean_bound, cov_bound, mbv, cbv):
+    return launch_kl_diag_bwd(g_mean, g_std, mean, std, old_mean, old_std, t, mean_bound, cov_bound, mbv, cbv)
+
+
+KL_DIAG = ProjectionOp("project_kl_diag", 1, kl_diag, kl_diag_backward, launch_kl_diag_fwd,
+                       _launch_kl_diag_bwd, aux=("t", "converged"))
+KL_FULL = ProjectionOp("project_kl_full", 2, kl_full, kl_full_backward, aux=("t", "converged"))
