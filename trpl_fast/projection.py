@@ -9,6 +9,7 @@ per-epoch constraint metrics (paper Figure 2).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +98,8 @@ class TrustRegionProjection(nn.Module):
         self.contextual_cov = contextual_cov
         self.regression_weight = float(regression_weight)
         self.check_values = check_values
+        # KL only: per-state Newton convergence flags of the last forward (no host sync)
+        self.last_converged: Tensor | None = None
 
     def extra_repr(self) -> str:
         return (f"kind={self.kind!r}, mean_bound={self.mean_bound}, cov_bound={self.cov_bound}, "
@@ -114,8 +117,10 @@ class TrustRegionProjection(nn.Module):
         out = project(self.cov_form, mean, cov, old_mean, old_cov, kind=self.kind,
                       mean_bound=self.mean_bound if mean_bound is None else mean_bound,
                       cov_bound=self.cov_bound if cov_bound is None else cov_bound,
-                      check_values=self.check_values)
+                      check_values=self.check_values, return_aux=True)
         mean_t, cov_t = out[0], out[1]
+        if self.kind == "kl":
+            self.last_converged = out[3]
         if self.entropy_control is not None:
             if step is None:
                 raise ValueError("step is required when entropy_control is set")
@@ -162,7 +167,9 @@ class TrustRegionProjection(nn.Module):
         ``constraint_cov_*``: the projection's own mean and covariance parts between the
         projected and the old policy; ``entropy_mean``; and, when the unprojected
         ``mean, cov`` are given, ``fraction_projected``: the fraction of states whose
-        unprojected policy violates either bound.
+        unprojected policy violates either bound. For ``kl``, ``nonconverged_states``:
+        states of the last forward whose Newton solve missed its tolerance (a warning is
+        issued when there are any).
         """
         k, f = self.kind, self.cov_form
         kl = D.kl(k, f, mean_t, cov_t, old_mean, old_cov)
@@ -177,4 +184,12 @@ class TrustRegionProjection(nn.Module):
                 D.cov_part(k, f, cov, old_cov) > self.cov_bound)
             names.append("fraction_projected")
             values.append(violated.to(kl.dtype).mean())
-        return dict(zip(names, torch.stack([v.to(torch.float64) for v in values]).tolist()))
+        if self.kind == "kl" and self.last_converged is not None:
+            names.append("nonconverged_states")
+            values.append((~self.last_converged).sum())
+        out = dict(zip(names, torch.stack([v.to(torch.float64) for v in values]).tolist()))
+        if out.get("nonconverged_states", 0) > 0:
+            warnings.warn(f"KL projection: the Newton solve did not converge for "
+                          f"{int(out['nonconverged_states'])} states (their projection may miss "
+                          f"the bound)", RuntimeWarning, stacklevel=2)
+        return out
