@@ -30,7 +30,7 @@ class Head(nn.Module):
 
 
 @pytest.mark.parametrize("form", ["diag", "full"])
-@pytest.mark.parametrize("kind", ["frob", "w2"])
+@pytest.mark.parametrize("kind", ["frob", "w2", "kl"])
 def test_compile_fullgraph_head_projection_loss_backward(kind, form):
     torch.manual_seed(0)
     d, obs_dim, n = 3, 5, 16
