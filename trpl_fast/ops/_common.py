@@ -102,8 +102,8 @@ class ProjectionOp:
         self.cov_event_dims = cov_event_dims
         self.impl, self.impl_backward = impl, impl_backward
         self.launch, self.launch_backward = launch, launch_backward
-        # aux outputs: ("t", "converged") for KL -- the dual variable in the compute
-        # dtype and a bool flag per state. Their impls also take ``early_exit``.
+        # aux outputs, per state: ("t", "converged", ...) for KL -- the dual variable and
+        # a bool flag (plus what the backward reuses). Their impls also take ``early_exit``.
         self.aux = tuple(aux)
         self.forward_op = self._define_forward()
         self.backward_op = self._define_backward()
@@ -137,8 +137,8 @@ class ProjectionOp:
         else:
             kw = {"early_exit": early_exit} if self.aux else {}
             outs = self.impl(*rows, mb, cb, float(mbv), float(cbv), **kw)
-        return [outs[0].to(mean.dtype).reshape(mean.shape),
-                outs[1].to(mean.dtype).reshape(cov.shape)] + [a.reshape(batch) for a in outs[2:]]
+        aux = [a.reshape(tuple(batch) + tuple(a.shape[1:])) for a in outs[2:]]
+        return [outs[0].to(mean.dtype).reshape(mean.shape), outs[1].to(mean.dtype).reshape(cov.shape)] + aux
 
     def run_backward(self, grad_mean, grad_cov, mean, cov, old_mean, old_cov, aux, mean_bound,
                      cov_bound, mbv, cbv, allow_kernel: bool):
@@ -150,7 +150,8 @@ class ProjectionOp:
                       and mean.device.type == "cuda")
         rows = self._to_rows([grad_mean.to(mean.dtype), grad_cov.to(mean.dtype), mean, cov,
                               old_mean, old_cov], d, use_kernel, cdt)
-        aux_rows = [a.reshape(-1).contiguous() for a in aux]
+        n_batch = len(mean.shape) - 1
+        aux_rows = [a.reshape((-1,) + tuple(a.shape[n_batch:])).contiguous() for a in aux]
         mb, cb = flat_bound(mean_bound, batch, cdt), flat_bound(cov_bound, batch, cdt)
         if use_kernel and rows[0].shape[0] == 0:
             outs = [rows[0].clone(), rows[1].clone()]

@@ -4,9 +4,11 @@
 batched torch, the Newton solve on the eigenvalues in Triton on CUDA), each with an
 implicit ``_backward`` op. Mean part: ``0.5 maha <= eps_mu``.
 
-Both forward ops return ``[mean_t, cov_t, t, converged]``: the dual variable ``t`` per
+Both forward ops return ``[mean_t, cov_t, t, converged, ...]``: the dual variable ``t`` per
 state (``L_t = t L + (1 - t) L_o``; 1 for states inside the region) and whether its Newton
-solve met the tolerance within ``MAX_ITER`` iterations.
+solve met the tolerance. The full op also returns the eigenvalues (..., d) and
+eigenvectors (..., d, d) of the whitened target precision ``C_o^T L C_o`` (float64), which
+its backward reuses.
 """
 
 from __future__ import annotations
@@ -148,10 +150,12 @@ def kl_full(mean, factor, old_mean, old_factor, mean_bound, cov_bound, mbv, cbv,
     r = m - 1.0
     t, conv, active = _solve_newton(r, cov_bound, cbv, early_exit)
     _, chol_t = _assemble(old_chol, u, 1.0 + t.unsqueeze(-1) * r, active)
-    return mean_t.to(dtype), torch.where(active[..., None, None], chol_t, chol).to(dtype), t, conv
+    # the eigen-decomposition is returned (and saved for the backward, which then needs no
+    # second eigh: the forward's dominant cost)
+    return mean_t.to(dtype), torch.where(active[..., None, None], chol_t, chol).to(dtype), t, conv, m, u
 
 
-def kl_full_backward(g_mean, g_factor, mean, factor, old_mean, old_factor, t, conv, mean_bound,
+def kl_full_backward(g_mean, g_factor, mean, factor, old_mean, old_factor, t, conv, m, u, mean_bound,
                      cov_bound, mbv, cbv):
     """Implicit gradient in the whitened eigenbasis. With ``P = C_o^-T U`` (so that
     ``L = P diag(m) P^T``, ``L_o = P P^T``), ``H = W^T dL/dS_t W`` and ``D = diag(m / g)``:
@@ -162,7 +166,7 @@ def kl_full_backward(g_mean, g_factor, mean, factor, old_mean, old_factor, t, co
     dtype = mean.dtype
     g_mean, g_factor, mean, factor, old_mean, old_factor, t, mean_bound, cov_bound = _float64(
         g_mean, g_factor, mean, factor, old_mean, old_factor, t, mean_bound, cov_bound)
-    chol, old_chol, m, u = _whiten(factor, old_factor)
+    chol, old_chol = factor.tril(), old_factor.tril()
     prec_delta = solve_lower_t(old_chol, solve_lower(old_chol, mean - old_mean))
     g_mean = mean_project_backward(g_mean, mean, old_mean, prec_delta, 2.0 * bound_or_value(mean_bound, mbv))
     r = m - 1.0
@@ -189,4 +193,5 @@ def _launch_kl_diag_bwd(g_mean, g_std, mean, std, old_mean, old_std, t, conv, me
 
 KL_DIAG = ProjectionOp("project_kl_diag", 1, kl_diag, kl_diag_backward, launch_kl_diag_fwd,
                        _launch_kl_diag_bwd, aux=("t", "converged"))
-KL_FULL = ProjectionOp("project_kl_full", 2, kl_full, kl_full_backward, aux=("t", "converged"))
+KL_FULL = ProjectionOp("project_kl_full", 2, kl_full, kl_full_backward,
+                       aux=("t", "converged", "eigvals", "eigvecs"))
