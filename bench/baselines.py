@@ -44,6 +44,17 @@ def eager_full(kind, mean, factor, old_mean, old_factor, mean_bound, cov_bound):
     return mean_t, (factor + eta * old_factor) / (1.0 + eta)
 
 
+def _eager_newton(r, cov_bound, iters):
+    """``iters`` plain Newton steps on ``log KLc(t) - log eps`` from the MATH.md start."""
+    t = torch.clamp(2.0 * torch.sqrt(cov_bound / (r * r).sum(-1, keepdim=True)), max=1.0)
+    for _ in range(iters):
+        x = t * r
+        kl = 0.5 * (torch.log1p(x) - x / (1.0 + x)).sum(-1, keepdim=True)
+        dkl = 0.5 * (t * r * r / (1.0 + x) ** 2).sum(-1, keepdim=True)
+        t = torch.clamp(t - torch.log(kl / cov_bound) * kl / dkl, 1e-12, 1.0)
+    return t
+
+
 def eager_kl_diag(mean, std, old_mean, old_std, mean_bound, cov_bound, iters: int = 8):
     """Diagonal KL projection as eager torch: the same safeguard-free Newton iteration on
     ``log KLc(t)`` for ``iters`` fixed steps, differentiated by autograd through the
@@ -52,12 +63,7 @@ def eager_kl_diag(mean, std, old_mean, old_std, mean_bound, cov_bound, iters: in
     mean_t = _mean(mean, old_mean, lambda x: x / old_var, 2.0 * mean_bound)
     r = old_var / std ** 2 - 1.0
     kl1 = 0.5 * (torch.log1p(r) - r / (1.0 + r)).sum(-1, keepdim=True)
-    t = torch.clamp(2.0 * torch.sqrt(cov_bound / (r * r).sum(-1, keepdim=True)), max=1.0)
-    for _ in range(iters):
-        x = t * r
-        kl = 0.5 * (torch.log1p(x) - x / (1.0 + x)).sum(-1, keepdim=True)
-        dkl = 0.5 * (t * r * r / (1.0 + x) ** 2).sum(-1, keepdim=True)
-        t = torch.clamp(t - torch.log(kl / cov_bound) * kl / dkl, 1e-12, 1.0)
+    t = _eager_newton(r, cov_bound, iters)
     t = torch.where(kl1 > cov_bound, t, torch.ones_like(t))
     return mean_t, old_std / torch.sqrt(1.0 + t * r)
 
@@ -70,12 +76,7 @@ def eager_kl_full(mean, factor, old_mean, old_factor, mean_bound, cov_bound, ite
     a = torch.linalg.solve_triangular(factor, old_factor, upper=False)
     m, u = torch.linalg.eigh(a.mT @ a)
     r = m - 1.0
-    t = torch.clamp(2.0 * torch.sqrt(cov_bound / (r * r).sum(-1, keepdim=True)), max=1.0)
-    for _ in range(iters):
-        x = t * r
-        kl = 0.5 * (torch.log1p(x) - x / (1.0 + x)).sum(-1, keepdim=True)
-        dkl = 0.5 * (t * r * r / (1.0 + x) ** 2).sum(-1, keepdim=True)
-        t = torch.clamp(t - torch.log(kl / cov_bound) * kl / dkl, 1e-12, 1.0)
+    t = _eager_newton(r, cov_bound, iters)
     w = old_factor @ u
     cov_t = (w / (1.0 + t * r).unsqueeze(-2)) @ w.mT
     return mean_t, torch.linalg.cholesky(0.5 * (cov_t + cov_t.mT))

@@ -74,3 +74,35 @@ def big_ok(n, form, d, device):
     if device == "cpu" and form == "full" and n >= 1 << 20 and d > 7:
         return os.environ.get("TRPL_BENCH_LARGE") == "1"
     return True
+
+
+def make_runner(fn, tensors, mode, device):
+    """A zero-argument callable timing ``fn(*tensors)`` in ``mode``: ``fwd`` (no grad),
+    ``bwd`` (backward of one recorded forward, retained graph) or ``full`` (both)."""
+    mean, cov, old_mean, old_cov = tensors
+    g_mean, g_cov = torch.randn_like(mean), torch.randn_like(cov)
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                fn(mean, cov, old_mean, old_cov)
+            sync(device)
+        return run
+    m = mean.clone().requires_grad_(True)
+    c = cov.clone().requires_grad_(True)
+    if mode == "bwd":
+        mt, ct = fn(m, c, old_mean, old_cov)
+
+        def run():
+            torch.autograd.backward([mt, ct], [g_mean, g_cov], retain_graph=True)
+            sync(device)
+        return run
+
+    def run():
+        mt, ct = fn(m, c, old_mean, old_cov)
+        torch.autograd.backward([mt, ct], [g_mean, g_cov])
+        sync(device)
+    return run
+
+
+def rounds_for(n):
+    return 3 if n >= 1 << 20 else (10 if n >= 65536 else 30)

@@ -14,7 +14,7 @@ import torch
 import trpl_fast
 
 from .baselines import eager_kl_diag, eager_kl_full
-from .conftest import DEVICES, make_inputs, sync
+from .conftest import DEVICES, make_inputs, make_runner, rounds_for
 from .test_bench_projection import bytes_moved
 
 MEAN_BOUND, COV_BOUND = 0.03, 0.001
@@ -57,26 +57,7 @@ def test_kl(benchmark, copy_bandwidth, device, form, d, n, provider, mode):
         benchmark.extra_info["copy_bandwidth"] = copy_bandwidth(device)
     if device == "cuda":
         benchmark.extra_info["gpu"] = torch.cuda.get_device_name()
-    g_mean, g_cov = torch.randn_like(mean), torch.randn_like(cov)
-    if mode == "fwd":
-        def run():
-            with torch.no_grad():
-                fn(mean, cov, old_mean, old_cov)
-            sync(device)
-    else:
-        m = mean.clone().requires_grad_(True)
-        c = cov.clone().requires_grad_(True)
-        if mode == "bwd":
-            mt, ct = fn(m, c, old_mean, old_cov)
-
-            def run():
-                torch.autograd.backward([mt, ct], [g_mean, g_cov], retain_graph=True)
-                sync(device)
-        else:
-            def run():
-                mt, ct = fn(m, c, old_mean, old_cov)
-                torch.autograd.backward([mt, ct], [g_mean, g_cov])
-                sync(device)
-    run()
-    rounds = 3 if n >= 1 << 20 else (10 if n >= 65536 else 30)
+    run = make_runner(fn, (mean, cov, old_mean, old_cov), mode, device)
+    run()  # warm-up (compilation, autotuning)
+    rounds = rounds_for(n)
     benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)

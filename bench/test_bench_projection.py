@@ -14,7 +14,7 @@ import torch
 import trpl_fast
 
 from .baselines import eager_diag, eager_full
-from .conftest import DEVICES, big_ok, make_inputs, sync
+from .conftest import DEVICES, big_ok, make_inputs, make_runner, rounds_for
 
 MEAN_BOUND, COV_BOUND = 0.03, 0.001
 CASES = [("diag", 17, n) for n in (512, 65536, 1 << 20)] + [
@@ -56,7 +56,6 @@ def test_projection(benchmark, copy_bandwidth, device, kind, form, d, n, provide
         pytest.skip("inductor CPU compile of batched linalg at 1M states: minutes per case")
     mean, cov, old_mean, old_cov = make_inputs(kind, form, n, d, device)
     fn = provider_fn(provider, kind, form)
-    g_mean, g_cov = torch.randn_like(mean), torch.randn_like(cov)
     benchmark.group = f"{device}-{kind}-{form}-d{d}-n{n}-{mode}"
     benchmark.extra_info.update(device=device, kind=kind, form=form, d=d, n=n, mode=mode,
                                 provider=provider, dtype="float32",
@@ -67,26 +66,7 @@ def test_projection(benchmark, copy_bandwidth, device, kind, form, d, n, provide
     if device == "cuda":
         benchmark.extra_info["gpu"] = torch.cuda.get_device_name()
 
-    if mode == "fwd":
-        def run():
-            with torch.no_grad():
-                out = fn(mean, cov, old_mean, old_cov)
-            sync(device)
-            return out
-    else:
-        m = mean.clone().requires_grad_(True)
-        c = cov.clone().requires_grad_(True)
-        if mode == "bwd":
-            mt, ct = fn(m, c, old_mean, old_cov)
-
-            def run():
-                torch.autograd.backward([mt, ct], [g_mean, g_cov], retain_graph=True)
-                sync(device)
-        else:
-            def run():
-                mt, ct = fn(m, c, old_mean, old_cov)
-                torch.autograd.backward([mt, ct], [g_mean, g_cov])
-                sync(device)
+    run = make_runner(fn, (mean, cov, old_mean, old_cov), mode, device)
     run()  # warm-up (compilation, autotuning)
-    rounds = 3 if n >= 1 << 20 else (10 if n >= 65536 else 50)
+    rounds = rounds_for(n)
     benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)

@@ -90,3 +90,21 @@ def launch_rows(kernel, inputs, outputs, mean_bound, cov_bound, mean_bound_value
         num_warps=num_warps_for(block_rows, block_d),
     )
     return outputs
+
+
+@triton.jit
+def load_projection_inputs(mean_ptr, std_ptr, old_mean_ptr, old_std_ptr, mean_bound_ptr,
+                           cov_bound_ptr, rows, row_mask, mask, offs, mean_bound_value,
+                           cov_bound_value, HAS_MEAN_BOUND: tl.constexpr,
+                           HAS_COV_BOUND: tl.constexpr, F64: tl.constexpr,
+                           BLOCK_ROWS: tl.constexpr):
+    """The tiles every diagonal projection kernel reads: ``mean, std, old_mean, old_std``
+    (padded lanes: means 0, stds 1, so they add nothing to row sums) and the two per-row
+    bounds."""
+    mu = load_tile(mean_ptr, offs, mask, 0.0, F64)
+    sd = load_tile(std_ptr, offs, mask, 1.0, F64)
+    mu_o = load_tile(old_mean_ptr, offs, mask, 0.0, F64)
+    sd_o = load_tile(old_std_ptr, offs, mask, 1.0, F64)
+    eps_mu = load_row_bound(mean_bound_ptr, rows, row_mask, mean_bound_value, HAS_MEAN_BOUND, F64, BLOCK_ROWS)
+    eps_cov = load_row_bound(cov_bound_ptr, rows, row_mask, cov_bound_value, HAS_COV_BOUND, F64, BLOCK_ROWS)
+    return mu, sd, mu_o, sd_o, eps_mu, eps_cov

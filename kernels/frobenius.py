@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import launch_rows, load_row_bound, load_tile, row_tile
+from ._common import launch_rows, load_projection_inputs, load_tile, row_tile
 from .mean import mean_project_bwd, mean_project_fwd
 
 
@@ -23,12 +23,9 @@ def _frob_diag_fwd_kernel(
     BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows, row_mask, mask, offs = row_tile(tl.program_id(0), n_rows, d, BLOCK_ROWS, BLOCK_D)
-    mu = load_tile(mean_ptr, offs, mask, 0.0, F64)
-    sd = load_tile(std_ptr, offs, mask, 1.0, F64)
-    mu_o = load_tile(old_mean_ptr, offs, mask, 0.0, F64)
-    sd_o = load_tile(old_std_ptr, offs, mask, 1.0, F64)
-    eps_mu = load_row_bound(mean_bound_ptr, rows, row_mask, mean_bound_value, HAS_MEAN_BOUND, F64, BLOCK_ROWS)
-    eps_cov = load_row_bound(cov_bound_ptr, rows, row_mask, cov_bound_value, HAS_COV_BOUND, F64, BLOCK_ROWS)
+    mu, sd, mu_o, sd_o, eps_mu, eps_cov = load_projection_inputs(
+        mean_ptr, std_ptr, old_mean_ptr, old_std_ptr, mean_bound_ptr, cov_bound_ptr, rows, row_mask,
+        mask, offs, mean_bound_value, cov_bound_value, HAS_MEAN_BOUND, HAS_COV_BOUND, F64, BLOCK_ROWS)
 
     var_o = sd_o * sd_o
     tl.store(mean_out_ptr + offs, mean_project_fwd(mu, mu_o, var_o, eps_mu), mask=mask)
@@ -53,12 +50,9 @@ def _frob_diag_bwd_kernel(
     rows, row_mask, mask, offs = row_tile(tl.program_id(0), n_rows, d, BLOCK_ROWS, BLOCK_D)
     g_mu = load_tile(grad_mean_ptr, offs, mask, 0.0, F64)
     g_sd = load_tile(grad_std_ptr, offs, mask, 0.0, F64)
-    mu = load_tile(mean_ptr, offs, mask, 0.0, F64)
-    sd = load_tile(std_ptr, offs, mask, 1.0, F64)
-    mu_o = load_tile(old_mean_ptr, offs, mask, 0.0, F64)
-    sd_o = load_tile(old_std_ptr, offs, mask, 1.0, F64)
-    eps_mu = load_row_bound(mean_bound_ptr, rows, row_mask, mean_bound_value, HAS_MEAN_BOUND, F64, BLOCK_ROWS)
-    eps_cov = load_row_bound(cov_bound_ptr, rows, row_mask, cov_bound_value, HAS_COV_BOUND, F64, BLOCK_ROWS)
+    mu, sd, mu_o, sd_o, eps_mu, eps_cov = load_projection_inputs(
+        mean_ptr, std_ptr, old_mean_ptr, old_std_ptr, mean_bound_ptr, cov_bound_ptr, rows, row_mask,
+        mask, offs, mean_bound_value, cov_bound_value, HAS_MEAN_BOUND, HAS_COV_BOUND, F64, BLOCK_ROWS)
 
     var_o = sd_o * sd_o
     tl.store(grad_mean_out_ptr + offs, mean_project_bwd(g_mu, mu, mu_o, var_o, eps_mu), mask=mask)
