@@ -33,20 +33,39 @@ _PHI_SERIES = (-8.0 / 9.0, 7.0 / 8.0, -6.0 / 7.0, 5.0 / 6.0, -4.0 / 5.0, 3.0 / 4
 
 def kl_phi(x: Tensor) -> Tensor:
     """``log1p(x) - x / (1 + x)`` without cancellation (the same scheme as the kernel)."""
-    p = torch.full_like(x, _PHI_SERIES[0])
-    for c in _PHI_SERIES[1:]:
-        p = p * x + c
+    # one fused multiply-add per term (memory-bound on CPU: passes over x count)
+    p = x * _PHI_SERIES[0] + _PHI_SERIES[1]
+    for c in _PHI_SERIES[2:]:
+        p = torch.addcmul(x.new_tensor(c), p, x)
     cut = 0.01 if x.dtype == torch.float64 else 0.05
     return torch.where(x.abs() < cut, x * x * p, torch.log1p(x) - x / (1.0 + x))
+
+
+def _newton_step(r, t, lo, hi, eps, tol):
+    """One safeguarded Newton step on ``log KLc(t) - log eps`` for rows of ``r``; returns
+    ``(t_next, lo, hi, converged)`` (``t_next = t`` on converged rows)."""
+    x = t.unsqueeze(-1) * r
+    g = 1.0 + x
+    kl = 0.5 * kl_phi(x).sum(-1)
+    dkl = 0.5 * (t.unsqueeze(-1) * r * r / (g * g)).sum(-1)
+    h = torch.log(torch.where(kl > 0, kl, eps) / eps)
+    done = h.abs() <= tol
+    over = kl > eps
+    hi = torch.where(over, t, hi)
+    lo = torch.where(over, lo, t)
+    t_new = t - h * kl / torch.where(dkl > 0, dkl, 1.0)
+    t_new = torch.where((t_new > lo) & (t_new < hi), t_new, 0.5 * (lo + hi))
+    return torch.where(done, t, t_new), lo, hi, done
 
 
 def kl_dual_newton(r: Tensor, eps, early_exit: bool = False):
     """Safeguarded Newton on ``h(t) = log KLc(t) - log eps`` for every row of ``r`` (rows, d)
     (whitened precision ratios minus one). Returns ``(t, converged, active)``, (rows,) each.
 
-    With ``early_exit`` (real CPU tensors only) it stops once every row has converged, at
-    most ``MAX_ITER`` iterations; otherwise it runs ``min(MAX_ITER, UNROLLED_ITER)`` masked
-    iterations with no host sync.
+    With ``early_exit`` (real CPU tensors only) each iteration works on the rows still
+    open (gathered by index) and the loop stops when none is, at most ``MAX_ITER``
+    iterations; otherwise it runs ``min(MAX_ITER, UNROLLED_ITER)`` masked iterations over
+    all rows with no host sync (traceable, and what the GPU would do without the kernel).
     """
     tol = TOL_F64 if r.dtype == torch.float64 else TOL_F32
     active = 0.5 * kl_phi(r).sum(-1) > eps
@@ -55,21 +74,22 @@ def kl_dual_newton(r: Tensor, eps, early_exit: bool = False):
     t = torch.where(active, t, 1.0)
     lo, hi = torch.zeros_like(t), torch.ones_like(t)
     done = ~active
-    for _ in range(MAX_ITER if early_exit else min(MAX_ITER, UNROLLED_ITER)):
-        if early_exit and bool(done.all()):
+    if not early_exit:
+        for _ in range(min(MAX_ITER, UNROLLED_ITER)):
+            t_next, lo, hi, newly = _newton_step(r, t, lo, hi, eps, tol)
+            t = torch.where(done, t, t_next)  # rows done before (or inactive) stay put
+            done = done | newly
+        return t, done, active
+    per_row_eps = isinstance(eps, Tensor) and eps.dim() > 0
+    open_rows = (~done).nonzero().squeeze(-1)
+    for _ in range(MAX_ITER):
+        if open_rows.numel() == 0:
             break
-        x = t.unsqueeze(-1) * r
-        g = 1.0 + x
-        kl = 0.5 * kl_phi(x).sum(-1)
-        dkl = 0.5 * (t.unsqueeze(-1) * r * r / (g * g)).sum(-1)
-        h = torch.log(torch.where(kl > 0, kl, eps) / eps)
-        done = done | (h.abs() <= tol)
-        over = kl > eps
-        hi = torch.where(over, t, hi)
-        lo = torch.where(over, lo, t)
-        t_new = t - h * kl / torch.where(dkl > 0, dkl, 1.0)
-        t_new = torch.where((t_new > lo) & (t_new < hi), t_new, 0.5 * (lo + hi))
-        t = torch.where(done, t, t_new)
+        e = eps[open_rows] if per_row_eps else eps
+        t_o, lo_o, hi_o, newly = _newton_step(r[open_rows], t[open_rows], lo[open_rows], hi[open_rows], e, tol)
+        t[open_rows], lo[open_rows], hi[open_rows] = t_o, lo_o, hi_o
+        done[open_rows] = newly
+        open_rows = open_rows[~newly]
     return t, done, active
 
 
