@@ -85,3 +85,25 @@ def log_det_cov(kind: str, form: str, cov: Tensor) -> Tensor:
 def entropy(kind: str, form: str, cov: Tensor) -> Tensor:
     """Gaussian entropy ``0.5 log|2 pi e S|``, (...)."""
     return 0.5 * (cov.shape[-1] * LOG_2PI_E + log_det_cov(kind, form, cov))
+
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def log_prob(kind: str, form: str, mean: Tensor, cov: Tensor, actions: Tensor) -> Tensor:
+    """Gaussian log-density of ``actions`` (..., d) under ``N(mean, S(cov))``, (...)."""
+    d = mean.shape[-1]
+    if form == "diag":
+        z = (actions - mean) / cov
+        return -0.5 * (z * z).sum(-1) - torch.log(cov).sum(-1) - 0.5 * d * LOG_2PI
+    chol = cholesky_of(kind, form, cov)
+    z = torch.linalg.solve_triangular(chol, (actions - mean).unsqueeze(-1), upper=False).squeeze(-1)
+    return -0.5 * (z * z).sum(-1) - torch.log(chol.diagonal(dim1=-2, dim2=-1)).sum(-1) - 0.5 * d * LOG_2PI
+
+
+def sample(kind: str, form: str, mean: Tensor, cov: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One sample per state from ``N(mean, S(cov))``."""
+    eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+    if form == "diag":
+        return mean + cov * eps
+    return mean + (cholesky_of(kind, form, cov) @ eps.unsqueeze(-1)).squeeze(-1)

@@ -1,0 +1,133 @@
+"""Gaussian MLP policies and the value network.
+
+Covariance forms (``cov_form``) and parametrizations, matching the projection layer:
+
+* ``diag``: std vector, ``std = softplus(raw) + min_std``.
+* ``full`` + ``kind`` frob / kl: lower Cholesky factor, softplus on the diagonal.
+* ``full`` + ``kind`` w2: symmetric positive-definite square root ``Q = B B^T + min_std I``
+  built from a Cholesky-like ``B`` (the W2 projection interpolates roots).
+
+``cov_type``: ``global`` (state independent: a parameter) or ``contextual`` (a head of the
+network). Initialization as in the original PPO code: orthogonal weights, gain sqrt(2) on
+hidden layers, 0.01 on the mean head, 1 on the value head, zero biases.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+COV_TYPES = ("global", "contextual")
+
+
+def _inv_softplus(y: float) -> float:
+    return y + math.log(-math.expm1(-y))
+
+
+def mlp(in_dim: int, hidden: tuple[int, ...], activation=nn.Tanh) -> tuple[nn.Sequential, int]:
+    layers, last = [], in_dim
+    for h in hidden:
+        lin = nn.Linear(last, h)
+        nn.init.orthogonal_(lin.weight, math.sqrt(2.0))
+        nn.init.zeros_(lin.bias)
+        layers += [lin, activation()]
+        last = h
+    return nn.Sequential(*layers), last
+
+
+def _head(in_dim: int, out_dim: int, gain: float) -> nn.Linear:
+    lin = nn.Linear(in_dim, out_dim)
+    nn.init.orthogonal_(lin.weight, gain)
+    nn.init.zeros_(lin.bias)
+    return lin
+
+
+class GaussianPolicy(nn.Module):
+    """``forward(obs) -> (mean (..., d), cov)`` with ``cov`` the std (..., d) or the factor
+    (..., d, d) of the parametrization described in the module docstring."""
+
+    def __init__(self, obs_dim: int, act_dim: int, *, kind: str = "kl", cov_form: str = "diag",
+                 cov_type: str = "global", hidden: tuple[int, ...] = (64, 64), init_std: float = 1.0,
+                 min_std: float = 1e-4, activation=nn.Tanh):
+        super().__init__()
+        if cov_form not in ("diag", "full"):
+            raise ValueError(f"cov_form must be 'diag' or 'full', got {cov_form!r}")
+        if cov_type not in COV_TYPES:
+            raise ValueError(f"cov_type must be one of {COV_TYPES}, got {cov_type!r}")
+        if not init_std > min_std:
+            raise ValueError(f"init_std must be > min_std ({min_std}), got {init_std}")
+        self.kind, self.cov_form, self.cov_type = kind, cov_form, cov_type
+        self.act_dim, self.min_std = act_dim, min_std
+        self.body, width = mlp(obs_dim, hidden, activation)
+        self.mean_head = _head(width, act_dim, 0.01)
+        self.n_diag = act_dim
+        self.n_off = act_dim * (act_dim - 1) // 2 if cov_form == "full" else 0
+        # W2's root Q = B B^T + min_std I has diag ~ b^2: start from b = sqrt(init_std)
+        diag_target = math.sqrt(init_std - min_std) if (cov_form == "full" and kind == "w2") else init_std - min_std
+        diag_init = _inv_softplus(diag_target)
+        if cov_type == "global":
+            self.cov_diag = nn.Parameter(torch.full((act_dim,), diag_init))
+            self.cov_off = nn.Parameter(torch.zeros(self.n_off))
+        else:
+            self.cov_head = _head(width, self.n_diag + self.n_off, 0.01)
+            nn.init.constant_(self.cov_head.bias[: self.n_diag], diag_init)
+        self.register_buffer("_tril_index", torch.tril_indices(act_dim, act_dim, -1), persistent=False)
+
+    def _raw_cov(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        if self.cov_type == "global":
+            shape = features.shape[:-1]
+            return self.cov_diag.expand(*shape, self.n_diag), self.cov_off.expand(*shape, self.n_off)
+        raw = self.cov_head(features)
+        return raw[..., : self.n_diag], raw[..., self.n_diag:]
+
+    def cov_from_raw(self, diag_raw: Tensor, off_raw: Tensor) -> Tensor:
+        diag = nn.functional.softplus(diag_raw)
+        if self.cov_form == "diag":
+            return diag + self.min_std
+        d = self.act_dim
+        factor = torch.diag_embed(diag + (0.0 if self.kind == "w2" else self.min_std))
+        factor = factor.clone()
+        factor[..., self._tril_index[0], self._tril_index[1]] = off_raw
+        if self.kind == "w2":
+            eye = torch.eye(d, dtype=factor.dtype, device=factor.device)
+            return factor @ factor.mT + self.min_std * eye
+        return factor
+
+    def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        features = self.body(obs)
+        return self.mean_head(features), self.cov_from_raw(*self._raw_cov(features))
+
+    @torch.no_grad()
+    def set_global_cov(self, cov: Tensor) -> None:
+        """Copy a (projected) state-independent covariance into the global parameters:
+        ``cov`` is one std vector (d,) or one factor (d, d) of this parametrization."""
+        if self.cov_type != "global":
+            raise ValueError("set_global_cov needs cov_type='global'")
+        if self.cov_form == "diag":
+            self.cov_diag.copy_(_softplus_inv_tensor(cov - self.min_std))
+            return
+        if self.kind == "w2":  # recover B from Q - min_std I = B B^T by Cholesky
+            eye = torch.eye(self.act_dim, dtype=cov.dtype, device=cov.device)
+            b = torch.linalg.cholesky(0.5 * (cov + cov.mT) - self.min_std * eye)
+            self.cov_diag.copy_(_softplus_inv_tensor(b.diagonal()))
+        else:
+            b = cov
+            self.cov_diag.copy_(_softplus_inv_tensor(b.diagonal() - self.min_std))
+        self.cov_off.copy_(b[self._tril_index[0], self._tril_index[1]])
+
+
+def _softplus_inv_tensor(y: Tensor) -> Tensor:
+    y = y.clamp_min(1e-12)
+    return y + torch.log(-torch.expm1(-y))
+
+
+class ValueNetwork(nn.Module):
+    def __init__(self, obs_dim: int, hidden: tuple[int, ...] = (64, 64), activation=nn.Tanh):
+        super().__init__()
+        self.body, width = mlp(obs_dim, hidden, activation)
+        self.head = _head(width, 1, 1.0)
+
+    def forward(self, obs: Tensor) -> Tensor:
+        return self.head(self.body(obs)).squeeze(-1)
