@@ -52,8 +52,8 @@ def bytes_moved(form, n, d, mode, itemsize=4):
 def test_projection(benchmark, copy_bandwidth, device, kind, form, d, n, provider, mode):
     if not big_ok(n, form, d, device):
         pytest.skip("set TRPL_BENCH_LARGE=1 for 1M-state full covariance at d=17 on CPU")
-    if provider == "compiled" and device == "cpu" and n >= 1 << 20 and form == "full":
-        pytest.skip("inductor CPU compile of batched linalg at 1M states: minutes per case")
+    if provider == "compiled" and device == "cpu" and form == "full":
+        pytest.skip("inductor on CPU compiles batched linalg for minutes per case; eager is the baseline")
     mean, cov, old_mean, old_cov = make_inputs(kind, form, n, d, device)
     fn = provider_fn(provider, kind, form)
     benchmark.group = f"{device}-{kind}-{form}-d{d}-n{n}-{mode}"

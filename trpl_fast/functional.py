@@ -28,7 +28,7 @@ def project(form: str, mean: Tensor, cov: Tensor, old_mean: Tensor, old_cov: Ten
     cb_t, cb_v = split_bound("cov_bound", cov_bound, mean)
     op = OPS[(kind, form)]
     if check_values and not torch.compiler.is_compiling():
-        op._check(mean, cov, old_mean, old_cov, mb_t, cb_t)  # shapes first: clearer errors
+        op.check(mean, cov, old_mean, old_cov, mb_t, cb_t)  # shapes first: clearer errors
         validate_values(form, kind, mean, cov, old_mean, old_cov, mb_t, cb_t)
     out = op.forward_op(mean, cov, old_mean, old_cov, mb_t, cb_t, mb_v, cb_v)
     return tuple(out) if return_aux else (out[0], out[1])

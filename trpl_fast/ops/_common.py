@@ -75,14 +75,15 @@ def _rows(t: Tensor, d: int, event_dims: int, dtype, contiguous: bool) -> Tensor
 
 
 class ProjectionOp:
-    """Defines ``trpl::<name>`` and ``trpl::<name>_backward`` as ``triton_op``s.
+    """Defines the operators ``trpl::<name>`` and ``trpl::<name>_backward`` (``triton_op``s
+    when there is a Triton launcher, opaque ``custom_op``s otherwise; see ``_make_op``).
 
     Forward schema: ``(mean, cov, old_mean, old_cov, mean_bound?, cov_bound?,
     mean_bound_value, cov_bound_value) -> [mean_t, cov_t, *aux]``, where ``cov`` is the
     covariance parameter (std (..., d) or a factor (..., d, d)), bounds are optional
     per-state tensors broadcastable to the batch shape (else the float values are used),
-    and ``aux`` are ``n_aux`` per-state diagnostics (e.g. the KL dual variable) that get no
-    gradient but are handed to the backward.
+    and ``aux`` are per-state extras named by ``aux`` (the KL dual variable, convergence
+    flags, ...) that get no gradient but are handed to the backward.
 
     Backward schema: ``(grad_mean_t, grad_cov_t, mean, cov, old_mean, old_cov, aux,
     bounds...) -> [grad_mean, grad_cov]``. The old policy is a constant: no gradient.
@@ -109,7 +110,7 @@ class ProjectionOp:
         self.backward_op = self._define_backward()
         self._register_autograd()
 
-    def _check(self, mean, cov, old_mean, old_cov, mean_bound, cov_bound):
+    def check(self, mean, cov, old_mean, old_cov, mean_bound, cov_bound):
         names = ("mean", self.cov_name, "old_mean", f"old_{self.cov_name}")
         ev = (1, self.cov_event_dims, 1, self.cov_event_dims)
         return check_metadata(names, (mean, cov, old_mean, old_cov), ev,
@@ -124,7 +125,7 @@ class ProjectionOp:
                     allow_kernel: bool, early_exit: bool = False):
         """``allow_kernel``: use the Triton launcher for CUDA tensors. ``early_exit``: the
         tensors are real CPU tensors, so iterative solves may stop on a host check."""
-        batch, d = self._check(mean, cov, old_mean, old_cov, mean_bound, cov_bound)
+        batch, d = self.check(mean, cov, old_mean, old_cov, mean_bound, cov_bound)
         cdt = compute_dtype(mean.dtype)
         use_kernel = allow_kernel and self.launch is not None and mean.device.type == "cuda"
         rows = self._to_rows([mean, cov, old_mean, old_cov], d, use_kernel, cdt)
@@ -142,7 +143,7 @@ class ProjectionOp:
 
     def run_backward(self, grad_mean, grad_cov, mean, cov, old_mean, old_cov, aux, mean_bound,
                      cov_bound, mbv, cbv, allow_kernel: bool):
-        batch, d = self._check(mean, cov, old_mean, old_cov, mean_bound, cov_bound)
+        batch, d = self.check(mean, cov, old_mean, old_cov, mean_bound, cov_bound)
         if grad_mean.shape != mean.shape or grad_cov.shape != cov.shape:
             raise ValueError("grad_mean / grad_cov must have the shapes of mean / cov")
         cdt = compute_dtype(mean.dtype)
