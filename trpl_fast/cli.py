@@ -87,6 +87,27 @@ def demo(args) -> int:
     return 0 if ok else 1
 
 
+def train_cmd(args) -> int:
+    from .rl.config import preset
+    from .rl.train import TrainingDiverged, train
+
+    overrides = {"env_id": args.env, "total_steps": args.steps, "seed": args.seed, "device": args.device}
+    if args.num_envs is not None:
+        overrides["num_envs"] = args.num_envs
+    cfg = preset(args.preset, args.algo, **overrides)
+    out = args.out or f"runs/{cfg.env_id}_{cfg.algo}_s{cfg.seed}"
+    print(f"training {cfg.algo} on {cfg.env_id} for {cfg.total_steps} steps -> {out}")
+    try:
+        rows = train(cfg, out, progress=not args.no_progress)
+    except TrainingDiverged as exc:
+        print(f"error: {exc}; the last good checkpoint is in {out}", file=sys.stderr)
+        return 2
+    last = rows[-1]
+    print(f"done: {last['global_step']} steps, eval return {last['eval_return_mean']:.1f}, "
+          f"{last['steps_per_second']:.0f} steps/s")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="trpl-fast", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,6 +120,17 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=demo)
+    t = sub.add_parser("train", help="train a policy (kl, w2, frob, ppo, ppo-m) on a Gymnasium / EnvPool env")
+    t.add_argument("--env", default="HalfCheetah-v5", help="environment id (default HalfCheetah-v5)")
+    t.add_argument("--algo", default="kl", help="kl, w2, frob, ppo or ppo-m (default kl)")
+    t.add_argument("--steps", type=int, default=1_000_000, help="environment steps (default 1M)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    t.add_argument("--preset", default="mujoco", help="mujoco (paper table 2), humanoid (table 3) or throughput")
+    t.add_argument("--num-envs", type=int, default=None)
+    t.add_argument("--out", default=None, help="run directory (default runs/<env>_<algo>_s<seed>)")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=train_cmd)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,0 +1,306 @@
+"""On-policy training with trust-region projection layers (paper Algorithm 2) and the PPO /
+PPO-M baselines, in one loop that reads top to bottom.
+
+Per iteration: collect ``rollout_steps`` environment steps with the current policy, record
+its outputs as the old policy, compute GAE advantages, then ``epochs`` passes of minibatch
+policy updates -- through the projection layer and the trust-region regression loss (paper
+Eq. 12) for ``kl`` / ``w2`` / ``frob``, or PPO's clipped ratio -- followed by ``epochs_vf``
+passes of value-function updates with its own optimizer. Logs one CSV row (and TensorBoard
+scalars) per iteration and writes checkpoints atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import distances as D
+from ..projection import EntropySchedule, TrustRegionProjection
+from .advantages import gae
+from .config import PROJECTIONS, TrainConfig
+from .envs import make_vec_env
+from .losses import ppo_clip_loss, surrogate_loss, value_loss
+from .normalization import ObservationNormalizer, RewardNormalizer
+from .policies import GaussianPolicy, ValueNetwork
+
+CSV_COLUMNS = ["iteration", "global_step", "train_return_mean", "eval_return_mean", "episodes",
+               "policy_loss", "value_loss", "kl_mean", "kl_max", "constraint_mean_mean",
+               "constraint_mean_max", "constraint_cov_mean", "constraint_cov_max", "entropy_mean",
+               "fraction_projected", "steps_per_second", "wall_time"]
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN / inf; the last good checkpoint is kept."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write atomically: to a temporary file in the same directory, fsync, then rename, so a
+    crash or Ctrl-C never leaves a truncated checkpoint behind."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def evaluate(policy, obs_norm, env_id: str, episodes: int, seed: int, device) -> float:
+    """Mean undiscounted return of the deterministic policy (its mean action)."""
+    env = make_vec_env(env_id, episodes, seed)
+    obs = env.reset()
+    returns, done, total = np.zeros(episodes), np.zeros(episodes, dtype=bool), 0
+    while not done.all() and total < 100_000:
+        x = torch.as_tensor(obs, dtype=torch.float32, device=device)
+        mean, _ = policy(obs_norm(x) if obs_norm is not None else x)
+        obs, rew, term, trunc = env.step(mean.cpu().double().numpy())
+        returns += np.where(done, 0.0, rew)
+        done |= term | trunc
+        total += 1
+    env.close()
+    return float(returns.mean())
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, *, progress: bool = True, log_tensorboard: bool = True) -> list[dict]:
+    """Train ``cfg`` and write ``config.json``, ``progress.csv``, TensorBoard events and
+    ``checkpoint.pt`` into ``run_dir``. Returns the logged rows."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    if cfg.algo not in PROJECTIONS + ("ppo", "ppo-m"):
+        raise NotImplementedError(f"algo {cfg.algo!r} is not implemented yet (kl, w2, frob, ppo, ppo-m are)")
+    if cfg.rollout_steps % cfg.num_envs:
+        raise ValueError(f"rollout_steps ({cfg.rollout_steps}) must be a multiple of num_envs ({cfg.num_envs})")
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    # -- environments, networks, optimizers ---------------------------------------------
+    envs = make_vec_env(cfg.env_id, cfg.num_envs, cfg.seed)
+    obs_dim, act_dim = envs.obs_dim, envs.act_dim
+    projected = cfg.algo in PROJECTIONS
+    kind = cfg.algo if projected else "kl"  # the parametrization of the baselines' policy
+    policy = GaussianPolicy(obs_dim, act_dim, kind=kind, cov_form=cfg.cov_form,
+                            cov_type="contextual" if cfg.contextual_cov else "global",
+                            hidden=cfg.hidden, init_std=cfg.init_std).to(device)
+    value = ValueNetwork(obs_dim, cfg.hidden_vf).to(device)
+    opt_pi = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
+    opt_vf = torch.optim.Adam(value.parameters(), lr=cfg.lr_vf, eps=1e-5)
+    obs_norm = ObservationNormalizer((obs_dim,), clip=cfg.obs_clip) if cfg.normalize_obs else None
+    rew_norm = RewardNormalizer(cfg.num_envs, cfg.gamma, clip=cfg.reward_clip) if cfg.normalize_rewards else None
+    layer = None
+    if projected:
+        schedule = None
+        if cfg.entropy_control is not None:
+            with torch.no_grad():
+                _, cov0 = policy(torch.zeros(1, obs_dim, device=device))
+            h0 = float(D.entropy(kind, cfg.cov_form, cov0).mean())
+            schedule = EntropySchedule(kappa=cfg.target_entropy, total_steps=cfg.total_steps,
+                                       initial_entropy=h0, tau=cfg.temperature)
+        layer = TrustRegionProjection(kind, cfg.mean_bound, cfg.cov_bound, cfg.cov_form,
+                                      entropy_control=cfg.entropy_control, entropy_schedule=schedule,
+                                      contextual_cov=cfg.contextual_cov,
+                                      regression_weight=cfg.regression_weight, check_values=False)
+
+    steps_per_env = cfg.rollout_steps // cfg.num_envs
+    n_iterations = max(1, cfg.total_steps // cfg.rollout_steps)
+    global_step, rows = 0, []
+    ckpt_path = run_dir / "checkpoint.pt"
+    csv_file = open(run_dir / "progress.csv", "w", newline="")
+    writer = csv.DictWriter(csv_file, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    tb = None
+    if log_tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb = SummaryWriter(str(run_dir))
+        except ImportError:
+            tb = None
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=n_iterations * cfg.rollout_steps, unit="step", dynamic_ncols=True)
+        except ImportError:
+            bar = None
+
+    def checkpoint(iteration: int) -> None:
+        save_checkpoint(ckpt_path, {
+            "config": cfg.to_dict(), "iteration": iteration, "global_step": global_step,
+            "policy": policy.state_dict(), "value": value.state_dict(),
+            "opt_pi": opt_pi.state_dict(), "opt_vf": opt_vf.state_dict(),
+            "obs_norm": obs_norm.stats.state_dict() if obs_norm else None,
+            "rew_norm": rew_norm.stats.state_dict() if rew_norm else None,
+            "torch_rng": torch.get_rng_state(), "gen_rng": gen.get_state(),
+            "numpy_rng": np.random.get_state()})
+
+    raw_obs = envs.reset()
+    prev_done = np.zeros(cfg.num_envs, dtype=bool)
+    episode_return = np.zeros(cfg.num_envs)
+    finished_returns: list[float] = []
+    t_start = time.perf_counter()
+    try:
+        for iteration in range(n_iterations):
+            t_iter = time.perf_counter()
+            if cfg.lr_decay:
+                for group in opt_pi.param_groups:
+                    group["lr"] = cfg.lr * (1.0 - iteration / n_iterations)
+
+            # -- rollout ------------------------------------------------------------------
+            T, N = steps_per_env, cfg.num_envs
+            buf_obs = torch.zeros(T, N, obs_dim)
+            buf_next_obs = torch.zeros(T, N, obs_dim)
+            buf_act = torch.zeros(T, N, act_dim)
+            buf_rew = torch.zeros(T, N)
+            buf_term = torch.zeros(T, N, dtype=torch.bool)
+            buf_trunc = torch.zeros(T, N, dtype=torch.bool)
+            buf_valid = torch.zeros(T, N, dtype=torch.bool)
+            for t in range(T):
+                x = torch.as_tensor(raw_obs, dtype=torch.float32)
+                obs = obs_norm(x, update=True) if obs_norm else x
+                with torch.no_grad():
+                    mean, cov = policy(obs.to(device))
+                    action = D.sample(kind, cfg.cov_form, mean, cov, generator=None).cpu()
+                raw_next, rew, term, trunc = envs.step(action.double().numpy())
+                valid = ~prev_done  # a step right after an episode end only resets
+                episode_return += np.where(valid, rew, 0.0)
+                done = (term | trunc) & valid
+                finished_returns += episode_return[done].tolist()
+                episode_return[done] = 0.0
+                rew_t = torch.as_tensor(np.where(valid, rew, 0.0), dtype=torch.float32)
+                if rew_norm:
+                    rew_t = rew_norm(rew_t, torch.as_tensor(done)).float()
+                xn = torch.as_tensor(raw_next, dtype=torch.float32)
+                buf_obs[t], buf_act[t], buf_rew[t] = obs, action.float(), rew_t
+                buf_next_obs[t] = obs_norm(xn) if obs_norm else xn
+                buf_term[t] = torch.as_tensor(term & valid)
+                buf_trunc[t] = torch.as_tensor(trunc & valid)
+                buf_valid[t] = torch.as_tensor(valid)
+                prev_done = term | trunc
+                raw_obs = raw_next
+            global_step += T * N
+
+            # -- advantages (GAE; terminated vs truncated) ----------------------------------
+            with torch.no_grad():
+                values = value(buf_obs.to(device)).cpu()
+                next_values = value(buf_next_obs.to(device)).cpu()
+            adv, returns = gae(buf_rew, values, next_values, buf_term, buf_trunc, cfg.gamma, cfg.gae_lambda)
+            # invalid (reset) steps must not cut or feed another step's recursion: they sit
+            # right after a done step, whose recursion is already cut, and are dropped here
+            keep = buf_valid.reshape(-1)
+            b_obs = buf_obs.reshape(-1, obs_dim)[keep].to(device)
+            b_act = buf_act.reshape(-1, act_dim)[keep].to(device)
+            b_adv = adv.reshape(-1)[keep].to(device)
+            b_ret = returns.reshape(-1)[keep].to(device)
+            b_val = values.reshape(-1)[keep].to(device)
+            b_adv = (b_adv - b_adv.mean()) / (b_adv.std() + 1e-8)
+            with torch.no_grad():
+                old_mean, old_cov = policy(b_obs)
+                old_logp = D.log_prob(kind, cfg.cov_form, old_mean, old_cov, b_act)
+            n = b_obs.shape[0]
+
+            # -- policy update ------------------------------------------------------------
+            pi_losses = []
+            for _ in range(cfg.epochs):
+                perm = torch.randperm(n, generator=gen).to(device)
+                for start in range(0, n, cfg.minibatch_size):
+                    idx = perm[start:start + cfg.minibatch_size]
+                    mean, cov = policy(b_obs[idx])
+                    if projected:
+                        mean_t, cov_t = layer(mean, cov, old_mean[idx], old_cov[idx], step=global_step)
+                        logp = D.log_prob(kind, cfg.cov_form, mean_t, cov_t, b_act[idx])
+                        loss = surrogate_loss(logp, old_logp[idx], b_adv[idx]) + \
+                            layer.trust_region_loss(mean, cov, mean_t, cov_t)
+                    else:
+                        logp = D.log_prob(kind, cfg.cov_form, mean, cov, b_act[idx])
+                        loss = ppo_clip_loss(logp, old_logp[idx], b_adv[idx], cfg.ratio_clip)
+                    if not torch.isfinite(loss):
+                        raise TrainingDiverged(f"policy loss is {loss.item()} at iteration {iteration}")
+                    opt_pi.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+                    opt_pi.step()
+                    pi_losses.append(loss.item())
+            with torch.no_grad():
+                raw_mean, raw_cov = policy(b_obs)
+                if projected:
+                    new_mean, new_cov = layer(raw_mean, raw_cov, old_mean, old_cov, step=global_step)
+                    metrics = layer.metrics(new_mean, new_cov, old_mean, old_cov, raw_mean, raw_cov)
+                    if not cfg.contextual_cov:
+                        # a global covariance is not regressed: copy its projection in
+                        policy.set_global_cov(new_cov[0])
+                else:
+                    kl = D.kl(kind, cfg.cov_form, raw_mean, raw_cov, old_mean, old_cov)
+                    metrics = {"kl_mean": kl.mean().item(), "kl_max": kl.max().item(),
+                               "entropy_mean": D.entropy(kind, cfg.cov_form, raw_cov).mean().item(),
+                               "fraction_projected": 0.0}
+
+            # -- value update -------------------------------------------------------------
+            vf_losses = []
+            for _ in range(cfg.epochs_vf):
+                perm = torch.randperm(n, generator=gen).to(device)
+                for start in range(0, n, cfg.minibatch_size):
+                    idx = perm[start:start + cfg.minibatch_size]
+                    vloss = value_loss(value(b_obs[idx]), b_ret[idx], b_val[idx], cfg.vf_clip)
+                    if not torch.isfinite(vloss):
+                        raise TrainingDiverged(f"value loss is {vloss.item()} at iteration {iteration}")
+                    opt_vf.zero_grad(set_to_none=True)
+                    vloss.backward()
+                    if cfg.max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(value.parameters(), cfg.max_grad_norm)
+                    opt_vf.step()
+                    vf_losses.append(vloss.item())
+
+            # -- log, evaluate, checkpoint ------------------------------------------------
+            last = iteration == n_iterations - 1
+            eval_return = math.nan
+            if cfg.eval_episodes > 0 and (last or (iteration + 1) % cfg.checkpoint_every == 0):
+                eval_return = evaluate(policy, obs_norm, cfg.env_id, cfg.eval_episodes, cfg.seed + 10_000, device)
+            recent = finished_returns[-20:]
+            row = {"iteration": iteration, "global_step": global_step,
+                   "train_return_mean": float(np.mean(recent)) if recent else math.nan,
+                   "eval_return_mean": eval_return, "episodes": len(finished_returns),
+                   "policy_loss": float(np.mean(pi_losses)), "value_loss": float(np.mean(vf_losses)),
+                   "steps_per_second": T * N / (time.perf_counter() - t_iter),
+                   "wall_time": time.perf_counter() - t_start}
+            row.update({k: metrics.get(k, math.nan) for k in CSV_COLUMNS if k in metrics})
+            writer.writerow({k: row.get(k, math.nan) for k in CSV_COLUMNS})
+            csv_file.flush()
+            rows.append(row)
+            if tb is not None:
+                for k, v in row.items():
+                    if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)):
+                        tb.add_scalar(k, v, global_step)
+            if bar is not None:
+                bar.update(T * N)
+                bar.set_postfix(ret=f"{row['train_return_mean']:.1f}", kl=f"{row.get('kl_mean', math.nan):.2e}")
+            if last or (iteration + 1) % cfg.checkpoint_every == 0:
+                checkpoint(iteration)
+    except KeyboardInterrupt:
+        checkpoint(len(rows) - 1)  # keep what was trained; the last completed iteration
+        raise
+    finally:
+        csv_file.close()
+        envs.close()
+        if tb is not None:
+            tb.close()
+        if bar is not None:
+            bar.close()
+    return rows
