@@ -40,6 +40,13 @@ class TrainingDiverged(RuntimeError):
     """A loss became NaN / inf; the last good checkpoint is kept."""
 
 
+def minibatches(n: int, size: int, gen: torch.Generator, device):
+    """Index tensors of a fresh random permutation of ``range(n)``, ``size`` at a time."""
+    perm = torch.randperm(n, generator=gen).to(device)
+    for start in range(0, n, size):
+        yield perm[start:start + size]
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -218,9 +225,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, progress: bool = True, log_t
             # -- policy update ------------------------------------------------------------
             pi_losses = []
             for _ in range(cfg.epochs):
-                perm = torch.randperm(n, generator=gen).to(device)
-                for start in range(0, n, cfg.minibatch_size):
-                    idx = perm[start:start + cfg.minibatch_size]
+                for idx in minibatches(n, cfg.minibatch_size, gen, device):
                     mean, cov = policy(b_obs[idx])
                     if projected:
                         mean_t, cov_t = layer(mean, cov, old_mean[idx], old_cov[idx], step=global_step)
@@ -255,9 +260,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, progress: bool = True, log_t
             # -- value update -------------------------------------------------------------
             vf_losses = []
             for _ in range(cfg.epochs_vf):
-                perm = torch.randperm(n, generator=gen).to(device)
-                for start in range(0, n, cfg.minibatch_size):
-                    idx = perm[start:start + cfg.minibatch_size]
+                for idx in minibatches(n, cfg.minibatch_size, gen, device):
                     vloss = value_loss(value(b_obs[idx]), b_ret[idx], b_val[idx], cfg.vf_clip)
                     if not torch.isfinite(vloss):
                         raise TrainingDiverged(f"value loss is {vloss.item()} at iteration {iteration}")
