@@ -2,6 +2,7 @@
 so truncation is exercised), logs its metrics, respects its bounds and checkpoints."""
 
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -20,7 +21,7 @@ def small(algo, **kw):
     return preset("mujoco", algo, **args)
 
 
-@pytest.mark.parametrize("algo", ["kl", "w2", "frob", "ppo", "ppo-m"])
+@pytest.mark.parametrize("algo", ["kl", "w2", "frob", "ppo", "ppo-m", "trpo"])
 def test_each_algorithm_trains_and_logs(algo, tmp_path):
     cfg = small(algo)
     rows = train(cfg, tmp_path, progress=False, log_tensorboard=False)
@@ -34,6 +35,8 @@ def test_each_algorithm_trains_and_logs(algo, tmp_path):
     assert ckpt["global_step"] == 1024 and ckpt["iteration"] == 1
     for row in rows:
         assert row["episodes"] >= 0 and row["steps_per_second"] > 0
+        if algo == "trpo":
+            assert row["kl_mean"] <= cfg.trpo_max_kl * (1 + 1e-6) or row["kl_mean"] != row["kl_mean"]
         if algo in ("kl", "w2", "frob"):
             # the projected policy respects both bounds on every state of the batch
             assert row["constraint_mean_max"] <= cfg.mean_bound * (1 + 1e-3)
@@ -61,8 +64,8 @@ def test_bad_inputs(tmp_path):
         train(small("kl", env_id="NoSuchEnv-v0"), tmp_path, progress=False, log_tensorboard=False)
     with pytest.raises(ValueError, match="continuous"):
         train(small("kl", env_id="CartPole-v1"), tmp_path, progress=False, log_tensorboard=False)
-    with pytest.raises(NotImplementedError, match="trpo"):
-        train(small("trpo"), tmp_path, progress=False, log_tensorboard=False)
+    with pytest.raises(ValueError, match="algo must be one of"):
+        train(dataclasses.replace(small("kl"), algo="sac"), tmp_path, progress=False, log_tensorboard=False)
     with pytest.raises(ValueError, match="multiple of num_envs"):
         train(small("kl", rollout_steps=511), tmp_path, progress=False, log_tensorboard=False)
 

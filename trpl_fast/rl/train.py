@@ -24,11 +24,12 @@ import torch
 from .. import distances as D
 from ..projection import EntropySchedule, TrustRegionProjection
 from .advantages import gae
-from .config import PROJECTIONS, TrainConfig
+from .config import ALGOS, PROJECTIONS, TrainConfig
 from .envs import make_vec_env
 from .losses import ppo_clip_loss, surrogate_loss, value_loss
 from .normalization import ObservationNormalizer, RewardNormalizer
 from .policies import GaussianPolicy, ValueNetwork
+from .trpo import trpo_step
 
 CSV_COLUMNS = ["iteration", "global_step", "train_return_mean", "eval_return_mean", "episodes",
                "policy_loss", "value_loss", "kl_mean", "kl_max", "constraint_mean_mean",
@@ -87,8 +88,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, progress: bool = True, log_t
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
-    if cfg.algo not in PROJECTIONS + ("ppo", "ppo-m"):
-        raise NotImplementedError(f"algo {cfg.algo!r} is not implemented yet (kl, w2, frob, ppo, ppo-m are)")
+    if cfg.algo not in ALGOS:
+        raise ValueError(f"algo must be one of {ALGOS}, got {cfg.algo!r}")
     if cfg.rollout_steps % cfg.num_envs:
         raise ValueError(f"rollout_steps ({cfg.rollout_steps}) must be a multiple of num_envs ({cfg.num_envs})")
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -224,7 +225,11 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, progress: bool = True, log_t
 
             # -- policy update ------------------------------------------------------------
             pi_losses = []
-            for _ in range(cfg.epochs):
+            if cfg.algo == "trpo":  # one natural-gradient step on the whole batch
+                info = trpo_step(policy, b_obs, b_act, b_adv, old_logp, old_mean, old_cov, kind=kind,
+                                 form=cfg.cov_form, max_kl=cfg.trpo_max_kl)
+                pi_losses.append(-info["improvement"])
+            for _ in range(cfg.epochs if cfg.algo != "trpo" else 0):
                 for idx in minibatches(n, cfg.minibatch_size, gen, device):
                     mean, cov = policy(b_obs[idx])
                     if projected:
