@@ -108,6 +108,24 @@ def train_cmd(args) -> int:
     return 0
 
 
+def eval_cmd(args) -> int:
+    from .rl.train import evaluate, load_policy, resolve_device
+
+    device = resolve_device(args.device)
+    cfg, policy, obs_norm = load_policy(args.checkpoint, device)
+    ret = evaluate(policy, obs_norm, cfg.env_id, args.episodes, args.seed, device)
+    print(f"{cfg.env_id} {cfg.algo}: mean deterministic return over {args.episodes} episodes: {ret:.2f}")
+    return 0
+
+
+def plot_cmd(args) -> int:
+    from .rl.plotting import plot_runs
+
+    for path in plot_runs(args.run_dirs, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="trpl-fast", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +149,16 @@ def main(argv=None) -> int:
     t.add_argument("--out", default=None, help="run directory (default runs/<env>_<algo>_s<seed>)")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=train_cmd)
+    e = sub.add_parser("eval", help="evaluate a checkpoint's deterministic policy")
+    e.add_argument("checkpoint", help="checkpoint.pt or its run directory")
+    e.add_argument("--episodes", type=int, default=10)
+    e.add_argument("--seed", type=int, default=12345)
+    e.add_argument("--device", default="auto")
+    e.set_defaults(func=eval_cmd)
+    pl = sub.add_parser("plot", help="learning curves (mean, 95%% interval over seeds) and mean KL per iteration")
+    pl.add_argument("run_dirs", nargs="+")
+    pl.add_argument("--out", default="plots/curves.png", help="output prefix (default plots/curves.png)")
+    pl.set_defaults(func=plot_cmd)
     args = parser.parse_args(argv)
     return args.func(args)
 

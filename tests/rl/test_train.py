@@ -86,3 +86,20 @@ def test_nan_loss_keeps_last_good_checkpoint(tmp_path, monkeypatch):
         train(cfg, tmp_path, progress=False, log_tensorboard=False)
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert ckpt["iteration"] == 0  # the good one from the first iteration
+
+
+def test_eval_and_plot_from_run_dirs(tmp_path):
+    from trpl_fast.cli import main
+
+    dirs = []
+    for algo, seed in (("kl", 0), ("kl", 1), ("ppo", 0)):
+        d = tmp_path / f"{algo}_{seed}"
+        train(small(algo, seed=seed), d, progress=False, log_tensorboard=False)
+        dirs.append(str(d))
+    assert main(["eval", dirs[0], "--episodes", "2", "--device", "cpu"]) == 0
+    assert main(["plot", *dirs, "--out", str(tmp_path / "plots" / "curves.png")]) == 0
+    for name in ("curves_returns.png", "curves_kl.png"):
+        png = tmp_path / "plots" / name
+        assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="not a run directory"):
+        main(["plot", str(tmp_path)])

@@ -82,6 +82,29 @@ def evaluate(policy, obs_norm, env_id: str, episodes: int, seed: int, device) ->
     return float(returns.mean())
 
 
+def load_policy(checkpoint_path: str | Path, device="cpu"):
+    """``(config, policy, obs_normalizer or None)`` from a checkpoint written by :func:`train`."""
+    path = Path(checkpoint_path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.exists():
+        raise ValueError(f"no checkpoint at {path}")
+    state = torch.load(path, map_location=device, weights_only=False)
+    cfg = TrainConfig.from_dict(state["config"])
+    env = make_vec_env(cfg.env_id, 1, cfg.seed)
+    kind = cfg.algo if cfg.algo in PROJECTIONS else "kl"
+    policy = GaussianPolicy(env.obs_dim, env.act_dim, kind=kind, cov_form=cfg.cov_form,
+                            cov_type="contextual" if cfg.contextual_cov else "global",
+                            hidden=cfg.hidden, init_std=cfg.init_std).to(device)
+    env.close()
+    policy.load_state_dict(state["policy"])
+    obs_norm = None
+    if state.get("obs_norm") is not None:
+        obs_norm = ObservationNormalizer((policy.body[0].in_features,), clip=cfg.obs_clip)
+        obs_norm.stats.load_state_dict(state["obs_norm"])
+    return cfg, policy, obs_norm
+
+
 def train(cfg: TrainConfig, run_dir: str | Path, *, progress: bool = True, log_tensorboard: bool = True) -> list[dict]:
     """Train ``cfg`` and write ``config.json``, ``progress.csv``, TensorBoard events and
     ``checkpoint.pt`` into ``run_dir``. Returns the logged rows."""

@@ -1,0 +1,81 @@
+"""Learning curves and the paper's Figure 2 (left) view from run directories."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+
+def load_run(run_dir: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+    run_dir = Path(run_dir)
+    cfg_path, csv_path = run_dir / "config.json", run_dir / "progress.csv"
+    if not cfg_path.exists() or not csv_path.exists():
+        raise ValueError(f"{run_dir} is not a run directory (needs config.json and progress.csv)")
+    cfg = json.loads(cfg_path.read_text())
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    cols = {k: np.array([float(r[k]) if r[k] not in ("", "nan") else math.nan for r in rows]) for k in rows[0]} if rows else {}
+    return cfg, cols
+
+
+def mean_ci95(curves: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and half-width of the 95% interval (normal approximation, 1.96 standard errors)
+    over seeds, truncated to the shortest curve."""
+    n = min(len(c) for c in curves)
+    stack = np.stack([c[:n] for c in curves])
+    mean = np.nanmean(stack, axis=0)
+    if stack.shape[0] < 2:
+        return mean, np.zeros_like(mean)
+    return mean, 1.96 * np.nanstd(stack, axis=0, ddof=1) / math.sqrt(stack.shape[0])
+
+
+def plot_runs(run_dirs, out: str | Path, metric: str = "eval_return_mean") -> list[Path]:
+    """Write ``<out>_returns.png`` (mean return with 95% interval per method and env; dashed
+    for contextual covariance) and ``<out>_kl.png`` (mean KL to the old policy per
+    iteration per method, paper Figure 2 left). Returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[tuple, list] = defaultdict(list)
+    for d in run_dirs:
+        cfg, cols = load_run(d)
+        if cols:
+            groups[(cfg["env_id"], cfg["algo"], bool(cfg.get("contextual_cov")))].append(cols)
+    if not groups:
+        raise ValueError("no run with logged iterations among the given directories")
+    envs = sorted({k[0] for k in groups})
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, key, ylabel in (("returns", metric, "return"), ("kl", "kl_mean", "mean KL(new || old)")):
+        fig, axes = plt.subplots(1, len(envs), figsize=(5 * len(envs), 3.6), squeeze=False)
+        for ax, env in zip(axes[0], envs):
+            for (e, algo, contextual), runs in sorted(groups.items()):
+                if e != env:
+                    continue
+                col = key if not (key == metric and np.all(np.isnan(runs[0][key]))) else "train_return_mean"
+                steps = runs[0]["global_step"][: min(len(r["global_step"]) for r in runs)]
+                mean, half = mean_ci95([r[col] for r in runs])
+                ok = ~np.isnan(mean)
+                label = f"{algo}{' (contextual)' if contextual else ''} (n={len(runs)})"
+                line, = ax.plot(steps[ok], mean[ok], ls="--" if contextual else "-", label=label)
+                ax.fill_between(steps[ok], (mean - half)[ok], (mean + half)[ok], color=line.get_color(), alpha=0.2)
+            ax.set_title(env)
+            ax.set_xlabel("environment steps")
+            ax.set_ylabel(ylabel)
+            if name == "kl":
+                ax.set_yscale("log")
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out.with_name(f"{out.stem}_{name}.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
