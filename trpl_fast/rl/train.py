@@ -171,9 +171,10 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, progress: bool = True, log_t
         except ImportError:
             bar = None
 
-    def checkpoint(iteration: int) -> None:
+    def checkpoint(iteration: int, interrupted: bool = False) -> None:
         save_checkpoint(ckpt_path, {
             "config": cfg.to_dict(), "iteration": iteration, "global_step": global_step,
+            "interrupted": interrupted,
             "policy": policy.state_dict(), "value": value.state_dict(),
             "opt_pi": opt_pi.state_dict(), "opt_vf": opt_vf.state_dict(),
             "obs_norm": obs_norm.stats.state_dict() if obs_norm else None,
@@ -325,7 +326,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, progress: bool = True, log_t
             if last or (iteration + 1) % cfg.checkpoint_every == 0:
                 checkpoint(iteration)
     except KeyboardInterrupt:
-        checkpoint(len(rows) - 1)  # keep what was trained; the last completed iteration
+        # keep what was trained; the networks may be mid-iteration (``interrupted``)
+        checkpoint(len(rows) - 1, interrupted=True)
         raise
     finally:
         csv_file.close()
