@@ -35,8 +35,6 @@ def test_each_algorithm_trains_and_logs(algo, tmp_path):
     assert ckpt["global_step"] == 1024 and ckpt["iteration"] == 1
     for row in rows:
         assert row["episodes"] >= 0 and row["steps_per_second"] > 0
-        if algo == "trpo":
-            assert row["kl_mean"] <= cfg.trpo_max_kl * (1 + 1e-6) or row["kl_mean"] != row["kl_mean"]
         if algo in ("kl", "w2", "frob"):
             # the projected policy respects both bounds on every state of the batch
             assert row["constraint_mean_max"] <= cfg.mean_bound * (1 + 1e-3)

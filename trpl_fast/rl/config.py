@@ -42,6 +42,7 @@ class TrainConfig:
     mean_bound: float = 0.015
     cov_bound: float = 0.001
     regression_weight: float = 8.0     # alpha of paper Eq. 12
+    projection: bool = True            # False bypasses the layer (throughput baseline only: no trust region)
     entropy_control: str | None = None  # None | ineq | eq
     target_entropy: float = 0.0        # per action dimension (kappa)
     temperature: float = 0.5

@@ -257,7 +257,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, progress: bool = True, log_t
                 for idx in minibatches(n, cfg.minibatch_size, gen, device):
                     mean, cov = policy(b_obs[idx])
                     if projected:
-                        mean_t, cov_t = layer(mean, cov, old_mean[idx], old_cov[idx], step=global_step)
+                        mean_t, cov_t = (layer(mean, cov, old_mean[idx], old_cov[idx], step=global_step)
+                                         if cfg.projection else (mean, cov))
                         logp = D.log_prob(kind, cfg.cov_form, mean_t, cov_t, b_act[idx])
                         loss = surrogate_loss(logp, old_logp[idx], b_adv[idx]) + \
                             layer.trust_region_loss(mean, cov, mean_t, cov_t)
