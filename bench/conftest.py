@@ -106,3 +106,27 @@ def make_runner(fn, tensors, mode, device):
 
 def rounds_for(n):
     return 3 if n >= 1 << 20 else (10 if n >= 65536 else 30)
+
+
+def bytes_moved(n, d, mode, itemsize=4):
+    """Bytes a fused diagonal op must move: fwd reads 4 arrays and writes 2; bwd reads
+    6 (two upstream grads, four inputs) and writes 2."""
+    per = n * d * itemsize
+    return {"fwd": 6 * per, "bwd": 8 * per, "full": 14 * per}[mode]
+
+
+def run_benchmark(benchmark, copy_bandwidth, fn, tensors, *, device, kind, form, d, n, mode, provider, **extra):
+    """The one setup every op benchmark shares: group, ``extra_info`` (with the bytes a
+    diagonal op must move and the copy bandwidth measured in this run), a warm-up call
+    (compilation, autotuning), then ``rounds_for(n)`` timed rounds."""
+    benchmark.group = f"{device}-{kind}-{form}-d{d}-n{n}-{mode}"
+    benchmark.extra_info.update(device=device, kind=kind, form=form, d=d, n=n, mode=mode,
+                                provider=provider, dtype="float32", torch=torch.__version__, **extra)
+    if form == "diag":
+        benchmark.extra_info["bytes"] = bytes_moved(n, d, mode)
+        benchmark.extra_info["copy_bandwidth"] = copy_bandwidth(device)
+    if device == "cuda":
+        benchmark.extra_info["gpu"] = torch.cuda.get_device_name()
+    run = make_runner(fn, tensors, mode, device)
+    run()
+    benchmark.pedantic(run, rounds=rounds_for(n), iterations=1, warmup_rounds=1)

@@ -14,8 +14,7 @@ import torch
 import trpl_fast
 
 from .baselines import eager_kl_diag, eager_kl_full
-from .conftest import DEVICES, make_inputs, make_runner, rounds_for
-from .test_bench_projection import bytes_moved
+from .conftest import DEVICES, make_inputs, run_benchmark
 
 MEAN_BOUND, COV_BOUND = 0.03, 0.001
 CASES = [("full", 17, 512)] + [("diag", 17, n) for n in (512, 65536, 1 << 20)]
@@ -47,17 +46,7 @@ def test_kl(benchmark, copy_bandwidth, device, form, d, n, provider, mode):
     with torch.no_grad():
         out = trpl_fast.functional.project(form, mean, cov, old_mean, old_cov, kind="kl",
                                            mean_bound=MEAN_BOUND, cov_bound=COV_BOUND, return_aux=True)
-    benchmark.group = f"{device}-kl-{form}-d{d}-n{n}-{mode}"
-    benchmark.extra_info.update(device=device, kind="kl", form=form, d=d, n=n, mode=mode,
-                                provider=provider, dtype="float32", torch=torch.__version__,
-                                projected_fraction=float((out[2] < 1).double().mean()),
-                                converged_fraction=float(out[3].double().mean()))
-    if form == "diag":
-        benchmark.extra_info["bytes"] = bytes_moved(form, n, d, mode)
-        benchmark.extra_info["copy_bandwidth"] = copy_bandwidth(device)
-    if device == "cuda":
-        benchmark.extra_info["gpu"] = torch.cuda.get_device_name()
-    run = make_runner(fn, (mean, cov, old_mean, old_cov), mode, device)
-    run()  # warm-up (compilation, autotuning)
-    rounds = rounds_for(n)
-    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
+    run_benchmark(benchmark, copy_bandwidth, fn, (mean, cov, old_mean, old_cov), device=device, kind="kl",
+                  form=form, d=d, n=n, mode=mode, provider=provider,
+                  projected_fraction=float((out[2] < 1).double().mean()),
+                  converged_fraction=float(out[3].double().mean()))

@@ -14,7 +14,7 @@ import torch
 import trpl_fast
 
 from .baselines import eager_diag, eager_full
-from .conftest import DEVICES, big_ok, make_inputs, make_runner, rounds_for
+from .conftest import DEVICES, big_ok, make_inputs, run_benchmark
 
 MEAN_BOUND, COV_BOUND = 0.03, 0.001
 CASES = [("diag", 17, n) for n in (512, 65536, 1 << 20)] + [
@@ -37,13 +37,6 @@ def provider_fn(provider, kind, form):
     return fn
 
 
-def bytes_moved(form, n, d, mode, itemsize=4):
-    """Bytes a fused diagonal op must move: fwd reads 4 arrays and writes 2; bwd reads
-    6 (two upstream grads, four inputs) and writes 2."""
-    per = n * d * itemsize
-    return {"fwd": 6 * per, "bwd": 8 * per, "full": 14 * per}[mode]
-
-
 @pytest.mark.parametrize("mode", ["fwd", "bwd", "full"])
 @pytest.mark.parametrize("provider", ["trpl", "eager", "compiled"])
 @pytest.mark.parametrize("form,d,n", CASES, ids=[f"{f}-d{d}-n{n}" for f, d, n in CASES])
@@ -56,17 +49,5 @@ def test_projection(benchmark, copy_bandwidth, device, kind, form, d, n, provide
         pytest.skip("inductor on CPU compiles batched linalg for minutes per case; eager is the baseline")
     mean, cov, old_mean, old_cov = make_inputs(kind, form, n, d, device)
     fn = provider_fn(provider, kind, form)
-    benchmark.group = f"{device}-{kind}-{form}-d{d}-n{n}-{mode}"
-    benchmark.extra_info.update(device=device, kind=kind, form=form, d=d, n=n, mode=mode,
-                                provider=provider, dtype="float32",
-                                torch=torch.__version__)
-    if form == "diag":
-        benchmark.extra_info["bytes"] = bytes_moved(form, n, d, mode)
-        benchmark.extra_info["copy_bandwidth"] = copy_bandwidth(device)
-    if device == "cuda":
-        benchmark.extra_info["gpu"] = torch.cuda.get_device_name()
-
-    run = make_runner(fn, (mean, cov, old_mean, old_cov), mode, device)
-    run()  # warm-up (compilation, autotuning)
-    rounds = rounds_for(n)
-    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
+    run_benchmark(benchmark, copy_bandwidth, fn, (mean, cov, old_mean, old_cov), device=device, kind=kind,
+                  form=form, d=d, n=n, mode=mode, provider=provider)
