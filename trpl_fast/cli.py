@@ -87,21 +87,47 @@ def demo(args) -> int:
     return 0 if ok else 1
 
 
-def train_cmd(args) -> int:
-    from .rl.config import preset
-    from .rl.train import TrainingDiverged, train
+# `trpl-fast train` option -> TrainConfig field, for the options that set one
+_TRAIN_FIELDS = {"env": "env_id", "algo": "algo", "steps": "total_steps", "seed": "seed", "device": "device",
+                 "num_envs": "num_envs", "env_backend": "env_backend"}
+# (no env default here: the preset's -- HalfCheetah-v5, or Humanoid-v5 for `humanoid`)
+_TRAIN_DEFAULTS = {"algo": "kl", "steps": 1_000_000, "seed": 0, "device": "auto",
+                   "preset": "mujoco"}
 
-    overrides = {"env_id": args.env, "total_steps": args.steps, "seed": args.seed, "device": args.device}
-    if args.num_envs is not None:
-        overrides["num_envs"] = args.num_envs
-    cfg = preset(args.preset, args.algo, **overrides)
-    out = args.out or f"runs/{cfg.env_id}_{cfg.algo}_s{cfg.seed}"
-    print(f"training {cfg.algo} on {cfg.env_id} for {cfg.total_steps} steps -> {out}")
+
+def train_cmd(args) -> int:
+    import dataclasses
+
+    from .rl.config import TrainConfig, preset
+    from .rl.train import TrainingDiverged, read_checkpoint, train
+
+    given = {opt: getattr(args, opt) for opt in _TRAIN_FIELDS if getattr(args, opt) is not None}
+    if args.resume:
+        # the run's own config; options given on the command line must agree with it
+        # (train() names any that do not, except the few a resumed run may change)
+        out = args.resume
+        if args.out is not None and args.out != args.resume:
+            raise ValueError(f"--out {args.out} and --resume {args.resume} name different runs; a run resumes in its own directory")
+        cfg = TrainConfig.from_dict(read_checkpoint(out)["config"])
+        cfg = dataclasses.replace(cfg, **{_TRAIN_FIELDS[k]: v for k, v in given.items()})
+        if args.preset is not None:
+            raise ValueError("--preset cannot be combined with --resume (the run's config is in its checkpoint)")
+    else:
+        opts = {**_TRAIN_DEFAULTS, **{k: v for k, v in vars(args).items() if k in _TRAIN_DEFAULTS and v is not None}}
+        overrides = {_TRAIN_FIELDS[k]: v for k, v in {**opts, **given}.items() if k in _TRAIN_FIELDS and k != "algo"}
+        cfg = preset(opts["preset"], opts["algo"], **overrides)
+        out = args.out or f"runs/{cfg.env_id}_{cfg.algo}_s{cfg.seed}"
+    verb = "resuming" if args.resume else "training"
+    print(f"{verb} {cfg.algo} on {cfg.env_id} for {cfg.total_steps} steps -> {out}")
     try:
-        rows = train(cfg, out, progress=not args.no_progress)
+        rows = train(cfg, out, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.no_progress)
     except TrainingDiverged as exc:
         print(f"error: {exc}; the last good checkpoint is in {out}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the last completed iteration is checkpointed in {out}; "
+              f"continue with: trpl-fast train --resume {out}", file=sys.stderr)
+        return 130
     last = rows[-1]
     print(f"done: {last['global_step']} steps, eval return {last['eval_return_mean']:.1f}, "
           f"{last['steps_per_second']:.0f} steps/s")
@@ -138,15 +164,20 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=demo)
-    t = sub.add_parser("train", help="train a policy (kl, w2, frob, ppo, ppo-m) on a Gymnasium / EnvPool env")
-    t.add_argument("--env", default="HalfCheetah-v5", help="environment id (default HalfCheetah-v5)")
-    t.add_argument("--algo", default="kl", help="kl, w2, frob, ppo or ppo-m (default kl)")
-    t.add_argument("--steps", type=int, default=1_000_000, help="environment steps (default 1M)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    t.add_argument("--preset", default="mujoco", help="mujoco (paper table 2), humanoid (table 3) or throughput")
-    t.add_argument("--num-envs", type=int, default=None)
+    t = sub.add_parser("train", help="train a policy (kl, w2, frob, ppo, ppo-m, trpo) on a Gymnasium / EnvPool env")
+    t.add_argument("--env", default=None, help="environment id (default HalfCheetah-v5)")
+    t.add_argument("--algo", default=None, help="kl, w2, frob, ppo, ppo-m or trpo (default kl)")
+    t.add_argument("--steps", type=int, default=None, help="environment steps (default 1,000,000)")
+    t.add_argument("--seed", type=int, default=None, help="default 0")
+    t.add_argument("--device", default=None, help="auto (default), cpu or cuda")
+    t.add_argument("--preset", default=None, help="mujoco (paper table 2, default), humanoid (table 3) or throughput")
+    t.add_argument("--num-envs", type=int, default=None, help="parallel environments (default: the preset's)")
+    t.add_argument("--env-backend", default=None, help="auto (EnvPool where it has the task; default), envpool or "
+                   "gymnasium (slower, but --resume restores its environments exactly)")
     t.add_argument("--out", default=None, help="run directory (default runs/<env>_<algo>_s<seed>)")
+    t.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its checkpoint (--steps may extend it)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=train_cmd)
     e = sub.add_parser("eval", help="evaluate a checkpoint's deterministic policy")
@@ -160,7 +191,11 @@ def main(argv=None) -> int:
     pl.add_argument("--out", default="plots/curves.png", help="output prefix (default plots/curves.png)")
     pl.set_defaults(func=plot_cmd)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ValueError as exc:  # bad input: a message, not a traceback
+        print(f"trpl-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ class TrainConfig:
     hidden_vf: tuple[int, ...] = (64, 64)
     init_std: float = 1.0
     device: str = "auto"
+    env_backend: str = "auto"          # auto (EnvPool where it has the task) | envpool | gymnasium
     eval_episodes: int = 5
     checkpoint_every: int = 10         # iterations
     extra: dict = field(default_factory=dict)

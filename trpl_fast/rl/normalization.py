@@ -52,6 +52,12 @@ class ObservationNormalizer:
         out = (obs - mean) / std
         return out if self.clip is None else out.clamp(-self.clip, self.clip)
 
+    def state_dict(self) -> dict:
+        return self.stats.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stats.load_state_dict(state)
+
 
 class RewardNormalizer:
     """PPO's reward scaling: divide rewards by the running std of the discounted return
@@ -69,3 +75,14 @@ class RewardNormalizer:
         self.ret = torch.where(done.cpu().bool(), torch.zeros_like(self.ret), self.ret)
         out = rewards / float(torch.sqrt(self.stats.var + self.eps))
         return out if self.clip is None else out.clamp(-self.clip, self.clip)
+
+    def state_dict(self) -> dict:
+        """Statistics and the per-environment discounted-return accumulator."""
+        return {"stats": self.stats.state_dict(), "ret": self.ret.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if tuple(state["ret"].shape) != tuple(self.ret.shape):
+            raise ValueError(f"reward normalizer for {state['ret'].shape[0]} environments cannot be loaded "
+                             f"into one for {self.ret.shape[0]}")
+        self.stats.load_state_dict(state["stats"])
+        self.ret = state["ret"].clone().to(torch.float64)

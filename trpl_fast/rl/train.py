@@ -11,11 +11,13 @@ scalars) per iteration and writes checkpoints atomically.
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +37,9 @@ CSV_COLUMNS = ["iteration", "global_step", "train_return_mean", "eval_return_mea
                "policy_loss", "value_loss", "kl_mean", "kl_max", "constraint_mean_mean",
                "constraint_mean_max", "constraint_cov_mean", "constraint_cov_max", "entropy_mean",
                "fraction_projected", "steps_per_second", "wall_time"]
+
+
+CHECKPOINT_FORMAT = 2
 
 
 class TrainingDiverged(RuntimeError):
@@ -82,16 +87,38 @@ def evaluate(policy, obs_norm, env_id: str, episodes: int, seed: int, device) ->
     return float(returns.mean())
 
 
-def load_policy(checkpoint_path: str | Path, device="cpu"):
-    """``(config, policy, obs_normalizer or None)`` from a checkpoint written by :func:`train`."""
-    path = Path(checkpoint_path)
+# fields a resumed run may change: they do not alter what is learned up to the checkpoint
+RESUMABLE_CHANGES = ("total_steps", "device", "eval_episodes", "checkpoint_every")
+
+
+def read_checkpoint(path: str | Path, device="cpu") -> dict:
+    """The state dict of a checkpoint written by :func:`train` (``path``: the file or its run directory)."""
+    path = Path(path)
     if path.is_dir():
         path = path / "checkpoint.pt"
     if not path.exists():
         raise ValueError(f"no checkpoint at {path}")
     state = torch.load(path, map_location=device, weights_only=False)
+    if not isinstance(state, dict) or "config" not in state or "policy" not in state:
+        raise ValueError(f"{path} is not a trpl-fast training checkpoint")
+    return state
+
+
+def check_resume_config(saved: dict, cfg: TrainConfig) -> None:
+    """Raise if ``cfg`` differs from the checkpoint's config in anything but :data:`RESUMABLE_CHANGES`."""
+    saved_cfg = TrainConfig.from_dict(saved).to_dict()
+    diff = [f"{k}: checkpoint has {saved_cfg[k]!r}, requested {v!r}" for k, v in cfg.to_dict().items()
+            if k not in RESUMABLE_CHANGES and saved_cfg[k] != v]
+    if diff:
+        raise ValueError("the checkpoint comes from another config (" + "; ".join(diff) + "); resume with the "
+                         f"run's own config (only {', '.join(RESUMABLE_CHANGES)} may change) or train into a new --out")
+
+
+def load_policy(checkpoint_path: str | Path, device="cpu"):
+    """``(config, policy, obs_normalizer or None)`` from a checkpoint written by :func:`train`."""
+    state = read_checkpoint(checkpoint_path, device)
     cfg = TrainConfig.from_dict(state["config"])
-    env = make_vec_env(cfg.env_id, 1, cfg.seed)
+    env = make_vec_env(cfg.env_id, 1, cfg.seed, backend=cfg.env_backend)
     kind = cfg.algo if cfg.algo in PROJECTIONS else "kl"
     policy = GaussianPolicy(env.obs_dim, env.act_dim, kind=kind, cov_form=cfg.cov_form,
                             cov_type="contextual" if cfg.contextual_cov else "global",
@@ -101,27 +128,61 @@ def load_policy(checkpoint_path: str | Path, device="cpu"):
     obs_norm = None
     if state.get("obs_norm") is not None:
         obs_norm = ObservationNormalizer((policy.body[0].in_features,), clip=cfg.obs_clip)
-        obs_norm.stats.load_state_dict(state["obs_norm"])
+        obs_norm.load_state_dict(state["obs_norm"])
     return cfg, policy, obs_norm
 
 
-def train(cfg: TrainConfig, run_dir: str | Path, *, progress: bool = True, log_tensorboard: bool = True) -> list[dict]:
+def _read_progress(path: Path, iterations: int) -> list[dict]:
+    """The first ``iterations`` rows of ``progress.csv`` as floats (rows logged after the
+    checkpoint belong to iterations that are trained again)."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        rows = [{k: float(v) if v not in ("", None) else math.nan for k, v in r.items()} for r in csv.DictReader(f)]
+    for r in rows:
+        for k in ("iteration", "global_step", "episodes"):
+            if k in r and r[k] == r[k]:
+                r[k] = int(r[k])
+    return [r for r in rows if r.get("iteration", math.inf) < iterations]
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+          progress: bool = True, log_tensorboard: bool = True) -> list[dict]:
     """Train ``cfg`` and write ``config.json``, ``progress.csv``, TensorBoard events and
-    ``checkpoint.pt`` into ``run_dir``. Returns the logged rows."""
+    ``checkpoint.pt`` into ``run_dir``. Returns the logged rows (all of the run's, when resumed).
+
+    ``resume``: continue the run in ``run_dir`` from its checkpoint (networks, optimizers,
+    normalizers, random generators, step count, open episodes). With the Gymnasium backend the
+    environments' state is restored too, so the resumed run is bit-for-bit the uninterrupted
+    one on CPU; EnvPool cannot save its simulators, so there the episodes in flight restart.
+    An existing run is never overwritten unless ``overwrite``.
+
+    Checkpoints always hold the state at the end of a completed iteration; Ctrl-C writes the
+    last one (marked ``interrupted``), so at most the iteration in progress is trained again.
+    """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     if cfg.algo not in ALGOS:
         raise ValueError(f"algo must be one of {ALGOS}, got {cfg.algo!r}")
     if cfg.rollout_steps % cfg.num_envs:
         raise ValueError(f"rollout_steps ({cfg.rollout_steps}) must be a multiple of num_envs ({cfg.num_envs})")
+    ckpt_path = run_dir / "checkpoint.pt"
+    saved = None
+    if resume:
+        saved = read_checkpoint(run_dir)
+        check_resume_config(saved["config"], cfg)
+        if "loop" not in saved:
+            raise ValueError(f"{ckpt_path} holds no loop state (written by an older version); it can be evaluated, not resumed")
+    elif ckpt_path.exists() and not overwrite:
+        raise ValueError(f"{run_dir} already holds a run (checkpoint.pt); resume it (--resume) or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
 
     # -- environments, networks, optimizers ---------------------------------------------
-    envs = make_vec_env(cfg.env_id, cfg.num_envs, cfg.seed)
+    envs = make_vec_env(cfg.env_id, cfg.num_envs, cfg.seed, backend=cfg.env_backend)
     obs_dim, act_dim = envs.obs_dim, envs.act_dim
     projected = cfg.algo in PROJECTIONS
     kind = cfg.algo if projected else "kl"  # the parametrization of the baselines' policy
@@ -135,13 +196,14 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, progress: bool = True, log_t
     opt_vf = torch.optim.Adam(value.parameters(), lr=cfg.lr_vf, eps=1e-5, fused=True)
     obs_norm = ObservationNormalizer((obs_dim,), clip=cfg.obs_clip) if cfg.normalize_obs else None
     rew_norm = RewardNormalizer(cfg.num_envs, cfg.gamma, clip=cfg.reward_clip) if cfg.normalize_rewards else None
-    layer = None
+    layer, h0 = None, None
     if projected:
         schedule = None
         if cfg.entropy_control is not None:
             with torch.no_grad():
                 _, cov0 = policy(torch.zeros(1, obs_dim, device=device))
-            h0 = float(D.entropy(kind, cfg.cov_form, cov0).mean())
+            # the initial policy's entropy: from the checkpoint when resuming (the policy has moved)
+            h0 = saved["entropy_h0"] if saved else float(D.entropy(kind, cfg.cov_form, cov0).mean())
             schedule = EntropySchedule(kappa=cfg.target_entropy, total_steps=cfg.total_steps,
                                        initial_entropy=h0, tau=cfg.temperature)
         layer = TrustRegionProjection(kind, cfg.mean_bound, cfg.cov_bound, cfg.cov_form,
@@ -149,19 +211,72 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, progress: bool = True, log_t
                                       contextual_cov=cfg.contextual_cov,
                                       regression_weight=cfg.regression_weight, check_values=False)
 
+    # -- loop state: fresh, or everything the checkpoint holds ----------------------------
+    start_iteration, global_step, wall_offset = 0, 0, 0.0
+    raw_obs = envs.reset()
+    prev_done = np.zeros(cfg.num_envs, dtype=bool)
+    episode_return = np.zeros(cfg.num_envs)
+    finished_returns: list[float] = []
+    if saved:
+        policy.load_state_dict(saved["policy"])
+        value.load_state_dict(saved["value"])
+        opt_pi.load_state_dict(saved["opt_pi"])
+        opt_vf.load_state_dict(saved["opt_vf"])
+        if obs_norm:
+            obs_norm.load_state_dict(saved["obs_norm"])
+        if rew_norm:
+            rew_norm.load_state_dict(saved["rew_norm"])
+        torch.set_rng_state(saved["torch_rng"])
+        gen.set_state(saved["gen_rng"])
+        np.random.set_state(saved["numpy_rng"])
+        loop = saved["loop"]
+        start_iteration, global_step, wall_offset = saved["iteration"], saved["global_step"], loop["wall_time"]
+        finished_returns = list(loop["finished_returns"])
+        if saved.get("envs") is not None and envs.can_save_state:
+            envs.set_state(saved["envs"])
+            raw_obs, prev_done = loop["raw_obs"].copy(), loop["prev_done"].copy()
+            episode_return = loop["episode_return"].copy()
+        else:
+            warnings.warn(f"the {envs.backend} backend cannot restore its environments: the episodes that were "
+                          "open at the checkpoint restart (use env_backend='gymnasium' for an exact resume)")
+            envs.close()
+            envs = make_vec_env(cfg.env_id, cfg.num_envs, cfg.seed + global_step, backend=cfg.env_backend)
+            raw_obs = envs.reset()
+
+    def snapshot(iterations_done: int) -> dict:
+        """Everything needed to continue after ``iterations_done`` iterations, copied."""
+        return {"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "iteration": iterations_done,
+                "global_step": global_step, "interrupted": False,
+                "policy": copy.deepcopy(policy.state_dict()), "value": copy.deepcopy(value.state_dict()),
+                "opt_pi": copy.deepcopy(opt_pi.state_dict()), "opt_vf": copy.deepcopy(opt_vf.state_dict()),
+                "obs_norm": obs_norm.state_dict() if obs_norm else None,
+                "rew_norm": rew_norm.state_dict() if rew_norm else None, "entropy_h0": h0,
+                "torch_rng": torch.get_rng_state(), "gen_rng": gen.get_state(), "numpy_rng": np.random.get_state(),
+                "loop": {"raw_obs": raw_obs.copy(), "prev_done": prev_done.copy(),
+                         "episode_return": episode_return.copy(), "finished_returns": list(finished_returns),
+                         "wall_time": wall_offset + time.perf_counter() - t_start},
+                "envs": envs.get_state() if envs.can_save_state else None}
+
     steps_per_env = cfg.rollout_steps // cfg.num_envs
     n_iterations = max(1, cfg.total_steps // cfg.rollout_steps)
-    global_step, rows = 0, []
-    ckpt_path = run_dir / "checkpoint.pt"
-    csv_file = open(run_dir / "progress.csv", "w", newline="")
+    # progress.csv: the rows up to the checkpoint, then one per iteration (rewritten
+    # atomically first, so a crash here cannot lose the logged history)
+    rows = _read_progress(run_dir / "progress.csv", start_iteration) if saved else []
+    csv_tmp = run_dir / "progress.csv.tmp"
+    with open(csv_tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        w.writeheader()
+        w.writerows({k: r.get(k, math.nan) for k in CSV_COLUMNS} for r in rows)
+    os.replace(csv_tmp, run_dir / "progress.csv")
+    csv_file = open(run_dir / "progress.csv", "a", newline="")
     writer = csv.DictWriter(csv_file, fieldnames=CSV_COLUMNS)
-    writer.writeheader()
     tb = None
     if log_tensorboard:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            tb = SummaryWriter(str(run_dir))
+            # purge_step drops events logged after the checkpoint by the interrupted run
+            tb = SummaryWriter(str(run_dir), purge_step=global_step + 1 if saved else None)
         except ImportError:
             tb = None
     bar = None
@@ -169,28 +284,15 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, progress: bool = True, log_t
         try:
             from tqdm import tqdm
 
-            bar = tqdm(total=n_iterations * cfg.rollout_steps, unit="step", dynamic_ncols=True)
+            bar = tqdm(total=n_iterations * cfg.rollout_steps, initial=start_iteration * cfg.rollout_steps,
+                       unit="step", dynamic_ncols=True)
         except ImportError:
             bar = None
 
-    def checkpoint(iteration: int, interrupted: bool = False) -> None:
-        save_checkpoint(ckpt_path, {
-            "config": cfg.to_dict(), "iteration": iteration, "global_step": global_step,
-            "interrupted": interrupted,
-            "policy": policy.state_dict(), "value": value.state_dict(),
-            "opt_pi": opt_pi.state_dict(), "opt_vf": opt_vf.state_dict(),
-            "obs_norm": obs_norm.stats.state_dict() if obs_norm else None,
-            "rew_norm": rew_norm.stats.state_dict() if rew_norm else None,
-            "torch_rng": torch.get_rng_state(), "gen_rng": gen.get_state(),
-            "numpy_rng": np.random.get_state()})
-
-    raw_obs = envs.reset()
-    prev_done = np.zeros(cfg.num_envs, dtype=bool)
-    episode_return = np.zeros(cfg.num_envs)
-    finished_returns: list[float] = []
     t_start = time.perf_counter()
+    last_good = snapshot(start_iteration)  # what Ctrl-C writes: the last completed iteration
     try:
-        for iteration in range(n_iterations):
+        for iteration in range(start_iteration, n_iterations):
             t_iter = time.perf_counter()
             if cfg.lr_decay:
                 for group in opt_pi.param_groups:
@@ -314,7 +416,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, progress: bool = True, log_t
                    "eval_return_mean": eval_return, "episodes": len(finished_returns),
                    "policy_loss": float(np.mean(pi_losses)), "value_loss": float(np.mean(vf_losses)),
                    "steps_per_second": T * N / (time.perf_counter() - t_iter),
-                   "wall_time": time.perf_counter() - t_start}
+                   "wall_time": wall_offset + time.perf_counter() - t_start}
             row.update({k: metrics.get(k, math.nan) for k in CSV_COLUMNS if k in metrics})
             writer.writerow({k: row.get(k, math.nan) for k in CSV_COLUMNS})
             csv_file.flush()
@@ -326,11 +428,12 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, progress: bool = True, log_t
             if bar is not None:
                 bar.update(T * N)
                 bar.set_postfix(ret=f"{row['train_return_mean']:.1f}", kl=f"{row.get('kl_mean', math.nan):.2e}")
+            last_good = snapshot(iteration + 1)
             if last or (iteration + 1) % cfg.checkpoint_every == 0:
-                checkpoint(iteration)
+                save_checkpoint(ckpt_path, last_good)
     except KeyboardInterrupt:
-        # keep what was trained; the networks may be mid-iteration (``interrupted``)
-        checkpoint(len(rows) - 1, interrupted=True)
+        # the networks may be mid-iteration: write the end of the last completed one
+        save_checkpoint(ckpt_path, {**last_good, "interrupted": True})
         raise
     finally:
         csv_file.close()
