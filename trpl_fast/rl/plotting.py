@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -28,10 +29,12 @@ def mean_ci95(curves: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     over seeds, truncated to the shortest curve."""
     n = min(len(c) for c in curves)
     stack = np.stack([c[:n] for c in curves])
-    mean = np.nanmean(stack, axis=0)
-    if stack.shape[0] < 2:
-        return mean, np.zeros_like(mean)
-    return mean, 1.96 * np.nanstd(stack, axis=0, ddof=1) / math.sqrt(stack.shape[0])
+    with warnings.catch_warnings():  # iterations without an evaluation are NaN in every seed
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(stack, axis=0)
+        if stack.shape[0] < 2:
+            return mean, np.zeros_like(mean)
+        return mean, 1.96 * np.nanstd(stack, axis=0, ddof=1) / math.sqrt(stack.shape[0])
 
 
 def plot_runs(run_dirs, out: str | Path, metric: str = "eval_return_mean") -> list[Path]:
