@@ -9,5 +9,20 @@ from . import ops  # noqa: F401  (registers torch.ops.trpl.*)
 from .functional import project_diag, project_full
 from .projection import EntropySchedule, TrustRegionProjection
 
+
+
+def _register_envs() -> None:
+    """``trpl_fast/ReacherSparse5-v0`` in Gymnasium's registry, when Gymnasium is installed."""
+    try:
+        import gymnasium  # noqa: F401
+    except ImportError:
+        return
+    from .rl.reacher import register
+
+    register()
+
+
+_register_envs()
+
 __all__ = ["project_diag", "project_full", "TrustRegionProjection", "EntropySchedule"]
 __version__ = "0.1.0"

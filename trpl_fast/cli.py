@@ -152,6 +152,14 @@ def plot_cmd(args) -> int:
     return 0
 
 
+def experiment_cmd(args) -> int:
+    from .rl.experiment import reacher_experiment
+
+    reacher_experiment(args.out, steps=args.steps, seeds=args.seeds, algos=args.algos, device=args.device,
+                       jobs=args.jobs, tensorboard=args.tensorboard)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="trpl-fast", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -190,6 +198,17 @@ def main(argv=None) -> int:
     pl.add_argument("run_dirs", nargs="+")
     pl.add_argument("--out", default="plots/curves.png", help="output prefix (default plots/curves.png)")
     pl.set_defaults(func=plot_cmd)
+    x = sub.add_parser("experiment", help="the paper's contextual-covariance experiment (Figure 2, right)")
+    x.add_argument("name", choices=["reacher"], help="reacher: PPO, W2, KL, Frobenius x global / contextual "
+                   "covariance on trpl_fast/ReacherSparse5-v0 (table-4 hyperparameters)")
+    x.add_argument("--steps", type=int, default=2_000_000, help="env steps per run (default 2,000,000)")
+    x.add_argument("--seeds", type=int, default=3, help="seeds per method (default 3)")
+    x.add_argument("--algos", nargs="+", default=["ppo", "w2", "kl", "frob"])
+    x.add_argument("--jobs", type=int, default=None, help="runs in parallel (default: the CPU count)")
+    x.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    x.add_argument("--out", default="runs/reacher", help="experiment directory (default runs/reacher)")
+    x.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events per run")
+    x.set_defaults(func=experiment_cmd)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -1,2 +1,3 @@
-"""The training stack (issue 4, in progress): advantage estimation, normalizers and the
-policy-gradient losses used by the on-policy training loop."""
+"""The training stack: vectorized environments (EnvPool / Gymnasium, and the 5-link sparse
+Reacher), advantage estimation, normalizers, policies, losses, TRPO, the training loop,
+plots and the contextual-covariance experiment."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 ALGOS = ("kl", "w2", "frob", "ppo", "ppo-m", "trpo")
 PROJECTIONS = ("kl", "w2", "frob")
-PRESETS = ("mujoco", "humanoid", "throughput")
+PRESETS = ("mujoco", "humanoid", "throughput", "reacher")
 
 
 @dataclass
@@ -28,6 +28,9 @@ class TrainConfig:
     rollout_steps: int = 2048          # per iteration, over all envs
     gamma: float = 0.99
     gae_lambda: float = 0.95
+    # the time limit ends the task (time is observed, e.g. the sparse Reacher): no bootstrap
+    # from the final state (Pardo et al. 2018); False: truncation bootstraps (MuJoCo locomotion)
+    time_limit_terminal: bool = False
     # policy update
     epochs: int = 20
     minibatch_size: int = 32
@@ -86,7 +89,8 @@ class TrainConfig:
 def preset(name: str, algo: str, **overrides) -> TrainConfig:
     """The paper's hyperparameters for ``algo`` (table 2: ``mujoco``; table 3: ``humanoid``)
     or the ``throughput`` variant for a many-core GPU machine (64 envs, 16,384 steps per
-    iteration, large minibatches, few epochs), with ``overrides`` applied last."""
+    iteration, large minibatches, few epochs), or ``reacher`` (table 4, the 5-link sparse
+    Reacher), with ``overrides`` applied last."""
     if algo not in ALGOS:
         raise ValueError(f"algo must be one of {ALGOS}, got {algo!r}")
     if name not in PRESETS:
@@ -105,6 +109,19 @@ def preset(name: str, algo: str, **overrides) -> TrainConfig:
             cfg = dataclasses.replace(cfg, num_envs=64, rollout_steps=16384, epochs=5 if proj else 4,
                                       minibatch_size=4096, epochs_vf=5,
                                       lr=3e-4 if proj else 3e-4)
+    elif name == "reacher":  # table 4: trpl_fast/ReacherSparse5-v0 (paper Figure 2, right)
+        contextual = overrides.get("contextual_cov", False)
+        cfg = TrainConfig(
+            algo=algo, env_id="trpl_fast/ReacherSparse5-v0", num_envs=64, rollout_steps=16384, epochs=20,
+            epochs_vf=10, minibatch_size=256 if proj else 512, lr=3e-4 if proj else 1e-4,
+            lr_vf=4.5e-4 if proj else 1e-4,
+            mean_bound=0.015 if algo == "kl" else 0.03,
+            # KL: 5e-5 with a global covariance, 1e-3 with a contextual one (table 4)
+            cov_bound={"frob": 5e-5, "w2": 1e-3, "kl": 1e-3 if contextual else 5e-5}.get(algo, 1e-3),
+            normalize_rewards=(algo == "ppo"), obs_clip=10.0 if algo == "ppo" else None,
+            reward_clip=10.0 if algo == "ppo" else None, vf_clip=0.2 if algo == "ppo" else None,
+            max_grad_norm=0.5 if algo == "ppo" else None, lr_decay=(algo == "ppo"),
+            time_limit_terminal=True, eval_episodes=64, checkpoint_every=5)
     else:  # humanoid, table 3
         cfg = TrainConfig(
             algo=algo, env_id="Humanoid-v5", rollout_steps=16384, epochs=10,

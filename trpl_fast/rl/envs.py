@@ -46,7 +46,7 @@ class VecEnv:
 
     @property
     def can_save_state(self) -> bool:
-        return self.backend == "gymnasium"
+        return self.backend == "gymnasium" and (hasattr(self.env, "envs") or _has_own_state(self.env))
 
     def get_state(self) -> dict:
         """Everything the sub-environments will compute from, for an exact resume: per
@@ -56,6 +56,8 @@ class VecEnv:
         Gymnasium backend only: EnvPool does not expose its simulators' state."""
         if not self.can_save_state:
             raise NotImplementedError(f"the {self.backend} backend cannot save its environments' state")
+        if _has_own_state(self.env):  # a batched env (e.g. the sparse Reacher) saves itself
+            return {"own": self.env.get_state()}
         return {"vector": _plain_attrs(self.env),
                 "envs": [[_layer_state(layer) for layer in _layers(sub)] for sub in self.env.envs]}
 
@@ -63,6 +65,9 @@ class VecEnv:
         """Restore :meth:`get_state`'s result into environments made with the same id and count."""
         if not self.can_save_state:
             raise NotImplementedError(f"the {self.backend} backend cannot restore its environments' state")
+        if "own" in state:
+            self.env.set_state(state["own"])
+            return
         if len(state["envs"]) != self.num_envs:
             raise ValueError(f"environment state holds {len(state['envs'])} environments, this vector env has {self.num_envs}")
         _set_plain_attrs(self.env, state["vector"])
@@ -72,6 +77,11 @@ class VecEnv:
                 raise ValueError("environment state comes from a different wrapper stack")
             for layer, saved in zip(own, layers):
                 _set_layer_state(layer, saved)
+
+
+def _has_own_state(env) -> bool:
+    """The class itself defines ``get_state`` / ``set_state`` (wrappers do not forward them)."""
+    return callable(getattr(type(env), "get_state", None)) and callable(getattr(type(env), "set_state", None))
 
 
 def _is_plain(value) -> bool:
@@ -105,6 +115,8 @@ def _layers(env) -> list:
 
 def _layer_state(layer) -> dict:
     state = {"attrs": _plain_attrs(layer)}
+    if _has_own_state(layer):
+        state["own"] = layer.get_state()
     rng = vars(layer).get("_np_random")
     if isinstance(rng, np.random.Generator):
         state["np_random"] = copy.deepcopy(rng)
@@ -117,6 +129,8 @@ def _layer_state(layer) -> dict:
 
 def _set_layer_state(layer, state: dict) -> None:
     _set_plain_attrs(layer, state["attrs"])
+    if "own" in state:
+        layer.set_state(state["own"])
     if "np_random" in state:
         layer._np_random = copy.deepcopy(state["np_random"])
     if "mjdata" in state:
@@ -158,8 +172,16 @@ def make_vec_env(env_id: str, num_envs: int, seed: int, backend: str = "auto") -
                 raise ValueError(f"EnvPool cannot make {env_id!r}: {exc}") from exc
     if env_id not in gym.registry:
         raise ValueError(f"unknown environment id {env_id!r} (neither EnvPool nor Gymnasium has it)")
-    env = gym.vector.SyncVectorEnv([lambda: gym.make(env_id) for _ in range(num_envs)],
-                                   autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+    if gym.spec(env_id).vector_entry_point is not None:
+        # a batched implementation (e.g. trpl_fast/ReacherSparse5-v0): must autoreset next-step
+        env = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="vector_entry_point")
+        mode = env.metadata.get("autoreset_mode")
+        if mode != gym.vector.AutoresetMode.NEXT_STEP:
+            env.close()
+            raise ValueError(f"{env_id}: its vector env autoresets with {mode}, the training loop needs NEXT_STEP")
+    else:
+        env = gym.vector.SyncVectorEnv([lambda: gym.make(env_id) for _ in range(num_envs)],
+                                       autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
     _check_box(env.single_action_space, env_id)
     env.reset(seed=seed)
     return VecEnv(env, num_envs, "gymnasium")

@@ -56,6 +56,8 @@ def plot_runs(run_dirs, out: str | Path, metric: str = "eval_return_mean") -> li
     envs = sorted({k[0] for k in groups})
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # one colour per method: its global (solid) and contextual (dashed) runs side by side
+    colors = {algo: f"C{i}" for i, algo in enumerate(sorted({k[1] for k in groups}))}
     paths = []
     for name, key, ylabel in (("returns", metric, "return"), ("kl", "kl_mean", "mean KL(new || old)")):
         fig, axes = plt.subplots(1, len(envs), figsize=(5 * len(envs), 3.6), squeeze=False)
@@ -68,7 +70,7 @@ def plot_runs(run_dirs, out: str | Path, metric: str = "eval_return_mean") -> li
                 mean, half = mean_ci95([r[col] for r in runs])
                 ok = ~np.isnan(mean)
                 label = f"{algo}{' (contextual)' if contextual else ''} (n={len(runs)})"
-                line, = ax.plot(steps[ok], mean[ok], ls="--" if contextual else "-", label=label)
+                line, = ax.plot(steps[ok], mean[ok], ls="--" if contextual else "-", color=colors[algo], label=label)
                 ax.fill_between(steps[ok], (mean - half)[ok], (mean + half)[ok], color=line.get_color(), alpha=0.2)
             ax.set_title(env)
             ax.set_xlabel("environment steps")

@@ -314,6 +314,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwr
                     mean, cov = policy(obs.to(device))
                     action = D.sample(kind, cfg.cov_form, mean, cov, generator=None).cpu()
                 raw_next, rew, term, trunc = envs.step(action.double().numpy())
+                if cfg.time_limit_terminal:
+                    term, trunc = term | trunc, np.zeros_like(trunc)
                 valid = ~prev_done  # a step right after an episode end only resets
                 episode_return += np.where(valid, rew, 0.0)
                 done = (term | trunc) & valid
