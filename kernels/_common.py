@@ -30,16 +30,22 @@ def load_row_bound(ptr, rows, row_mask, value, HAS_TENSOR: tl.constexpr, F64: tl
             return tl.zeros([BLOCK_ROWS], dtype=tl.float32) + value
 
 
-def row_geometry(n_rows: int, d: int, elements_per_program: int = 4096):
+# Overrides of every launcher's tile size (elements per program) and warps, for
+# bench/tune_rows.py's sweep; None: the launcher's own choice.
+TILE_ELEMENTS: int | None = None
+NUM_WARPS: int | None = None
+# The launchers' defaults, from that sweep on an H100 (1M rows, d = 17, float32; see
+# bench/RESULTS.md): 4096-element tiles ran 2.5-5x slower than 512-1024 (fewer registers
+# per thread, more programs in flight); the KL Newton loop prefers the smaller tile.
+DEFAULT_TILE, DEFAULT_WARPS = 1024, 4
+
+
+def row_geometry(n_rows: int, d: int, elements_per_program: int = DEFAULT_TILE):
     """(BLOCK_ROWS, BLOCK_D, grid) for a kernel that gives each program whole rows."""
     block_d = triton.next_power_of_2(max(d, 1))
     block_rows = max(1, min(triton.next_power_of_2(max(n_rows, 1)),
                             elements_per_program // block_d))
     return block_rows, block_d, (triton.cdiv(n_rows, block_rows),)
-
-
-def num_warps_for(block_rows: int, block_d: int) -> int:
-    return 8 if block_rows * block_d >= 8192 else 4
 
 
 def bound_arg(bound: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -60,18 +66,28 @@ def row_tile(pid, n_rows, d, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 def launch_rows(kernel, inputs, outputs, mean_bound, cov_bound, mean_bound_value,
-                cov_bound_value, **extra):
+                cov_bound_value, tile: int = DEFAULT_TILE, warps: int = DEFAULT_WARPS, **extra):
     """Launch a row kernel with the argument order every projection kernel here uses:
     ``(*inputs, mean_bound_ptr, cov_bound_ptr, *outputs, n_rows, d, mean_bound_value,
     cov_bound_value, **extra, HAS_MEAN_BOUND, HAS_COV_BOUND, F64, BLOCK_ROWS, BLOCK_D)``.
 
-    ``inputs[0]`` is (n_rows, d) and fixes the geometry; ``mean_bound`` / ``cov_bound`` are
+    ``inputs[0]`` is (n_rows, d) and fixes the geometry (``tile`` elements and ``warps``
+    warps per program); ``mean_bound`` / ``cov_bound`` are
     (n_rows,) tensors in the compute dtype, or None to use the scalar values.
     """
     from torch.library import wrap_triton
 
     n_rows, d = inputs[0].shape
-    block_rows, block_d, grid = row_geometry(n_rows, d)
+    block_rows, block_d, grid = row_geometry(n_rows, d, TILE_ELEMENTS or tile)
+    f64 = inputs[0].dtype == torch.float64
+    if f64:
+        # Triton passes a Python float argument as a float32 scalar: a float64 kernel would
+        # see its bound rounded to 24 bits (measured on an H100: 1e-8 relative error). The
+        # float64 path takes scalar bounds as per-row tensors instead.
+        if mean_bound is None:
+            mean_bound = torch.full((n_rows,), float(mean_bound_value), dtype=torch.float64, device=inputs[0].device)
+        if cov_bound is None:
+            cov_bound = torch.full((n_rows,), float(cov_bound_value), dtype=torch.float64, device=inputs[0].device)
     wrap_triton(kernel)[grid](
         *inputs,
         bound_arg(mean_bound, inputs[0]),
@@ -84,10 +100,10 @@ def launch_rows(kernel, inputs, outputs, mean_bound, cov_bound, mean_bound_value
         **extra,
         HAS_MEAN_BOUND=mean_bound is not None,
         HAS_COV_BOUND=cov_bound is not None,
-        F64=inputs[0].dtype == torch.float64,
+        F64=f64,
         BLOCK_ROWS=block_rows,
         BLOCK_D=block_d,
-        num_warps=num_warps_for(block_rows, block_d),
+        num_warps=NUM_WARPS or warps,
     )
     return outputs
 

@@ -23,6 +23,8 @@ from ._common import launch_rows, load_projection_inputs, load_row_bound, load_t
 from .mean import mean_project_bwd, mean_project_fwd
 
 MAX_ITER = 50
+# tile and warps: the Newton loop runs fastest on small tiles (bench/tune_rows.py on an H100)
+KL_GEOMETRY = dict(tile=512, warps=8)
 # |log(KLc / eps)| at which a row counts as converged
 TOL_F64 = 1e-12
 TOL_F32 = 1e-5
@@ -190,7 +192,7 @@ def launch_kl_diag_fwd(mean, std, old_mean, old_std, mean_bound, cov_bound,
             torch.empty(n, dtype=cdt, device=mean.device),
             torch.empty(n, dtype=torch.int8, device=mean.device)]
     launch_rows(_kl_diag_fwd_kernel, [mean, std, old_mean, old_std], outs, mean_bound, cov_bound,
-                mean_bound_value, cov_bound_value, MAX_ITERS=MAX_ITER)
+                mean_bound_value, cov_bound_value, MAX_ITERS=MAX_ITER, **KL_GEOMETRY)
     return outs[0], outs[1], outs[2], outs[3].view(torch.bool)
 
 
@@ -199,7 +201,7 @@ def launch_kl_diag_bwd(grad_mean, grad_std, mean, std, old_mean, old_std, t, mea
     """Upstream grads, forward inputs and the solved ``t`` -> (grad_mean, grad_std)."""
     outs = [torch.empty_like(mean), torch.empty_like(std)]
     launch_rows(_kl_diag_bwd_kernel, [grad_mean, grad_std, mean, std, old_mean, old_std, t],
-                outs, mean_bound, cov_bound, mean_bound_value, cov_bound_value)
+                outs, mean_bound, cov_bound, mean_bound_value, cov_bound_value, **KL_GEOMETRY)
     return outs[0], outs[1]
 
 
@@ -210,5 +212,5 @@ def launch_kl_newton(r, bound, bound_value: float):
     outs = [torch.empty(n, dtype=r.dtype, device=r.device),
             torch.empty(n, dtype=torch.int8, device=r.device)]
     # the bound travels in the "mean bound" slot of the common launcher
-    launch_rows(_kl_newton_kernel, [r], outs, bound, None, bound_value, 0.0, MAX_ITERS=MAX_ITER)
+    launch_rows(_kl_newton_kernel, [r], outs, bound, None, bound_value, 0.0, MAX_ITERS=MAX_ITER, **KL_GEOMETRY)
     return outs[0], outs[1].view(torch.bool)
