@@ -53,6 +53,18 @@ def minibatches(n: int, size: int, gen: torch.Generator, device):
         yield perm[start:start + size]
 
 
+def _finite_losses(losses: list, name: str, iteration: int) -> list[float]:
+    """The epoch's minibatch losses as floats (one host sync); raise
+    :class:`TrainingDiverged` naming the first non-finite one."""
+    if not losses:
+        return []
+    values = torch.stack(losses).tolist()
+    for i, v in enumerate(values):
+        if not math.isfinite(v):
+            raise TrainingDiverged(f"{name} loss is {v} at iteration {iteration} (minibatch step {i} of the epoch)")
+    return values
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -360,6 +372,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwr
                                  form=cfg.cov_form, max_kl=cfg.trpo_max_kl)
                 pi_losses.append(-info["improvement"])
             for _ in range(cfg.epochs if cfg.algo != "trpo" else 0):
+                epoch_losses = []
                 for idx in minibatches(n, cfg.minibatch_size, gen, device):
                     mean, cov = policy(b_obs[idx])
                     if projected:
@@ -371,14 +384,15 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwr
                     else:
                         logp = D.log_prob(kind, cfg.cov_form, mean, cov, b_act[idx])
                         loss = ppo_clip_loss(logp, old_logp[idx], b_adv[idx], cfg.ratio_clip)
-                    if not torch.isfinite(loss):
-                        raise TrainingDiverged(f"policy loss is {loss.item()} at iteration {iteration}")
                     opt_pi.zero_grad(set_to_none=True)
                     loss.backward()
                     if cfg.max_grad_norm is not None:
                         torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
                     opt_pi.step()
-                    pi_losses.append(loss.item())
+                    epoch_losses.append(loss.detach())
+                # one host sync per epoch, not two per minibatch (they stall a GPU's queue);
+                # a NaN is still caught before the iteration can be checkpointed
+                pi_losses += _finite_losses(epoch_losses, "policy", iteration)
             with torch.no_grad():
                 raw_mean, raw_cov = policy(b_obs)
                 if projected:
@@ -396,16 +410,16 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwr
             # -- value update -------------------------------------------------------------
             vf_losses = []
             for _ in range(cfg.epochs_vf):
+                epoch_losses = []
                 for idx in minibatches(n, cfg.minibatch_size, gen, device):
                     vloss = value_loss(value(b_obs[idx]), b_ret[idx], b_val[idx], cfg.vf_clip)
-                    if not torch.isfinite(vloss):
-                        raise TrainingDiverged(f"value loss is {vloss.item()} at iteration {iteration}")
                     opt_vf.zero_grad(set_to_none=True)
                     vloss.backward()
                     if cfg.max_grad_norm is not None:
                         torch.nn.utils.clip_grad_norm_(value.parameters(), cfg.max_grad_norm)
                     opt_vf.step()
-                    vf_losses.append(vloss.item())
+                    epoch_losses.append(vloss.detach())
+                vf_losses += _finite_losses(epoch_losses, "value", iteration)
 
             # -- log, evaluate, checkpoint ------------------------------------------------
             last = iteration == n_iterations - 1
