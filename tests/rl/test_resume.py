@@ -127,7 +127,10 @@ def test_cli_ctrl_c_checkpoints_and_resumes(tmp_path):
     cmd = [sys.executable, "-m", "trpl_fast.cli", "train", "--env", "Pendulum-v1", "--algo", "ppo-m",
            "--steps", "40960", "--device", "cpu", "--env-backend", "gymnasium", "--out", str(out), "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a child inherits an ignored SIGINT (e.g. from a shell's background job), and Python then
+    # installs no KeyboardInterrupt handler: give the child the default disposition
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if (out / "progress.csv").exists() and len((out / "progress.csv").read_text().splitlines()) >= 2:
