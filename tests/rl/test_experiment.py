@@ -45,3 +45,18 @@ def test_results_table_and_bad_input(capsys):
         reacher_experiment("unused", algos=["trpo"])
     assert main(["experiment", "reacher", "--seeds", "0"]) == 2
     assert "seeds and steps must be >= 1" in capsys.readouterr().err
+
+
+def test_cli_normalize_rewards_reaches_every_run(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake(out, **kw):
+        seen.update(kw)
+        return ""
+
+    monkeypatch.setattr("trpl_fast.rl.experiment.reacher_experiment", fake)
+    assert main(["experiment", "reacher", "--out", str(tmp_path), "--normalize-rewards"]) == 0
+    assert seen["normalize_rewards"] is True
+    seen.clear()
+    assert main(["experiment", "reacher", "--out", str(tmp_path)]) == 0
+    assert "normalize_rewards" not in seen  # table 4 as it is: the preset decides per method
