@@ -125,7 +125,8 @@ def test_cli_ctrl_c_checkpoints_and_resumes(tmp_path):
     then `--resume` finishes the run."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "trpl_fast.cli", "train", "--env", "Pendulum-v1", "--algo", "ppo-m",
-           "--steps", "40960", "--device", "cpu", "--env-backend", "gymnasium", "--out", str(out), "--no-progress"]
+           "--steps", "40960", "--device", "cpu", "--env-backend", "gymnasium", "--out", str(out), "--no-progress",
+           "--threads", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # a child inherits an ignored SIGINT (e.g. from a shell's background job), and Python then
     # installs no KeyboardInterrupt handler: give the child the default disposition

@@ -101,3 +101,11 @@ def test_eval_and_plot_from_run_dirs(tmp_path, capsys):
         assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["plot", str(tmp_path)]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_cli_threads_must_be_positive(tmp_path, capsys):
+    from trpl_fast.cli import main
+
+    assert main(["train", "--threads", "0", "--out", str(tmp_path / "run")]) == 2
+    assert "--threads must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
