@@ -39,30 +39,35 @@ def make_inputs(kind, form, n, d, device, dtype=torch.float32, seed=0):
     return [t.to(device=device, dtype=dtype).contiguous() for t in (mean, cov, old_mean, old_cov)]
 
 
+def measure_copy_bandwidth(device) -> float:
+    """Device copy bandwidth in bytes/s (read + write counted; median of 10 copies of
+    256 MiB): the physical floor for memory-bound ops."""
+    import time
+
+    n = (256 << 20) // 4
+    src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    sync(device)
+    times = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return 2 * src.numel() * 4 / times[len(times) // 2]
+
+
 @pytest.fixture(scope="session")
 def copy_bandwidth():
-    """Measured device copy bandwidth in bytes/s per device (read + write counted):
-    the physical floor for memory-bound ops."""
+    """:func:`measure_copy_bandwidth` per device, measured once per session."""
     cache = {}
 
     def measure(device):
-        if device in cache:
-            return cache[device]
-        n = (256 << 20) // 4
-        src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
-        dst = torch.empty_like(src)
-        for _ in range(3):
-            dst.copy_(src)
-        sync(device)
-        import time
-        times = []
-        for _ in range(10):
-            t0 = time.perf_counter()
-            dst.copy_(src)
-            sync(device)
-            times.append(time.perf_counter() - t0)
-        times.sort()
-        cache[device] = 2 * src.numel() * 4 / times[len(times) // 2]
+        if device not in cache:
+            cache[device] = measure_copy_bandwidth(device)
         return cache[device]
 
     return measure

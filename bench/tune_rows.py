@@ -4,8 +4,8 @@ Every diagonal kernel gives each program ``TILE_ELEMENTS / BLOCK_D`` whole rows
 (``kernels/_common.py``). This times each fused kernel through its launcher with
 ``triton.testing.do_bench`` (median, CUDA events) for every (tile, warps) pair, at 1M
 states, d = 17, float32, every state projected, and prints the time and the fraction of the
-copy bandwidth measured in the same run (the floor: fwd reads 4 arrays and writes 2, bwd
-reads 6 and writes 2)::
+copy bandwidth measured in the same run (the floor: ``bench.conftest.bytes_moved`` over
+``measure_copy_bandwidth``)::
 
     python -m bench.tune_rows --out tune.json
 """
@@ -23,30 +23,21 @@ from trpl_fast.kernels.frobenius import launch_frob_diag_bwd, launch_frob_diag_f
 from trpl_fast.kernels.kl import launch_kl_diag_bwd, launch_kl_diag_fwd
 from trpl_fast.kernels.wasserstein import launch_w2_diag_bwd, launch_w2_diag_fwd
 
-from .conftest import make_inputs
+from .conftest import bytes_moved, make_inputs, measure_copy_bandwidth
 
 
-def copy_bandwidth() -> float:
-    src = torch.empty((256 << 20) // 4, device="cuda").uniform_()
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
-    return 2 * src.numel() * 4 / (ms * 1e-3)
-
-
-def cases(n, d):
-    out = {}
+def cases(n, d, device="cuda"):
+    out, bounds = {}, (None, None, 0.03, 0.001)  # scalar bounds: (tensor, tensor, value, value)
     for kind, fwd, bwd in (("frob", launch_frob_diag_fwd, launch_frob_diag_bwd),
                            ("w2", launch_w2_diag_fwd, launch_w2_diag_bwd),
                            ("kl", launch_kl_diag_fwd, launch_kl_diag_bwd)):
-        mean, std, old_mean, old_std = make_inputs(kind, "diag", n, d, "cuda")
+        mean, std, old_mean, old_std = make_inputs(kind, "diag", n, d, device)
         g = (torch.randn_like(mean), torch.randn_like(std))
-        bounds = (None, None, 0.03, 0.001)
-        out[(kind, "fwd")] = (lambda f=fwd, t=(mean, std, old_mean, old_std): f(*t, *bounds), 6)
-        if kind == "kl":
-            t = fwd(mean, std, old_mean, old_std, *bounds)[2]
-            out[(kind, "bwd")] = (lambda t=t, a=(mean, std, old_mean, old_std): bwd(*g, *a, t, *bounds), 8)
-        else:
-            out[(kind, "bwd")] = (lambda f=bwd, a=(mean, std, old_mean, old_std): f(*g, *a, *bounds), 8)
+        a = (mean, std, old_mean, old_std)
+        out[(kind, "fwd")] = lambda f=fwd, a=a: f(*a, *bounds)
+        # the KL backward also takes the forward's solved dual variable t
+        extra = (fwd(*a, *bounds)[2],) if kind == "kl" else ()
+        out[(kind, "bwd")] = lambda f=bwd, a=a, g=g, extra=extra: f(*g, *a, *extra, *bounds)
     return out
 
 
@@ -58,13 +49,12 @@ def main(argv=None):
     p.add_argument("--warps", type=int, nargs="+", default=[2, 4, 8])
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    bw = copy_bandwidth()
-    per_array = args.n * args.d * 4
+    bw = measure_copy_bandwidth("cuda")
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
           f"n={args.n} d={args.d} float32 | copy bandwidth {bw / 1e9:.0f} GB/s")
     results = []
-    for (kind, mode), (fn, arrays) in cases(args.n, args.d).items():
-        floor_ms = arrays * per_array / bw * 1e3
+    for (kind, mode), fn in cases(args.n, args.d).items():
+        floor_ms = bytes_moved(args.n, args.d, mode) / bw * 1e3
         line = []
         for tile in args.tiles:
             for warps in args.warps:

@@ -20,14 +20,14 @@ def load_tile(ptr, offs, mask, other, F64: tl.constexpr):
 @triton.jit
 def load_row_bound(ptr, rows, row_mask, value, HAS_TENSOR: tl.constexpr, F64: tl.constexpr,
                    BLOCK_ROWS: tl.constexpr):
-    """Per-row bound: from a (rows,) tensor if given, else the scalar ``value``."""
+    """Per-row bound: from a (rows,) tensor if given, else the scalar ``value`` (float32
+    only: Triton passes a Python float as a float32 scalar, so ``launch_rows`` hands float64
+    kernels their bounds as tensors)."""
     if HAS_TENSOR:
         return load_tile(ptr, rows, row_mask, 1.0, F64)
     else:
-        if F64:
-            return tl.zeros([BLOCK_ROWS], dtype=tl.float64) + value
-        else:
-            return tl.zeros([BLOCK_ROWS], dtype=tl.float32) + value
+        tl.static_assert(not F64, "float64 bounds must come as tensors (see launch_rows)")
+        return tl.zeros([BLOCK_ROWS], dtype=tl.float32) + value
 
 
 # Overrides of every launcher's tile size (elements per program) and warps, for
