@@ -134,7 +134,9 @@ def test_cli_ctrl_c_checkpoints_and_resumes(tmp_path):
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if (out / "progress.csv").exists() and len((out / "progress.csv").read_text().splitlines()) >= 2:
+        # two logged rows: the row of iteration k is written just before iteration k's
+        # snapshot, so only once row 1 is visible is iteration 1 sure to be checkpointable
+        if (out / "progress.csv").exists() and len((out / "progress.csv").read_text().splitlines()) >= 3:
             break
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()
