@@ -95,28 +95,55 @@ _TRAIN_DEFAULTS = {"algo": "kl", "steps": 1_000_000, "seed": 0, "device": "auto"
                    "preset": "mujoco"}
 
 
+def _config_file_fields(path) -> dict:
+    """The fields a ``--config`` JSON file sets (all of a run's ``config.json``, or a few)."""
+    import json
+    from pathlib import Path
+
+    from .rl.config import TrainConfig
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ValueError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--config {path}: not valid JSON ({exc})") from None
+    try:
+        TrainConfig.from_dict({**TrainConfig().to_dict(), **data} if isinstance(data, dict) else data)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"--config {path}: {exc}") from None
+    return {k: tuple(v) if k in ("hidden", "hidden_vf") and isinstance(v, list) else v for k, v in data.items()}
+
+
 def train_cmd(args) -> int:
     import dataclasses
 
-    from .rl.config import TrainConfig, preset
+    from .rl.config import TrainConfig, parse_overrides, preset
     from .rl.train import TrainingDiverged, read_checkpoint, train
 
     given = {opt: getattr(args, opt) for opt in _TRAIN_FIELDS if getattr(args, opt) is not None}
+    sets = parse_overrides(args.set or [])
     if args.resume:
         # the run's own config; options given on the command line must agree with it
         # (train() names any that do not, except the few a resumed run may change)
         out = args.resume
         if args.out is not None and args.out != args.resume:
             raise ValueError(f"--out {args.out} and --resume {args.resume} name different runs; a run resumes in its own directory")
+        if args.preset is not None or args.config is not None:
+            raise ValueError("--preset and --config cannot be combined with --resume (the run's config is in its checkpoint)")
         cfg = TrainConfig.from_dict(read_checkpoint(out)["config"])
-        cfg = dataclasses.replace(cfg, **{_TRAIN_FIELDS[k]: v for k, v in given.items()})
-        if args.preset is not None:
-            raise ValueError("--preset cannot be combined with --resume (the run's config is in its checkpoint)")
+        cfg = dataclasses.replace(cfg, **{_TRAIN_FIELDS[k]: v for k, v in given.items()}, **sets)
     else:
+        # precedence, lowest first: the preset, --config FILE, the named options, --set
+        from_file = _config_file_fields(args.config) if args.config else {}
         opts = {**_TRAIN_DEFAULTS, **{k: v for k, v in vars(args).items() if k in _TRAIN_DEFAULTS and v is not None}}
-        overrides = {_TRAIN_FIELDS[k]: v for k, v in {**opts, **given}.items() if k in _TRAIN_FIELDS and k != "algo"}
-        cfg = preset(opts["preset"], opts["algo"], **overrides)
-        out = args.out or f"runs/{cfg.env_id}_{cfg.algo}_s{cfg.seed}"
+        algo = sets.get("algo", given.get("algo", from_file.get("algo", opts["algo"])))
+        named = {_TRAIN_FIELDS[k]: v for k, v in {**opts, **given}.items()
+                 if k in _TRAIN_FIELDS and k != "algo" and (k in given or _TRAIN_FIELDS[k] not in from_file)}
+        overrides = {**from_file, **named, **sets}
+        overrides.pop("algo", None)
+        cfg = preset(opts["preset"], algo, **overrides)
+        out = args.out or f"runs/{cfg.env_id.replace('/', '_')}_{cfg.algo}_s{cfg.seed}"
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
@@ -141,11 +168,13 @@ def train_cmd(args) -> int:
 
 
 def eval_cmd(args) -> int:
-    from .rl.train import evaluate, load_policy, resolve_device
+    from .rl.evaluation import evaluate
+    from .rl.train import load_policy, resolve_device
 
     device = resolve_device(args.device)
     cfg, policy, obs_norm = load_policy(args.checkpoint, device)
-    ret = evaluate(policy, obs_norm, cfg.env_id, args.episodes, args.seed, device)
+    ret = evaluate(policy, obs_norm, cfg.env_id, args.episodes, args.seed, device, backend=cfg.env_backend,
+                   clip_actions=cfg.clip_actions)
     print(f"{cfg.env_id} {cfg.algo}: mean deterministic return over {args.episodes} episodes: {ret:.2f}")
     return 0
 
@@ -159,11 +188,20 @@ def plot_cmd(args) -> int:
 
 
 def experiment_cmd(args) -> int:
-    from .rl.experiment import reacher_experiment
+    from .rl.config import parse_overrides
+    from .rl.experiment import REACHER_ALGOS, mujoco_experiment, reacher_experiment
 
-    overrides = {"normalize_rewards": True} if args.normalize_rewards else {}
-    reacher_experiment(args.out, steps=args.steps, seeds=args.seeds, algos=args.algos, device=args.device,
-                       jobs=args.jobs, tensorboard=args.tensorboard, **overrides)
+    overrides = parse_overrides(args.set or [])
+    if args.normalize_rewards:
+        overrides["normalize_rewards"] = True
+    common = dict(steps=args.steps, seeds=args.seeds, device=args.device, jobs=args.jobs, tensorboard=args.tensorboard)
+    if args.name == "reacher":
+        if args.envs is not None or args.preset is not None:
+            raise ValueError("--envs and --preset are for `experiment mujoco`; the Reacher experiment has its own (table 4)")
+        reacher_experiment(args.out or "runs/reacher", algos=args.algos or list(REACHER_ALGOS), **common, **overrides)
+    else:
+        mujoco_experiment(args.out or "runs/table1", envs=args.envs or ["Hopper-v5", "HalfCheetah-v5"],
+                          algos=args.algos or ["kl", "ppo"], preset_name=args.preset or "mujoco", **common, **overrides)
     return 0
 
 
@@ -179,7 +217,10 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=demo)
-    t = sub.add_parser("train", help="train a policy (kl, w2, frob, ppo, ppo-m, trpo) on a Gymnasium / EnvPool env")
+    t = sub.add_parser("train", help="train a policy (kl, w2, frob, ppo, ppo-m, trpo) on a Gymnasium / EnvPool env",
+                       description="Train with a preset of the paper's hyperparameters (--preset), changed by "
+                                   "--config FILE.json and --set KEY=VALUE (every TrainConfig field; e.g. a sweep: "
+                                   "for lr in 3e-5 5e-5 1e-4; do trpl-fast train --set lr=$lr --out runs/lr$lr; done).")
     t.add_argument("--env", default=None, help="environment id (default HalfCheetah-v5)")
     t.add_argument("--algo", default=None, help="kl, w2, frob, ppo, ppo-m or trpo (default kl)")
     t.add_argument("--steps", type=int, default=None, help="environment steps (default 1,000,000)")
@@ -194,6 +235,14 @@ def main(argv=None) -> int:
                    help="continue the run in RUN_DIR from its checkpoint (--steps may extend it)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--config", default=None, metavar="FILE.json",
+                   help="config fields from a JSON file (all of a run's own config.json, or any subset), applied "
+                        "over the preset; the named options and --set override it")
+    t.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
+                   help="set any TrainConfig field (repeatable; applied last), typed and checked: "
+                        "--set lr=1e-4 --set hidden=128,128 --set max_grad_norm=none --set clip_actions=true. "
+                        "An unknown key or a bad value is an error naming it. The fields and their meaning: "
+                        "trpl_fast/rl/config.py or any run's config.json")
     t.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's, one per core); 1 is fastest for the paper presets' "
                         "small minibatches and avoids oversubscription when several runs share the cores")
@@ -208,19 +257,31 @@ def main(argv=None) -> int:
     pl.add_argument("run_dirs", nargs="+")
     pl.add_argument("--out", default="plots/curves.png", help="output prefix (default plots/curves.png)")
     pl.set_defaults(func=plot_cmd)
-    x = sub.add_parser("experiment", help="the paper's contextual-covariance experiment (Figure 2, right)")
-    x.add_argument("name", choices=["reacher"], help="reacher: PPO, W2, KL, Frobenius x global / contextual "
-                   "covariance on trpl_fast/ReacherSparse5-v0 (table-4 hyperparameters)")
-    x.add_argument("--steps", type=int, default=2_000_000, help="env steps per run (default 2,000,000)")
-    x.add_argument("--seeds", type=int, default=3, help="seeds per method (default 3)")
-    x.add_argument("--algos", nargs="+", default=["ppo", "w2", "kl", "frob"])
-    x.add_argument("--jobs", type=int, default=None, help="runs in parallel (default: the CPU count)")
+    x = sub.add_parser("experiment", help="multi-seed experiments with the paper's protocol (Table 1; Figure 2 right)",
+                       description="Train every env x algorithm x seed (one run directory each; finished runs are "
+                                   "skipped, unfinished ones resumed), evaluating after every iteration, then write the "
+                                   "table ('20%%' and 'final' returns with 95%% intervals over seeds, KL, wall time) and "
+                                   "the learning curves. mujoco: table1.md/.csv and curves_<env>.png; reacher: "
+                                   "results.md/.csv and figure2_right_*.png.")
+    x.add_argument("name", choices=["mujoco", "reacher"],
+                   help="mujoco: paper Table 1 (--envs, --algos; table-2 or --preset humanoid table-3 "
+                        "hyperparameters); reacher: PPO, W2, KL, Frobenius x global / contextual covariance on "
+                        "trpl_fast/ReacherSparse5-v0 (table 4)")
+    x.add_argument("--envs", nargs="+", default=None, help="mujoco: environment ids (default Hopper-v5 HalfCheetah-v5)")
+    x.add_argument("--algos", nargs="+", default=None, help="default: kl ppo (mujoco); ppo w2 kl frob (reacher)")
+    x.add_argument("--preset", default=None, help="mujoco: mujoco (table 2, default) or humanoid (table 3)")
+    x.add_argument("--steps", type=int, default=1_000_000, help="env steps per run (default 1,000,000)")
+    x.add_argument("--seeds", type=int, default=3, help="seeds per method: 0 .. N-1 (default 3)")
+    x.add_argument("--jobs", type=int, default=None, help="runs in parallel, one torch thread each (default: the CPU count)")
     x.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
-    x.add_argument("--out", default="runs/reacher", help="experiment directory (default runs/reacher)")
+    x.add_argument("--out", default=None, help="experiment directory (default runs/table1 or runs/reacher)")
+    x.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
+                   help="change a config field of every run (repeatable; as for `train --set`)")
     x.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events per run")
     x.add_argument("--normalize-rewards", action="store_true",
-                   help="normalize rewards for every method (table 4: PPO only); measured here: the projections "
-                        "learn the task at 500k steps only with it (bench/RESULTS.md)")
+                   help="normalize rewards for every method (= --set normalize_rewards=true; table 4 gives it to PPO "
+                        "only); measured here: the projections learn the sparse Reacher at 500k steps only with it "
+                        "(bench/RESULTS.md)")
     x.set_defaults(func=experiment_cmd)
     args = parser.parse_args(argv)
     try:

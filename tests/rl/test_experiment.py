@@ -1,60 +1,116 @@
-"""The contextual-covariance experiment (paper Figure 2, right) end to end at toy size, and
-the table-4 preset it uses."""
+"""The experiment runner (paper Table 1 protocol, Figure 2 right) end to end at toy size,
+and the summaries it reports."""
 
+import csv
+import json
+import math
+
+import numpy as np
 import pytest
 
 pytest.importorskip("gymnasium")
 pytest.importorskip("mujoco")
 
 from trpl_fast.cli import main  # noqa: E402
-from trpl_fast.rl.config import preset  # noqa: E402
-from trpl_fast.rl.experiment import reacher_experiment, results_table  # noqa: E402
+from trpl_fast.rl.evaluation import run_summary  # noqa: E402
+from trpl_fast.rl.experiment import mujoco_experiment, reacher_experiment, summary_table  # noqa: E402
+from trpl_fast.rl.plotting import ci95, t975  # noqa: E402
 
 TOY = dict(num_envs=4, rollout_steps=256, epochs=1, epochs_vf=1, minibatch_size=128, eval_episodes=2)
 
 
-def test_reacher_preset_is_table_4():
-    kl_g, kl_c = preset("reacher", "kl"), preset("reacher", "kl", contextual_cov=True)
-    assert kl_g.env_id == "trpl_fast/ReacherSparse5-v0" and kl_g.rollout_steps == 16384
-    assert (kl_g.cov_bound, kl_c.cov_bound) == (5e-5, 1e-3)  # "5e-5 | 1e-3" for KL in table 4
-    assert preset("reacher", "frob").cov_bound == 5e-5 and preset("reacher", "w2").cov_bound == 1e-3
-    ppo = preset("reacher", "ppo")
-    assert (ppo.lr, ppo.lr_vf, ppo.minibatch_size, ppo.normalize_rewards) == (1e-4, 1e-4, 512, True)
-    assert (kl_g.lr, kl_g.lr_vf, kl_g.minibatch_size, kl_g.epochs, kl_g.epochs_vf) == (3e-4, 4.5e-4, 256, 20, 10)
-    assert kl_g.time_limit_terminal and not preset("mujoco", "kl").time_limit_terminal
+def test_mujoco_experiment_writes_table1_and_curves_and_skips_finished_runs(tmp_path, capsys):
+    toy = dict(TOY, num_envs=2, env_backend="gymnasium")
+    md = mujoco_experiment(tmp_path, envs=["Hopper-v5"], algos=["kl", "ppo"], seeds=2, steps=512, jobs=1, **toy)
+    runs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    assert runs == ["Hopper_kl_s0", "Hopper_kl_s1", "Hopper_ppo_s0", "Hopper_ppo_s1"]
+    assert (tmp_path / "curves_Hopper.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "table1.md").read_text() == md
+    with open(tmp_path / "table1.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["env"], r["method"], r["seeds"], r["finished"], r["steps"]) for r in rows] == [
+        ("Hopper-v5", "kl", "2", "2", "512"), ("Hopper-v5", "ppo", "2", "2", "512")]
+    for r in rows:  # every iteration evaluated: both runs have "final" and "20%"
+        assert math.isfinite(float(r["final_mean"])) and math.isfinite(float(r["early_mean"]))
+        assert float(r["kl_max"]) >= float(r["kl_mean"]) > 0
+    for d in runs:
+        with open(tmp_path / d / "progress.csv") as f:
+            assert all(r["eval_return_mean"] != "nan" for r in csv.DictReader(f))
+    capsys.readouterr()
+    mujoco_experiment(tmp_path, envs=["Hopper-v5"], algos=["kl", "ppo"], seeds=2, steps=512, jobs=1, **toy)
+    assert capsys.readouterr().out.count("already finished") == 4
 
 
-def test_reacher_experiment_trains_plots_tabulates_and_skips_finished_runs(tmp_path, capsys):
+def test_reacher_experiment_trains_plots_tabulates(tmp_path):
     table = reacher_experiment(tmp_path, steps=512, seeds=2, algos=["ppo", "kl"], jobs=1, **TOY)
     runs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
     assert runs == [f"{a}_{c}_s{s}" for a in ("kl", "ppo") for c in ("contextual", "global") for s in (0, 1)]
     for name in ("figure2_right_returns.png", "figure2_right_kl.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "results.md").read_text() == table
-    rows = [line for line in table.splitlines() if line.startswith("| ppo") or line.startswith("| kl")]
-    assert len(rows) == 2 and all(line.count("(n=2)") == 2 for line in rows)
-    capsys.readouterr()
-    reacher_experiment(tmp_path, steps=512, seeds=2, algos=["ppo", "kl"], jobs=1, **TOY)
-    assert capsys.readouterr().out.count("already finished") == 8
+    methods = [line.split(" | ")[1] for line in table.splitlines() if line.startswith("| trpl_fast/")]
+    assert methods == ["kl (contextual)", "kl (global)", "ppo (contextual)", "ppo (global)"]
 
 
-def test_results_table_and_bad_input(capsys):
-    table = results_table({("kl", False): [-10.0, -12.0], ("kl", True): [-8.0, -6.0]}, 1000)
-    assert "| kl | -11.00 +- 1.96 (n=2) | -7.00 +- 1.96 (n=2) | +4.00 |" in table
-    with pytest.raises(ValueError, match="algos must be among"):
-        reacher_experiment("unused", algos=["trpo"])
+def test_run_summary_windows():
+    it = np.arange(100)
+    s = run_summary(it, it.astype(float), 100)
+    assert s == {"early": np.mean(np.arange(20, 40)), "final": np.mean(np.arange(80, 100)), "evaluations": 100}
+    part = run_summary(it[:50], it[:50].astype(float), 100)  # unfinished: "20%" known, "final" not yet
+    assert part["early"] == np.mean(np.arange(20, 40)) and math.isnan(part["final"])
+    sparse = np.where(it % 2 == 1, it, np.nan)  # every 2nd iteration evaluated
+    s = run_summary(it, sparse, 100)
+    assert s["early"] == np.mean(np.arange(21, 60, 2)) and s["final"] == np.mean(np.arange(61, 100, 2))
+    short = run_summary(np.arange(5), np.arange(5.0), 5)  # fewer than 20 evaluations: all of them
+    assert short["final"] == 2.0 and short["early"] == np.mean([1.0, 2, 3, 4])
+
+
+def test_ci95_is_students_t():
+    assert t975(2) == 4.303 and t975(39) == 2.042 and t975(40) == 2.021 and t975(1000) == 1.96
+    mean, half, n = ci95([1.0, 2.0, 3.0, float("nan")])
+    assert (mean, n) == (2.0, 3) and half == pytest.approx(4.303 / math.sqrt(3))
+    assert math.isnan(ci95([5.0])[1])
+
+
+def fake_run(d, algo, seed, evals, total=2048 * 30):
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"env_id": "Hopper-v5", "algo": algo, "seed": seed, "contextual_cov": False,
+                                               "total_steps": total, "rollout_steps": 2048}))
+    with open(d / "progress.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["iteration", "global_step", "eval_return_mean", "kl_mean", "kl_max", "wall_time"])
+        for i, v in enumerate(evals):
+            w.writerow([i, 2048 * (i + 1), v, 0.01, 0.02 + 0.001 * seed, 10.0 * (i + 1)])
+
+
+def test_summary_table_over_seeds(tmp_path):
+    for seed, base in enumerate((100.0, 200.0, 300.0)):
+        fake_run(tmp_path / f"kl{seed}", "kl", seed, [base] * 30)
+    fake_run(tmp_path / "ppo0", "ppo", 0, [50.0] * 27)  # unfinished, its "20%" window complete
+    rows = summary_table(sorted(tmp_path.iterdir()))
+    kl, ppo = rows
+    assert (kl["method"], kl["seeds"], kl["finished"], kl["final_mean"]) == ("kl", 3, 3, 200.0)
+    assert kl["final_ci95"] == pytest.approx(4.303 * 100.0 / math.sqrt(3))
+    assert kl["kl_max"] == pytest.approx(0.022) and kl["wall_time_min"] == pytest.approx(5.0)
+    assert kl["steps_per_second"] == pytest.approx(2048 / 10.0)
+    assert (ppo["finished"], ppo["early_mean"]) == (0, 50.0) and math.isnan(ppo["final_mean"])
+
+
+def test_experiment_cli_bad_input_and_options(tmp_path, monkeypatch, capsys):
     assert main(["experiment", "reacher", "--seeds", "0"]) == 2
     assert "seeds and steps must be >= 1" in capsys.readouterr().err
-
-
-def test_cli_normalize_rewards_reaches_every_run(tmp_path, monkeypatch):
+    assert main(["experiment", "mujoco", "--algos", "sac", "--out", str(tmp_path)]) == 2
+    assert "algos must be among" in capsys.readouterr().err
+    assert main(["experiment", "mujoco", "--set", "lr=-1", "--out", str(tmp_path)]) == 2
+    assert "config field lr: must be a finite number > 0" in capsys.readouterr().err
+    assert main(["experiment", "reacher", "--envs", "Hopper-v5"]) == 2
     seen = {}
-
-    def fake(out, **kw):
-        seen.update(kw)
-        return ""
-
-    monkeypatch.setattr("trpl_fast.rl.experiment.reacher_experiment", fake)
+    monkeypatch.setattr("trpl_fast.rl.experiment.mujoco_experiment", lambda out, **kw: seen.update(kw, out=out))
+    monkeypatch.setattr("trpl_fast.rl.experiment.reacher_experiment", lambda out, **kw: seen.update(kw, out=out))
+    assert main(["experiment", "mujoco", "--envs", "Walker2d-v5", "--algos", "kl", "w2", "--seeds", "5",
+                 "--set", "eval_episodes=3", "--out", str(tmp_path)]) == 0
+    assert (seen["envs"], seen["algos"], seen["seeds"], seen["eval_episodes"]) == (["Walker2d-v5"], ["kl", "w2"], 5, 3)
+    seen.clear()
     assert main(["experiment", "reacher", "--out", str(tmp_path), "--normalize-rewards"]) == 0
     assert seen["normalize_rewards"] is True
     seen.clear()

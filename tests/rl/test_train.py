@@ -62,7 +62,7 @@ def test_bad_inputs(tmp_path):
         train(small("kl", env_id="NoSuchEnv-v0"), tmp_path, progress=False, log_tensorboard=False)
     with pytest.raises(ValueError, match="continuous"):
         train(small("kl", env_id="CartPole-v1"), tmp_path, progress=False, log_tensorboard=False)
-    with pytest.raises(ValueError, match="algo must be one of"):
+    with pytest.raises(ValueError, match="algo: must be one of"):
         train(dataclasses.replace(small("kl"), algo="sac"), tmp_path, progress=False, log_tensorboard=False)
     with pytest.raises(ValueError, match="multiple of num_envs"):
         train(small("kl", rollout_steps=511), tmp_path, progress=False, log_tensorboard=False)

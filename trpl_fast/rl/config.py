@@ -2,18 +2,32 @@
 
 Table 2 ("mujoco"; Hopper, Walker2d, HalfCheetah, Ant) and table 3 ("humanoid"). Where a
 cell differs between the projections and the baselines the preset function picks by
-algorithm. ``mean_bound`` follows each layer's own convention (MATH.md): Frobenius / W2
-bound the Mahalanobis distance, KL half of it, which is why KL's value is half.
+algorithm. The projections share one ``eps_mu`` per table (0.03 MuJoCo, 0.05 Humanoid,
+0.03 Reacher); each layer applies it to its own mean part (MATH.md): the Mahalanobis
+distance for Frobenius / W2, half of it for KL, as the original implementation does. (The
+tables' 0.015 is PAPI's column, not KL's.)
+
+Every paper preset passes the sampled action to the environment unclipped
+(``clip_actions=False``), as the original implementation does: MuJoCo clamps the control
+itself and the control cost sees the raw action. Advantages are normalized per minibatch
+(``advantage_normalization="minibatch"``), again as the original does, for the projections
+and for the PPO baselines alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 
 ALGOS = ("kl", "w2", "frob", "ppo", "ppo-m", "trpo")
 PROJECTIONS = ("kl", "w2", "frob")
 PRESETS = ("mujoco", "humanoid", "throughput", "reacher")
+ADVANTAGE_NORMALIZATIONS = ("minibatch", "batch", "none")
 
 
 @dataclass
@@ -35,14 +49,16 @@ class TrainConfig:
     epochs: int = 20
     minibatch_size: int = 32
     lr: float = 5e-5
-    lr_decay: bool = False
+    lr_decay: bool = False             # anneal both learning rates (policy and value) linearly to 0
+    # "minibatch" (the original: inside the surrogate loss), "batch" (once per iteration) or "none"
+    advantage_normalization: str = "minibatch"
     max_grad_norm: float | None = None
     # value function (trained by its own optimizer and epochs)
     epochs_vf: int = 10
     lr_vf: float = 4.5e-4
     vf_clip: float | None = None
     # trust-region layer (kl / w2 / frob)
-    mean_bound: float = 0.015
+    mean_bound: float = 0.03            # eps_mu, on each layer's own mean part (MATH.md)
     cov_bound: float = 0.001
     regression_weight: float = 8.0     # alpha of paper Eq. 12
     projection: bool = True            # False bypasses the layer (throughput baseline only: no trust region)
@@ -64,26 +80,189 @@ class TrainConfig:
     hidden: tuple[int, ...] = (64, 64)
     hidden_vf: tuple[int, ...] = (64, 64)
     init_std: float = 1.0
+    # False: the sampled action goes to the environment as it is (the original; MuJoCo clamps
+    # the control, the control cost sees the raw action); True: clipped to the action box first
+    clip_actions: bool = False
     device: str = "auto"
     env_backend: str = "auto"          # auto (EnvPool where it has the task) | envpool | gymnasium
-    eval_episodes: int = 5
+    eval_episodes: int = 5             # deterministic episodes per evaluation (paper: 5)
+    eval_every: int = 1                # iterations between evaluations (paper: every iteration)
     checkpoint_every: int = 10         # iterations
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first field whose value is of the wrong type or
+        out of range (called on construction, so a bad ``--set`` or config file fails early)."""
+        hints = _field_types()
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not _is_instance(value, hints[f.name]):
+                raise ValueError(f"config field {f.name}: expected {_type_name(hints[f.name])}, got {value!r}")
+        choices = {"algo": ALGOS, "cov_form": ("diag", "full"), "entropy_control": (None, "ineq", "eq"),
+                   "env_backend": ("auto", "envpool", "gymnasium"),
+                   "advantage_normalization": ADVANTAGE_NORMALIZATIONS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"config field {name}: must be one of {allowed}, got {getattr(self, name)!r}")
+        positive = ("total_steps", "num_envs", "rollout_steps", "minibatch_size", "lr", "lr_vf", "mean_bound",
+                    "cov_bound", "temperature", "ratio_clip", "trpo_max_kl", "init_std", "eval_every",
+                    "checkpoint_every", "max_grad_norm", "vf_clip", "obs_clip", "reward_clip")
+        for name in positive:
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"config field {name}: must be a finite number > 0, got {value!r}")
+        for name in ("epochs", "epochs_vf", "eval_episodes", "regression_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"config field {name}: must be a finite number >= 0, got {value!r}")
+        for name in ("gamma", "gae_lambda"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"config field {name}: must be in [0, 1], got {getattr(self, name)!r}")
+        if not math.isfinite(self.target_entropy):
+            raise ValueError(f"config field target_entropy: must be finite, got {self.target_entropy!r}")
+        for name in ("hidden", "hidden_vf"):
+            if not getattr(self, name) or any(h < 1 for h in getattr(self, name)):
+                raise ValueError(f"config field {name}: must be one or more layer widths >= 1, got {getattr(self, name)!r}")
+        if self.rollout_steps % self.num_envs:
+            raise ValueError(f"config field rollout_steps: ({self.rollout_steps}) must be a multiple of "
+                             f"num_envs ({self.num_envs})")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
+        """The config of a ``to_dict`` / ``config.json`` dict; unknown keys and bad values
+        are a ``ValueError`` naming them."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a config must be a JSON object of field: value, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"unknown config keys: {unknown}")
+            raise ValueError(f"unknown config keys: {unknown} (known: {', '.join(sorted(names))})")
         data = dict(data)
         for key in ("hidden", "hidden_vf"):
-            if key in data:
+            if isinstance(data.get(key), list):
                 data[key] = tuple(data[key])
         return cls(**data)
+
+    @classmethod
+    def from_json_file(cls, path) -> "TrainConfig":
+        """Load ``--config FILE.json`` (e.g. a run's own ``config.json``)."""
+        import json
+        from pathlib import Path
+
+        try:
+            data = json.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ValueError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"config file {path} is not valid JSON: {exc}") from None
+        try:
+            return cls.from_dict(data)
+        except ValueError as exc:
+            raise ValueError(f"config file {path}: {exc}") from None
+
+
+@functools.cache
+def _field_types() -> dict:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _is_instance(value, tp) -> bool:
+    """``value`` fits the annotation ``tp`` (int accepted for float; bool is not an int)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_instance(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is tuple:
+        return isinstance(value, tuple) and all(_is_instance(v, args[0]) for v in value)
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    return isinstance(value, tp)
+
+
+def _parse_value(name: str, text: str, tp):
+    """``text`` (a command-line value) as the type ``tp`` of field ``name``."""
+    import json
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    low = text.strip().lower()
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and low in ("none", "null"):
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _parse_value(name, text, a)
+            except ValueError as exc:
+                errors.append(str(exc))
+        raise ValueError(errors[0])
+    if tp is bool:
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"--set {name}: expected true or false, got {text!r}")
+    if tp is int:
+        try:
+            return int(low.replace("_", ""))
+        except ValueError:
+            raise ValueError(f"--set {name}: expected an integer, got {text!r}") from None
+    if tp is float:
+        try:
+            return float(low.replace("_", ""))
+        except ValueError:
+            raise ValueError(f"--set {name}: expected a number, got {text!r}") from None
+    if origin is tuple:
+        parts = [p for p in text.strip().strip("[]()").replace(",", " ").split() if p]
+        return tuple(_parse_value(name, p, args[0]) for p in parts)
+    if tp is dict:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = None
+        if not isinstance(value, dict):
+            raise ValueError(f"--set {name}: expected a JSON object, got {text!r}")
+        return value
+    if tp is str:
+        return text
+    raise ValueError(f"--set {name}: cannot parse a value of type {_type_name(tp)}")
+
+
+def parse_overrides(items) -> dict:
+    """``["KEY=VALUE", ...]`` (``trpl-fast train --set``) as a dict of typed field values;
+    an unknown key or a value that does not parse as the field's type is a ``ValueError``
+    naming it. Values: numbers, ``true`` / ``false``, ``none`` for optional fields, a comma
+    list for tuples (``hidden=128,128``), JSON for ``extra``."""
+    hints = _field_types()
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        if key not in hints:
+            close = difflib.get_close_matches(key, hints, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(f"--set {key}: unknown config field{hint}; see the fields of TrainConfig in "
+                             "trpl_fast/rl/config.py or a run's config.json")
+        out[key] = _parse_value(key, text, hints[key])
+    return out
 
 
 def preset(name: str, algo: str, **overrides) -> TrainConfig:
@@ -100,7 +279,7 @@ def preset(name: str, algo: str, **overrides) -> TrainConfig:
         cfg = TrainConfig(
             algo=algo, rollout_steps=2048, epochs=20 if proj else 10, minibatch_size=32 if proj else 64,
             lr=5e-5 if proj else 3e-4, lr_vf=4.5e-4 if proj else 2.5e-4,
-            mean_bound={"frob": 0.03, "w2": 0.03, "kl": 0.015}.get(algo, 0.03), cov_bound=0.001,
+            mean_bound=0.03, cov_bound=0.001,
             temperature=0.5, normalize_rewards=(algo == "ppo"),
             obs_clip=10.0 if algo == "ppo" else None, reward_clip=10.0 if algo == "ppo" else None,
             vf_clip=0.2 if algo == "ppo" else None, max_grad_norm=0.5 if algo == "ppo" else None,
@@ -115,7 +294,7 @@ def preset(name: str, algo: str, **overrides) -> TrainConfig:
             algo=algo, env_id="trpl_fast/ReacherSparse5-v0", num_envs=64, rollout_steps=16384, epochs=20,
             epochs_vf=10, minibatch_size=256 if proj else 512, lr=3e-4 if proj else 1e-4,
             lr_vf=4.5e-4 if proj else 1e-4,
-            mean_bound=0.015 if algo == "kl" else 0.03,
+            mean_bound=0.03,
             # KL: 5e-5 with a global covariance, 1e-3 with a contextual one (table 4)
             cov_bound={"frob": 5e-5, "w2": 1e-3, "kl": 1e-3 if contextual else 5e-5}.get(algo, 1e-3),
             normalize_rewards=(algo == "ppo"), obs_clip=10.0 if algo == "ppo" else None,
@@ -126,7 +305,7 @@ def preset(name: str, algo: str, **overrides) -> TrainConfig:
         cfg = TrainConfig(
             algo=algo, env_id="Humanoid-v5", rollout_steps=16384, epochs=10,
             minibatch_size=256 if proj else 512, lr=1e-4, lr_vf=4.5e-4 if proj else 1e-4,
-            mean_bound={"frob": 0.05, "w2": 0.05, "kl": 0.015}.get(algo, 0.05),
+            mean_bound=0.05,
             cov_bound={"frob": 1e-4, "w2": 0.01, "kl": 1e-4}.get(algo, 1e-4),
             temperature=0.2,
             normalize_rewards=(algo == "ppo"), obs_clip=10.0 if algo == "ppo" else None,

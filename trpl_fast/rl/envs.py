@@ -35,8 +35,12 @@ class VecEnv:
         obs, _ = self.env.reset()
         return np.asarray(obs, dtype=np.float64).reshape(self.num_envs, -1)
 
-    def step(self, actions: np.ndarray):
-        actions = np.clip(actions, self.action_low, self.action_high).astype(self.action_dtype)
+    def step(self, actions: np.ndarray, clip: bool = True):
+        """``clip``: clip the actions to the action box first; without it they go to the
+        simulator as they are (MuJoCo clamps the control itself; the control cost sees them)."""
+        if clip:
+            actions = np.clip(actions, self.action_low, self.action_high)
+        actions = actions.astype(self.action_dtype)
         obs, rew, term, trunc, _ = self.env.step(actions)
         return (np.asarray(obs, dtype=np.float64).reshape(self.num_envs, -1), np.asarray(rew, dtype=np.float64),
                 np.asarray(term, dtype=bool), np.asarray(trunc, dtype=bool))

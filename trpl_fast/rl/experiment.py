@@ -1,16 +1,23 @@
-"""The paper's contextual-covariance experiment (Figure 2, right): PPO and the W2, KL and
-Frobenius layers, each with a global and a contextual (state-dependent) covariance, over
-several seeds on ``trpl_fast/ReacherSparse5-v0`` with the table-4 hyperparameters.
+"""Multi-seed experiments with the paper's protocol (Table 1 and Figure 2, right).
 
-Each run lives in ``<out>/<algo>_<global|contextual>_s<seed>``; a finished run is skipped
-and an unfinished one resumed, so the command can be run again after an interruption or
-with more seeds. Afterwards: ``<out>/figure2_right_returns.png`` (mean deterministic return
-with 95% interval, contextual dashed, global solid), ``<out>/figure2_right_kl.png`` and
-``<out>/results.md`` (final return per method and covariance type).
+``mujoco``: every env x algorithm x seed with the table-2 (or ``humanoid``: table-3)
+hyperparameters; ``reacher``: PPO and the W2, KL and Frobenius layers, each with a global
+and a contextual covariance, on ``trpl_fast/ReacherSparse5-v0`` (table 4).
+
+Each run lives in its own directory under ``out`` (``<env>_<algo>_s<seed>``, for the
+Reacher ``<algo>_<global|contextual>_s<seed>``); a finished run is skipped and an
+unfinished one resumed, so the command can be run again after an interruption or with
+more seeds. Every run evaluates after each iteration (5 deterministic episodes); per run
+the "20%" figure is the mean of the 20 evaluations after 20% of training and "final" the
+mean of the last 20 (:func:`trpl_fast.rl.evaluation.run_summary`); the tables give their
+mean and 95% interval over seeds (Student's t). Outputs: ``table1.md`` / ``table1.csv``
+and ``curves_<env>.png`` (mujoco); ``results.md`` / ``results.csv`` and
+``figure2_right_{returns,kl}.png`` (reacher).
 """
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -19,99 +26,200 @@ from pathlib import Path
 import numpy as np
 
 REACHER_ALGOS = ("ppo", "w2", "kl", "frob")
+MUJOCO_ALGOS = ("kl", "w2", "frob", "ppo", "ppo-m", "trpo")
+TABLE_COLUMNS = ["env", "method", "seeds", "steps", "early_mean", "early_ci95", "final_mean", "final_ci95",
+                 "kl_mean", "kl_max", "wall_time_min", "steps_per_second"]
 
 
-def run_name(algo: str, contextual: bool, seed: int) -> str:
-    return f"{algo}_{'contextual' if contextual else 'global'}_s{seed}"
+def run_name(algo: str, contextual: bool, seed: int, env_id: str | None = None) -> str:
+    if env_id is None:  # the Reacher experiment's names
+        return f"{algo}_{'contextual' if contextual else 'global'}_s{seed}"
+    return f"{env_id.replace('/', '_').split('-')[0]}_{algo}_s{seed}"
 
 
 def _train_one(job: dict) -> str:
     """Train (or resume, or skip) one run; in a worker process with one torch thread."""
     import torch
 
-    from .config import preset
+    from .config import TrainConfig
     from .train import read_checkpoint, train
 
     torch.set_num_threads(1)
-    cfg = preset("reacher", job["algo"], contextual_cov=job["contextual"], seed=job["seed"],
-                 total_steps=job["steps"], device=job["device"], **job["overrides"])
+    cfg = TrainConfig.from_dict(job["config"])
     run_dir = Path(job["dir"])
     resume = (run_dir / "checkpoint.pt").exists()
     if resume:
         ckpt = read_checkpoint(run_dir)
         if not ckpt.get("interrupted") and ckpt["global_step"] >= cfg.rollout_steps * max(1, cfg.total_steps // cfg.rollout_steps):
             return f"{run_dir.name}: already finished"
-    rows = train(cfg, run_dir, resume=resume, progress=False, log_tensorboard=job["tensorboard"])
+    rows = train(cfg, run_dir, resume=resume, overwrite=not resume, progress=False, log_tensorboard=job["tensorboard"])
     last = rows[-1]
     return (f"{run_dir.name}: {int(last['global_step'])} steps, eval return {last['eval_return_mean']:.2f}, "
             f"{last['steps_per_second']:.0f} steps/s")
 
 
-def final_returns(run_dirs) -> dict[tuple[str, bool], list[float]]:
-    """``(algo, contextual) -> [final deterministic return of each seed]`` (the last
-    iteration's evaluation, which every run makes)."""
+def run_jobs(batch: list[dict], jobs: int | None) -> None:
+    """Train the runs of ``batch`` (dicts with ``config``, ``dir``, ``tensorboard``),
+    ``jobs`` at a time in worker processes (default: one per CPU)."""
+    jobs = jobs or max(1, min(len(batch), os.cpu_count() or 1))
+    if jobs == 1:
+        for job in batch:
+            print(_train_one(job), flush=True)
+        return
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        for msg in pool.map(_train_one, batch):
+            print(msg, flush=True)
+
+
+def summarize_run(run_dir) -> dict | None:
+    """One run's row of the tables: its "20%" and "final" returns, mean / max per-state KL
+    over its iterations, wall time and steps/s; ``None`` for a run with no logged iteration."""
+    from .evaluation import run_summary
     from .plotting import load_run
 
-    out: dict[tuple[str, bool], list[float]] = {}
+    cfg, cols = load_run(run_dir)
+    if not cols:
+        return None
+    n_iterations = max(1, int(cfg["total_steps"]) // int(cfg["rollout_steps"]))
+    summary = run_summary(cols["iteration"], cols["eval_return_mean"], n_iterations)
+    wall = float(cols["wall_time"][-1])
+    steps = int(cols["global_step"][-1])
+    return {"env": cfg["env_id"], "algo": cfg["algo"], "contextual": bool(cfg.get("contextual_cov")),
+            "seed": cfg["seed"], "steps": steps, "early": summary["early"], "final": summary["final"],
+            "kl_mean": float(np.nanmean(cols["kl_mean"])), "kl_max": float(np.nanmax(cols["kl_max"])),
+            "wall_time": wall, "steps_per_second": steps / wall if wall > 0 else math.nan}
+
+
+def method_label(algo: str, contextual: bool, reacher: bool) -> str:
+    return f"{algo} ({'contextual' if contextual else 'global'})" if reacher else algo
+
+
+def summary_table(run_dirs, *, reacher: bool = False) -> list[dict]:
+    """Per env x method (x covariance type for the Reacher): the mean and 95% interval over
+    seeds of "20%" and "final", seeds, steps, mean / max per-state KL, mean wall time and
+    steps/s. Runs without a logged iteration are left out; a seed whose run has not
+    finished counts for "20%" once it has its 20 evaluations, for "final" not at all."""
+    from .plotting import ci95
+
+    groups: dict[tuple, list[dict]] = {}
     for d in run_dirs:
-        cfg, cols = load_run(d)
-        if not cols:
+        if not (Path(d) / "progress.csv").exists():
             continue
-        evals = cols["eval_return_mean"][~np.isnan(cols["eval_return_mean"])]
-        if len(evals):
-            out.setdefault((cfg["algo"], bool(cfg["contextual_cov"])), []).append(float(evals[-1]))
-    return out
+        s = summarize_run(d)
+        if s is not None:
+            groups.setdefault((s["env"], method_label(s["algo"], s["contextual"], reacher)), []).append(s)
+    rows = []
+    for (env, method), runs in sorted(groups.items()):
+        early, early_half, _ = ci95([r["early"] for r in runs])
+        final, final_half, n_final = ci95([r["final"] for r in runs])
+        rows.append({"env": env, "method": method, "seeds": len(runs), "finished": n_final,
+                     "steps": int(np.median([r["steps"] for r in runs])), "early_mean": early, "early_ci95": early_half,
+                     "final_mean": final, "final_ci95": final_half,
+                     "kl_mean": float(np.mean([r["kl_mean"] for r in runs])),
+                     "kl_max": float(np.max([r["kl_max"] for r in runs])),
+                     "wall_time_min": float(np.mean([r["wall_time"] for r in runs])) / 60.0,
+                     "steps_per_second": float(np.mean([r["steps_per_second"] for r in runs]))})
+    return rows
 
 
-def results_table(returns: dict[tuple[str, bool], list[float]], steps: int) -> str:
-    """Markdown table: final return, mean and 95% interval (1.96 standard errors) over seeds."""
-    lines = [f"Final deterministic return after {steps:,} env steps (mean +- 95% interval over seeds)", "",
-             "| method | global covariance | contextual covariance | contextual - global |", "|---|---|---|---|"]
+def _pm(mean: float, half: float) -> str:
+    if mean != mean:
+        return "-"
+    return f"{mean:.1f}" if half != half else f"{mean:.1f} ± {half:.1f}"
 
-    def cell(vals):
-        if not vals:
-            return "-", math.nan
-        m = float(np.mean(vals))
-        half = 1.96 * float(np.std(vals, ddof=1)) / math.sqrt(len(vals)) if len(vals) > 1 else math.nan
-        return f"{m:.2f} +- {half:.2f} (n={len(vals)})", m
 
-    for algo in REACHER_ALGOS:
-        g, mg = cell(returns.get((algo, False), []))
-        c, mc = cell(returns.get((algo, True), []))
-        if g == "-" and c == "-":
-            continue
-        lines.append(f"| {algo} | {g} | {c} | {mc - mg:+.2f} |")
+def table_markdown(rows: list[dict], title: str) -> str:
+    lines = [title, "",
+             "| env | method | seeds (finished) | steps | 20% | final | mean KL | max KL | wall time (min) | steps/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['env']} | {r['method']} | {r['seeds']} ({r['finished']}) | {r['steps']:,} | "
+                     f"{_pm(r['early_mean'], r['early_ci95'])} | {_pm(r['final_mean'], r['final_ci95'])} | "
+                     f"{r['kl_mean']:.4f} | {r['kl_max']:.4f} | {r['wall_time_min']:.1f} | {r['steps_per_second']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def write_tables(rows: list[dict], out: Path, stem: str, title: str) -> str:
+    """``<out>/<stem>.md`` and ``<out>/<stem>.csv``; returns the markdown."""
+    md = table_markdown(rows, title)
+    (out / f"{stem}.md").write_text(md)
+    with open(out / f"{stem}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[*TABLE_COLUMNS[:3], "finished", *TABLE_COLUMNS[3:]])
+        w.writeheader()
+        w.writerows(rows)
+    return md
+
+
+PROTOCOL = ("mean ± 95% interval over seeds (Student's t) of each run's mean deterministic return over "
+            "5 episodes per evaluation, one evaluation per iteration; \"20%\": the 20 evaluations after 20% of "
+            "training, \"final\": the last 20; KL: per-state KL(new || old) over all iterations")
+
+
+def _check(seeds: int, steps: int, algos, allowed) -> None:
+    unknown = sorted(set(algos) - set(allowed))
+    if unknown:
+        raise ValueError(f"algos must be among {allowed}, got {unknown}")
+    if seeds < 1 or steps < 1:
+        raise ValueError(f"seeds and steps must be >= 1, got seeds={seeds}, steps={steps}")
+
+
+def mujoco_experiment(out: str | Path, envs=("Hopper-v5", "HalfCheetah-v5"), algos=("kl", "ppo"), seeds: int = 3,
+                      steps: int = 1_000_000, preset_name: str = "mujoco", device: str = "cpu",
+                      jobs: int | None = None, tensorboard: bool = False, **overrides) -> str:
+    """The paper's Table 1 protocol (module docstring); returns ``table1.md``'s text.
+    ``overrides`` change the preset of every run (any TrainConfig field)."""
+    from .config import preset
+    from .plotting import plot_runs
+
+    _check(seeds, steps, algos, MUJOCO_ALGOS)
+    if not envs:
+        raise ValueError("envs: give at least one environment id")
+    # seed-major order: an interrupted experiment has whole seeds of every cell, not one cell
+    configs = [preset(preset_name, a, env_id=e, seed=s, total_steps=steps, device=device, **overrides)
+               for s in range(seeds) for e in envs for a in algos]  # validates before anything runs
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    batch = [{"config": c.to_dict(), "tensorboard": tensorboard,
+              "dir": str(out / run_name(c.algo, False, c.seed, c.env_id))} for c in configs]
+    run_jobs(batch, jobs)
+    for env in envs:
+        dirs = [j["dir"] for j in batch if j["config"]["env_id"] == env]
+        for path in plot_runs(dirs, out / f"curves_{env.replace('/', '_').split('-')[0]}.png", figures=("returns",),
+                              exact_path=True):
+            print(f"wrote {path}")
+    rows = summary_table([j["dir"] for j in batch])
+    md = write_tables(rows, out, "table1", f"Paper Table 1 protocol, {steps:,} env steps per run: {PROTOCOL}.")
+    print(f"wrote {out / 'table1.md'}, {out / 'table1.csv'}\n\n{md}")
+    return md
 
 
 def reacher_experiment(out: str | Path, steps: int = 2_000_000, seeds: int = 3, algos=REACHER_ALGOS,
                        device: str = "cpu", jobs: int | None = None, tensorboard: bool = False,
                        **overrides) -> str:
-    """Run the experiment (module docstring) and return the results table. ``overrides``
-    change the table-4 config of every run (e.g. ``num_envs``, ``rollout_steps``)."""
+    """Figure 2 (right): every algo with a global and a contextual covariance on the sparse
+    Reacher (table 4); returns ``results.md``'s text. ``overrides`` change the table-4
+    config of every run (e.g. ``num_envs``, ``rollout_steps``, ``normalize_rewards``)."""
+    from .config import preset
     from .plotting import plot_runs
 
-    unknown = sorted(set(algos) - set(REACHER_ALGOS))
-    if unknown:
-        raise ValueError(f"algos must be among {REACHER_ALGOS}, got {unknown}")
-    if seeds < 1 or steps < 1:
-        raise ValueError(f"seeds and steps must be >= 1, got seeds={seeds}, steps={steps}")
+    _check(seeds, steps, algos, REACHER_ALGOS)
+    configs = [preset("reacher", a, contextual_cov=c, seed=s, total_steps=steps, device=device, **overrides)
+               for s in range(seeds) for a in algos for c in (False, True)]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    batch = [{"algo": a, "contextual": c, "seed": s, "steps": steps, "device": device, "tensorboard": tensorboard,
-              "overrides": overrides, "dir": str(out / run_name(a, c, s))} for s in range(seeds) for a in algos for c in (False, True)]
-    jobs = jobs or max(1, min(len(batch), os.cpu_count() or 1))
-    if jobs == 1:
-        for job in batch:
-            print(_train_one(job), flush=True)
-    else:
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
-            for msg in pool.map(_train_one, batch):
-                print(msg, flush=True)
+    batch = [{"config": c.to_dict(), "tensorboard": tensorboard,
+              "dir": str(out / run_name(c.algo, c.contextual_cov, c.seed))} for c in configs]
+    run_jobs(batch, jobs)
     dirs = [job["dir"] for job in batch]
     for path in plot_runs(dirs, out / "figure2_right.png"):
         print(f"wrote {path}")
-    table = results_table(final_returns(dirs), steps)
-    (out / "results.md").write_text(table)
-    print(f"wrote {out / 'results.md'}\n\n{table}")
-    return table
+    md = reacher_table(dirs, out, steps)
+    print(f"wrote {out / 'results.md'}\n\n{md}")
+    return md
+
+
+def reacher_table(run_dirs, out: str | Path, steps: int) -> str:
+    """``results.md`` / ``results.csv`` of the Reacher experiment from its run directories."""
+    rows = summary_table(run_dirs, reacher=True)
+    return write_tables(rows, Path(out), "results", f"Figure 2 (right), sparse 5-link Reacher, {steps:,} env steps "
+                        f"per run: {PROTOCOL}.")

@@ -24,23 +24,54 @@ def load_run(run_dir: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     return cfg, cols
 
 
+# two-sided 95% quantiles of Student's t by degrees of freedom (seeds - 1); beyond the
+# table the normal 1.96 is within 2%
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+         20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
+
+
+def t975(df: int) -> float:
+    """Student's t quantile for a 95% interval with ``df`` degrees of freedom (the next
+    smaller tabulated ``df``: conservative)."""
+    if df < 1:
+        return math.nan
+    return _T975[max(k for k in _T975 if k <= df)] if df <= 120 else 1.96
+
+
+def ci95(values) -> tuple[float, float, int]:
+    """``(mean, half-width of the 95% interval, n)`` over the finite ``values`` (seeds):
+    Student's t on the standard error; half-width NaN for fewer than 2 values."""
+    v = np.asarray([x for x in values if x == x and math.isfinite(x)], dtype=np.float64)
+    if len(v) == 0:
+        return math.nan, math.nan, 0
+    if len(v) < 2:
+        return float(v.mean()), math.nan, 1
+    return float(v.mean()), t975(len(v) - 1) * float(v.std(ddof=1)) / math.sqrt(len(v)), len(v)
+
+
 def mean_ci95(curves: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and half-width of the 95% interval (normal approximation, 1.96 standard errors)
-    over seeds, truncated to the shortest curve."""
+    """Mean and half-width of the 95% interval (Student's t over seeds, per point) of the
+    curves, truncated to the shortest; half-width 0 where fewer than 2 seeds have a value."""
     n = min(len(c) for c in curves)
     stack = np.stack([c[:n] for c in curves])
     with warnings.catch_warnings():  # iterations without an evaluation are NaN in every seed
         warnings.simplefilter("ignore", RuntimeWarning)
         mean = np.nanmean(stack, axis=0)
+        count = (~np.isnan(stack)).sum(0)
         if stack.shape[0] < 2:
             return mean, np.zeros_like(mean)
-        return mean, 1.96 * np.nanstd(stack, axis=0, ddof=1) / math.sqrt(stack.shape[0])
+        t = np.array([t975(int(c) - 1) if c >= 2 else 0.0 for c in count])
+        half = t * np.nanstd(stack, axis=0, ddof=1) / np.sqrt(np.maximum(count, 1))
+        return mean, np.where(count >= 2, half, 0.0)
 
 
-def plot_runs(run_dirs, out: str | Path, metric: str = "eval_return_mean") -> list[Path]:
+def plot_runs(run_dirs, out: str | Path, metric: str = "eval_return_mean", figures=("returns", "kl"),
+              exact_path: bool = False) -> list[Path]:
     """Write ``<out>_returns.png`` (mean return with 95% interval per method and env; dashed
     for contextual covariance) and ``<out>_kl.png`` (mean KL to the old policy per
-    iteration per method, paper Figure 2 left). Returns the paths written."""
+    iteration per method, paper Figure 2 left). Returns the paths written. ``figures``
+    picks among the two; with ``exact_path`` (one figure) it is written to ``out`` itself."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -60,6 +91,8 @@ def plot_runs(run_dirs, out: str | Path, metric: str = "eval_return_mean") -> li
     colors = {algo: f"C{i}" for i, algo in enumerate(sorted({k[1] for k in groups}))}
     paths = []
     for name, key, ylabel in (("returns", metric, "return"), ("kl", "kl_mean", "mean KL(new || old)")):
+        if name not in figures:
+            continue
         fig, axes = plt.subplots(1, len(envs), figsize=(5 * len(envs), 3.6), squeeze=False)
         for ax, env in zip(axes[0], envs):
             for (e, algo, contextual), runs in sorted(groups.items()):
@@ -79,7 +112,7 @@ def plot_runs(run_dirs, out: str | Path, metric: str = "eval_return_mean") -> li
                 ax.set_yscale("log")
             ax.legend(fontsize=8)
         fig.tight_layout()
-        path = out.with_name(f"{out.stem}_{name}.png")
+        path = out if exact_path else out.with_name(f"{out.stem}_{name}.png")
         fig.savefig(path, dpi=120)
         plt.close(fig)
         paths.append(path)

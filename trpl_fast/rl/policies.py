@@ -99,6 +99,10 @@ class GaussianPolicy(nn.Module):
         features = self.body(obs)
         return self.mean_head(features), self.cov_from_raw(*self._raw_cov(features))
 
+    def mean_action(self, obs: Tensor) -> Tensor:
+        """The deterministic action (the mean), without computing the covariance."""
+        return self.mean_head(self.body(obs))
+
     @torch.no_grad()
     def set_global_cov(self, cov: Tensor) -> None:
         """Copy a (projected) state-independent covariance into the global parameters:

@@ -28,6 +28,7 @@ from ..projection import EntropySchedule, TrustRegionProjection
 from .advantages import gae
 from .config import ALGOS, PROJECTIONS, TrainConfig
 from .envs import make_vec_env
+from .evaluation import Evaluator
 from .losses import ppo_clip_loss, surrogate_loss, value_loss
 from .normalization import ObservationNormalizer, RewardNormalizer
 from .policies import GaussianPolicy, ValueNetwork
@@ -51,6 +52,14 @@ def minibatches(n: int, size: int, gen: torch.Generator, device):
     perm = torch.randperm(n, generator=gen).to(device)
     for start in range(0, n, size):
         yield perm[start:start + size]
+
+
+def normalize_advantages(adv: torch.Tensor) -> torch.Tensor:
+    """``(A - mean) / (std + 1e-8)`` over the given advantages (a minibatch, as the original
+    does inside its surrogate loss, or the whole batch). A single advantage has no spread:
+    it becomes 0 (no NaN from an unbiased std of one value)."""
+    std = adv.std(correction=1 if adv.numel() > 1 else 0)
+    return (adv - adv.mean()) / (std + 1e-8)
 
 
 def _finite_losses(losses: list, name: str, iteration: int) -> list[float]:
@@ -82,25 +91,8 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-@torch.no_grad()
-def evaluate(policy, obs_norm, env_id: str, episodes: int, seed: int, device) -> float:
-    """Mean undiscounted return of the deterministic policy (its mean action)."""
-    env = make_vec_env(env_id, episodes, seed)
-    obs = env.reset()
-    returns, done, total = np.zeros(episodes), np.zeros(episodes, dtype=bool), 0
-    while not done.all() and total < 100_000:
-        x = torch.as_tensor(obs, dtype=torch.float32, device=device)
-        mean, _ = policy(obs_norm(x) if obs_norm is not None else x)
-        obs, rew, term, trunc = env.step(mean.cpu().double().numpy())
-        returns += np.where(done, 0.0, rew)
-        done |= term | trunc
-        total += 1
-    env.close()
-    return float(returns.mean())
-
-
 # fields a resumed run may change: they do not alter what is learned up to the checkpoint
-RESUMABLE_CHANGES = ("total_steps", "device", "eval_episodes", "checkpoint_every")
+RESUMABLE_CHANGES = ("total_steps", "device", "eval_episodes", "eval_every", "checkpoint_every")
 
 
 def read_checkpoint(path: str | Path, device="cpu") -> dict:
@@ -301,14 +293,19 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwr
         except ImportError:
             bar = None
 
+    # one batched evaluation env for the run; new start states for every evaluation
+    evaluator = Evaluator(cfg.env_id, cfg.eval_episodes, cfg.seed, backend=cfg.env_backend,
+                          clip_actions=cfg.clip_actions, first_iteration=start_iteration) if cfg.eval_episodes > 0 else None
     t_start = time.perf_counter()
     last_good = snapshot(start_iteration)  # what Ctrl-C writes: the last completed iteration
     try:
         for iteration in range(start_iteration, n_iterations):
             t_iter = time.perf_counter()
-            if cfg.lr_decay:
-                for group in opt_pi.param_groups:
-                    group["lr"] = cfg.lr * (1.0 - iteration / n_iterations)
+            if cfg.lr_decay:  # both optimizers, linearly to 0 (as the original PPO code)
+                frac = 1.0 - iteration / n_iterations
+                for opt, lr in ((opt_pi, cfg.lr), (opt_vf, cfg.lr_vf)):
+                    for group in opt.param_groups:
+                        group["lr"] = lr * frac
 
             # -- rollout ------------------------------------------------------------------
             T, N = steps_per_env, cfg.num_envs
@@ -325,7 +322,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwr
                 with torch.no_grad():
                     mean, cov = policy(obs.to(device))
                     action = D.sample(kind, cfg.cov_form, mean, cov, generator=None).cpu()
-                raw_next, rew, term, trunc = envs.step(action.double().numpy())
+                raw_next, rew, term, trunc = envs.step(action.double().numpy(), clip=cfg.clip_actions)
                 if cfg.time_limit_terminal:
                     term, trunc = term | trunc, np.zeros_like(trunc)
                 valid = ~prev_done  # a step right after an episode end only resets
@@ -359,7 +356,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwr
             b_adv = adv.reshape(-1)[keep].to(device)
             b_ret = returns.reshape(-1)[keep].to(device)
             b_val = values.reshape(-1)[keep].to(device)
-            b_adv = (b_adv - b_adv.mean()) / (b_adv.std() + 1e-8)
+            if cfg.advantage_normalization == "batch":
+                b_adv = normalize_advantages(b_adv)
             with torch.no_grad():
                 old_mean, old_cov = policy(b_obs)
                 old_logp = D.log_prob(kind, cfg.cov_form, old_mean, old_cov, b_act)
@@ -368,22 +366,26 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwr
             # -- policy update ------------------------------------------------------------
             pi_losses = []
             if cfg.algo == "trpo":  # one natural-gradient step on the whole batch
-                info = trpo_step(policy, b_obs, b_act, b_adv, old_logp, old_mean, old_cov, kind=kind,
+                adv_all = normalize_advantages(b_adv) if cfg.advantage_normalization == "minibatch" else b_adv
+                info = trpo_step(policy, b_obs, b_act, adv_all, old_logp, old_mean, old_cov, kind=kind,
                                  form=cfg.cov_form, max_kl=cfg.trpo_max_kl)
                 pi_losses.append(-info["improvement"])
             for _ in range(cfg.epochs if cfg.algo != "trpo" else 0):
                 epoch_losses = []
                 for idx in minibatches(n, cfg.minibatch_size, gen, device):
+                    adv_mb = b_adv[idx]
+                    if cfg.advantage_normalization == "minibatch":
+                        adv_mb = normalize_advantages(adv_mb)
                     mean, cov = policy(b_obs[idx])
                     if projected:
                         mean_t, cov_t = (layer(mean, cov, old_mean[idx], old_cov[idx], step=global_step)
                                          if cfg.projection else (mean, cov))
                         logp = D.log_prob(kind, cfg.cov_form, mean_t, cov_t, b_act[idx])
-                        loss = surrogate_loss(logp, old_logp[idx], b_adv[idx]) + \
+                        loss = surrogate_loss(logp, old_logp[idx], adv_mb) + \
                             layer.trust_region_loss(mean, cov, mean_t, cov_t)
                     else:
                         logp = D.log_prob(kind, cfg.cov_form, mean, cov, b_act[idx])
-                        loss = ppo_clip_loss(logp, old_logp[idx], b_adv[idx], cfg.ratio_clip)
+                        loss = ppo_clip_loss(logp, old_logp[idx], adv_mb, cfg.ratio_clip)
                     opt_pi.zero_grad(set_to_none=True)
                     loss.backward()
                     if cfg.max_grad_norm is not None:
@@ -424,8 +426,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwr
             # -- log, evaluate, checkpoint ------------------------------------------------
             last = iteration == n_iterations - 1
             eval_return = math.nan
-            if cfg.eval_episodes > 0 and (last or (iteration + 1) % cfg.checkpoint_every == 0):
-                eval_return = evaluate(policy, obs_norm, cfg.env_id, cfg.eval_episodes, cfg.seed + 10_000, device)
+            if evaluator is not None and (last or (iteration + 1) % cfg.eval_every == 0):
+                eval_return = evaluator(policy, obs_norm, iteration)
             recent = finished_returns[-20:]
             row = {"iteration": iteration, "global_step": global_step,
                    "train_return_mean": float(np.mean(recent)) if recent else math.nan,
@@ -454,6 +456,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwr
     finally:
         csv_file.close()
         envs.close()
+        if evaluator is not None:
+            evaluator.close()
         if tb is not None:
             tb.close()
         if bar is not None:
