@@ -139,13 +139,16 @@ class TrustRegionProjection(nn.Module):
         return cov * (scale.unsqueeze(-1) if self.cov_form == "diag" else scale[..., None, None])
 
     # -- loss ---------------------------------------------------------------------------
-    def trust_region_loss(self, mean: Tensor, cov: Tensor, mean_t: Tensor, cov_t: Tensor) -> Tensor:
+    def trust_region_loss(self, mean: Tensor, cov: Tensor, mean_t: Tensor, cov_t: Tensor,
+                          weight: Tensor | None = None) -> Tensor:
         """``alpha * mean(d(p, stopgrad(p_t)))`` (paper Eq. 12): pulls the network output
         towards its projection so that the unprojected policy stays in the region too.
 
         Only the mean part when the covariance is not contextual (the projected global
         covariance is copied into the policy instead); for Frobenius with a contextual
         covariance the covariance part is the squared difference of the std factors.
+        ``weight`` (batch shape): per-state weights of the mean (e.g. a 0 / 1 mask of padded
+        states), ``sum(w d) / sum(w)``.
         """
         mean_t, cov_t = mean_t.detach(), cov_t.detach()
         dist = D.mean_part(self.kind, self.cov_form, mean, mean_t, cov_t)
@@ -155,7 +158,9 @@ class TrustRegionProjection(nn.Module):
                 dist = dist + (diff * diff).flatten(mean.dim() - 1).sum(-1)
             else:
                 dist = dist + D.cov_part(self.kind, self.cov_form, cov, cov_t)
-        return self.regression_weight * dist.mean()
+        if weight is None:
+            return self.regression_weight * dist.mean()
+        return self.regression_weight * (dist * weight).sum() / weight.sum().clamp_min(1.0)
 
     # -- metrics ------------------------------------------------------------------------
     @torch.no_grad()

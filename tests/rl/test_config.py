@@ -79,10 +79,14 @@ def test_reacher_contextual_kl_bound_and_envs():
 @pytest.mark.parametrize("preset_name", ["mujoco", "humanoid", "reacher", "throughput"])
 @pytest.mark.parametrize("algo", [*PROJ, *BASE, "trpo"])
 def test_presets_follow_the_original_implementation(preset_name, algo):
-    """Unclipped actions and per-minibatch advantage normalization (the original's
-    behaviour); the projections run without entropy control (table 1's plain rows)."""
+    """Unclipped actions, per-minibatch advantage normalization, no gradient clipping, std
+    floor 1e-5 (the original's behaviour); the projections run without entropy control
+    (table 1's plain rows)."""
     cfg = preset(preset_name, algo)
     assert cfg.clip_actions is False and cfg.advantage_normalization == "minibatch"
+    # the original clips no gradient in any config (clip_grad_norm 0; tables 2-4 have no
+    # such row) and bounds the std below by minimal_std 1e-5
+    assert cfg.max_grad_norm is None and cfg.min_std == 1e-5
     assert cfg.entropy_control is None and cfg.eval_every == 1 and cfg.eval_episodes in (5, 64)
 
 

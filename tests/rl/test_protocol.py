@@ -40,18 +40,24 @@ def test_advantages_normalized_per_minibatch(algo, loss, mode, tmp_path, monkeyp
     seen, real = [], getattr(T, loss)
 
     def spy(logp, logp_old, adv, *args):
-        seen.append(adv.detach().clone())
+        seen.append((adv.detach().clone(), args[-1].clone()))  # the last argument: the row weights
         return real(logp, logp_old, adv, *args)
     monkeypatch.setattr(T, loss, spy)
     run(small(algo, advantage_normalization=mode, total_steps=512), tmp_path)
-    # 512 steps less 2 reset steps (Pendulum truncates at 200) -> five 100-state minibatches and one of 10
-    assert [len(a) for a in seen[:6]] == [100] * 5 + [10]
-    per_minibatch = [(float(a.mean()), float(a.std())) for a in seen]
+    # fixed-size minibatches over all 512 steps; the 2 reset steps (Pendulum truncates at 200)
+    # ride along with weight 0
+    assert [len(a) for a, _ in seen[:6]] == [100] * 5 + [12]
+    assert sum(float(w.sum()) for _, w in seen[:6]) == 510
+
+    def stats(a, w):
+        a = a[w > 0]
+        return float(a.mean()), float(a.std())
+    per_minibatch = [stats(a, w) for a, w in seen]
     if mode == "minibatch":
         assert all(abs(m) < 1e-5 and abs(s - 1.0) < 1e-4 for m, s in per_minibatch)
     else:  # normalized over the batch: each minibatch is off by its sampling noise
         assert max(abs(m) for m, _ in per_minibatch) > 1e-3
-        whole = torch.cat(seen[:6])
+        whole = torch.cat([a[w > 0] for a, w in seen[:6]])
         assert abs(float(whole.mean())) < 1e-5 and abs(float(whole.std()) - 1.0) < 1e-3
 
 
@@ -59,6 +65,25 @@ def test_a_single_advantage_normalizes_to_zero():
     from trpl_fast.rl.train import normalize_advantages
 
     assert normalize_advantages(torch.tensor([3.5])).tolist() == [0.0]
+    masked = normalize_advantages(torch.tensor([1.0, 3.0, 100.0, 5.0]), torch.tensor([1.0, 1.0, 0.0, 1.0]))
+    assert masked[[0, 1, 3]].tolist() == pytest.approx([-1.0, 0.0, 1.0], abs=1e-6)
+
+
+def test_masked_losses_equal_the_losses_of_the_valid_rows():
+    from trpl_fast.projection import TrustRegionProjection
+    from trpl_fast.rl.losses import ppo_clip_loss, surrogate_loss, value_loss
+
+    g = torch.Generator().manual_seed(0)
+    logp, old, adv, v, r, v0 = (torch.randn(9, generator=g) for _ in range(6))
+    w = torch.tensor([1.0, 0, 1, 1, 0, 1, 1, 1, 0])
+    k = w > 0
+    assert surrogate_loss(logp, old, adv, w) == pytest.approx(float(surrogate_loss(logp[k], old[k], adv[k])))
+    assert ppo_clip_loss(logp, old, adv, 0.2, w) == pytest.approx(float(ppo_clip_loss(logp[k], old[k], adv[k], 0.2)))
+    assert value_loss(v, r, v0, 0.2, w) == pytest.approx(float(value_loss(v[k], r[k], v0[k], 0.2)))
+    layer = TrustRegionProjection("kl", 0.03, 0.001, regression_weight=8.0)
+    mean, mean_t, std = torch.randn(9, 3, generator=g), torch.randn(9, 3, generator=g), torch.ones(9, 3)
+    assert layer.trust_region_loss(mean, std, mean_t, std, w) == pytest.approx(
+        float(layer.trust_region_loss(mean[k], std[k], mean_t[k], std[k])))
 
 
 @pytest.mark.parametrize("clip", [False, True])

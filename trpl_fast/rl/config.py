@@ -80,6 +80,7 @@ class TrainConfig:
     hidden: tuple[int, ...] = (64, 64)
     hidden_vf: tuple[int, ...] = (64, 64)
     init_std: float = 1.0
+    min_std: float = 1e-5              # std = softplus(param) + min_std (the original's minimal_std)
     # False: the sampled action goes to the environment as it is (the original; MuJoCo clamps
     # the control, the control cost sees the raw action); True: clipped to the action box first
     clip_actions: bool = False
@@ -108,7 +109,7 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"config field {name}: must be one of {allowed}, got {getattr(self, name)!r}")
         positive = ("total_steps", "num_envs", "rollout_steps", "minibatch_size", "lr", "lr_vf", "mean_bound",
-                    "cov_bound", "temperature", "ratio_clip", "trpo_max_kl", "init_std", "eval_every",
+                    "cov_bound", "temperature", "ratio_clip", "trpo_max_kl", "init_std", "min_std", "eval_every",
                     "checkpoint_every", "max_grad_norm", "vf_clip", "obs_clip", "reward_clip")
         for name in positive:
             value = getattr(self, name)
@@ -126,6 +127,8 @@ class TrainConfig:
         for name in ("hidden", "hidden_vf"):
             if not getattr(self, name) or any(h < 1 for h in getattr(self, name)):
                 raise ValueError(f"config field {name}: must be one or more layer widths >= 1, got {getattr(self, name)!r}")
+        if not self.init_std > self.min_std:
+            raise ValueError(f"config field init_std: must be > min_std ({self.min_std}), got {self.init_std!r}")
         if self.rollout_steps % self.num_envs:
             raise ValueError(f"config field rollout_steps: ({self.rollout_steps}) must be a multiple of "
                              f"num_envs ({self.num_envs})")
@@ -282,8 +285,7 @@ def preset(name: str, algo: str, **overrides) -> TrainConfig:
             mean_bound=0.03, cov_bound=0.001,
             temperature=0.5, normalize_rewards=(algo == "ppo"),
             obs_clip=10.0 if algo == "ppo" else None, reward_clip=10.0 if algo == "ppo" else None,
-            vf_clip=0.2 if algo == "ppo" else None, max_grad_norm=0.5 if algo == "ppo" else None,
-            lr_decay=(algo == "ppo"))
+            vf_clip=0.2 if algo == "ppo" else None, lr_decay=(algo == "ppo"))
         if name == "throughput":
             cfg = dataclasses.replace(cfg, num_envs=64, rollout_steps=16384, epochs=5 if proj else 4,
                                       minibatch_size=4096, epochs_vf=5,
@@ -299,8 +301,7 @@ def preset(name: str, algo: str, **overrides) -> TrainConfig:
             cov_bound={"frob": 5e-5, "w2": 1e-3, "kl": 1e-3 if contextual else 5e-5}.get(algo, 1e-3),
             normalize_rewards=(algo == "ppo"), obs_clip=10.0 if algo == "ppo" else None,
             reward_clip=10.0 if algo == "ppo" else None, vf_clip=0.2 if algo == "ppo" else None,
-            max_grad_norm=0.5 if algo == "ppo" else None, lr_decay=(algo == "ppo"),
-            time_limit_terminal=True, eval_episodes=64, checkpoint_every=5)
+            lr_decay=(algo == "ppo"), time_limit_terminal=True, eval_episodes=64, checkpoint_every=5)
     else:  # humanoid, table 3
         cfg = TrainConfig(
             algo=algo, env_id="Humanoid-v5", rollout_steps=16384, epochs=10,
@@ -310,5 +311,5 @@ def preset(name: str, algo: str, **overrides) -> TrainConfig:
             temperature=0.2,
             normalize_rewards=(algo == "ppo"), obs_clip=10.0 if algo == "ppo" else None,
             reward_clip=10.0 if algo == "ppo" else None, vf_clip=0.2 if algo == "ppo" else None,
-            max_grad_norm=0.5 if algo == "ppo" else None, lr_decay=(algo == "ppo"))
+            lr_decay=(algo == "ppo"))
     return dataclasses.replace(cfg, **overrides)

@@ -54,12 +54,16 @@ def minibatches(n: int, size: int, gen: torch.Generator, device):
         yield perm[start:start + size]
 
 
-def normalize_advantages(adv: torch.Tensor) -> torch.Tensor:
+def normalize_advantages(adv: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """``(A - mean) / (std + 1e-8)`` over the given advantages (a minibatch, as the original
-    does inside its surrogate loss, or the whole batch). A single advantage has no spread:
-    it becomes 0 (no NaN from an unbiased std of one value)."""
-    std = adv.std(correction=1 if adv.numel() > 1 else 0)
-    return (adv - adv.mean()) / (std + 1e-8)
+    does inside its surrogate loss, or the whole batch), the unbiased std; with ``weight``
+    (0 / 1 per row) over the rows it marks. One advantage has no spread: it becomes 0 (no
+    NaN from an unbiased std of one value). No host sync."""
+    w = torch.ones_like(adv) if weight is None else weight
+    count = w.sum()
+    mean = (w * adv).sum() / count.clamp_min(1.0)
+    var = (w * (adv - mean) ** 2).sum() / (count - 1.0).clamp_min(1.0)
+    return (adv - mean) / (var.sqrt() + 1e-8)
 
 
 def _finite_losses(losses: list, name: str, iteration: int) -> list[float]:
@@ -126,7 +130,7 @@ def load_policy(checkpoint_path: str | Path, device="cpu"):
     kind = cfg.algo if cfg.algo in PROJECTIONS else "kl"
     policy = GaussianPolicy(env.obs_dim, env.act_dim, kind=kind, cov_form=cfg.cov_form,
                             cov_type="contextual" if cfg.contextual_cov else "global",
-                            hidden=cfg.hidden, init_std=cfg.init_std).to(device)
+                            hidden=cfg.hidden, init_std=cfg.init_std, min_std=cfg.min_std).to(device)
     env.close()
     policy.load_state_dict(state["policy"])
     obs_norm = None
@@ -192,7 +196,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwr
     kind = cfg.algo if projected else "kl"  # the parametrization of the baselines' policy
     policy = GaussianPolicy(obs_dim, act_dim, kind=kind, cov_form=cfg.cov_form,
                             cov_type="contextual" if cfg.contextual_cov else "global",
-                            hidden=cfg.hidden, init_std=cfg.init_std).to(device)
+                            hidden=cfg.hidden, init_std=cfg.init_std, min_std=cfg.min_std).to(device)
     value = ValueNetwork(obs_dim, cfg.hidden_vf).to(device)
     # fused Adam: one kernel per step instead of a loop over parameters; measured 1.8x
     # faster per minibatch step for the paper's 64x64 MLPs on one CPU thread
@@ -348,16 +352,19 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwr
                 values = value(buf_obs.to(device)).cpu()
                 next_values = value(buf_next_obs.to(device)).cpu()
             adv, returns = gae(buf_rew, values, next_values, buf_term, buf_trunc, cfg.gamma, cfg.gae_lambda)
-            # invalid (reset) steps must not cut or feed another step's recursion: they sit
-            # right after a done step, whose recursion is already cut, and are dropped here
+            # Invalid (reset) steps sit right after a done step, whose recursion is already
+            # cut, so they feed no other step's advantage. They stay in the batch with weight
+            # 0: every minibatch has the same size (static shapes; the original splits its
+            # valid steps into rollout / minibatch_size equal parts) and nothing syncs the host.
             keep = buf_valid.reshape(-1)
-            b_obs = buf_obs.reshape(-1, obs_dim)[keep].to(device)
-            b_act = buf_act.reshape(-1, act_dim)[keep].to(device)
-            b_adv = adv.reshape(-1)[keep].to(device)
-            b_ret = returns.reshape(-1)[keep].to(device)
-            b_val = values.reshape(-1)[keep].to(device)
+            b_obs = buf_obs.reshape(-1, obs_dim).to(device)
+            b_act = buf_act.reshape(-1, act_dim).to(device)
+            b_adv = adv.reshape(-1).to(device)
+            b_ret = returns.reshape(-1).to(device)
+            b_val = values.reshape(-1).to(device)
+            b_w = keep.to(device=device, dtype=torch.float32)
             if cfg.advantage_normalization == "batch":
-                b_adv = normalize_advantages(b_adv)
+                b_adv = normalize_advantages(b_adv, b_w)
             with torch.no_grad():
                 old_mean, old_cov = policy(b_obs)
                 old_logp = D.log_prob(kind, cfg.cov_form, old_mean, old_cov, b_act)
@@ -366,26 +373,27 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwr
             # -- policy update ------------------------------------------------------------
             pi_losses = []
             if cfg.algo == "trpo":  # one natural-gradient step on the whole batch
-                adv_all = normalize_advantages(b_adv) if cfg.advantage_normalization == "minibatch" else b_adv
-                info = trpo_step(policy, b_obs, b_act, adv_all, old_logp, old_mean, old_cov, kind=kind,
-                                 form=cfg.cov_form, max_kl=cfg.trpo_max_kl)
+                adv_all = normalize_advantages(b_adv, b_w) if cfg.advantage_normalization == "minibatch" else b_adv
+                k = keep.to(device)  # the whole batch at once: its valid rows
+                info = trpo_step(policy, b_obs[k], b_act[k], adv_all[k], old_logp[k], old_mean[k], old_cov[k],
+                                 kind=kind, form=cfg.cov_form, max_kl=cfg.trpo_max_kl)
                 pi_losses.append(-info["improvement"])
             for _ in range(cfg.epochs if cfg.algo != "trpo" else 0):
                 epoch_losses = []
                 for idx in minibatches(n, cfg.minibatch_size, gen, device):
-                    adv_mb = b_adv[idx]
+                    adv_mb, w_mb = b_adv[idx], b_w[idx]
                     if cfg.advantage_normalization == "minibatch":
-                        adv_mb = normalize_advantages(adv_mb)
+                        adv_mb = normalize_advantages(adv_mb, w_mb)
                     mean, cov = policy(b_obs[idx])
                     if projected:
                         mean_t, cov_t = (layer(mean, cov, old_mean[idx], old_cov[idx], step=global_step)
                                          if cfg.projection else (mean, cov))
                         logp = D.log_prob(kind, cfg.cov_form, mean_t, cov_t, b_act[idx])
-                        loss = surrogate_loss(logp, old_logp[idx], adv_mb) + \
-                            layer.trust_region_loss(mean, cov, mean_t, cov_t)
+                        loss = surrogate_loss(logp, old_logp[idx], adv_mb, w_mb) + \
+                            layer.trust_region_loss(mean, cov, mean_t, cov_t, w_mb)
                     else:
                         logp = D.log_prob(kind, cfg.cov_form, mean, cov, b_act[idx])
-                        loss = ppo_clip_loss(logp, old_logp[idx], adv_mb, cfg.ratio_clip)
+                        loss = ppo_clip_loss(logp, old_logp[idx], adv_mb, cfg.ratio_clip, w_mb)
                     opt_pi.zero_grad(set_to_none=True)
                     loss.backward()
                     if cfg.max_grad_norm is not None:
@@ -395,8 +403,10 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwr
                 # one host sync per epoch, not two per minibatch (they stall a GPU's queue);
                 # a NaN is still caught before the iteration can be checkpointed
                 pi_losses += _finite_losses(epoch_losses, "policy", iteration)
-            with torch.no_grad():
-                raw_mean, raw_cov = policy(b_obs)
+            with torch.no_grad():  # metrics over the valid states (once per iteration)
+                k = keep.to(device)
+                old_mean, old_cov = old_mean[k], old_cov[k]
+                raw_mean, raw_cov = policy(b_obs[k])
                 if projected:
                     new_mean, new_cov = layer(raw_mean, raw_cov, old_mean, old_cov, step=global_step)
                     metrics = layer.metrics(new_mean, new_cov, old_mean, old_cov, raw_mean, raw_cov)
@@ -414,7 +424,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwr
             for _ in range(cfg.epochs_vf):
                 epoch_losses = []
                 for idx in minibatches(n, cfg.minibatch_size, gen, device):
-                    vloss = value_loss(value(b_obs[idx]), b_ret[idx], b_val[idx], cfg.vf_clip)
+                    vloss = value_loss(value(b_obs[idx]), b_ret[idx], b_val[idx], cfg.vf_clip, b_w[idx])
                     opt_vf.zero_grad(set_to_none=True)
                     vloss.backward()
                     if cfg.max_grad_norm is not None:
