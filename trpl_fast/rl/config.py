@@ -68,6 +68,9 @@ class TrainConfig:
     env_backend: str = "auto"          # auto (EnvPool where it has the task) | envpool | gymnasium
     eval_episodes: int = 5
     checkpoint_every: int = 10         # iterations
+    # also checkpoint after this much wall time: with the paper presets 10 iterations are
+    # 20,480 to 163,840 steps, too much to lose to a SIGKILL early in a run
+    checkpoint_seconds: float = 60.0
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:

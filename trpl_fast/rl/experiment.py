@@ -30,7 +30,7 @@ def _train_one(job: dict) -> str:
     import torch
 
     from .config import preset
-    from .train import read_checkpoint, train
+    from .train import planned_iterations, read_checkpoint, train
 
     torch.set_num_threads(1)
     cfg = preset("reacher", job["algo"], contextual_cov=job["contextual"], seed=job["seed"],
@@ -39,9 +39,11 @@ def _train_one(job: dict) -> str:
     resume = (run_dir / "checkpoint.pt").exists()
     if resume:
         ckpt = read_checkpoint(run_dir)
-        if not ckpt.get("interrupted") and ckpt["global_step"] >= cfg.rollout_steps * max(1, cfg.total_steps // cfg.rollout_steps):
+        if not ckpt.get("interrupted") and ckpt["global_step"] >= cfg.rollout_steps * planned_iterations(cfg):
             return f"{run_dir.name}: already finished"
-    rows = train(cfg, run_dir, resume=resume, progress=False, log_tensorboard=job["tensorboard"])
+    # without a checkpoint (killed before its first) there is nothing to keep: start it over
+    rows = train(cfg, run_dir, resume=resume, overwrite=not resume, progress=False,
+                 log_tensorboard=job["tensorboard"])
     last = rows[-1]
     return (f"{run_dir.name}: {int(last['global_step'])} steps, eval return {last['eval_return_mean']:.2f}, "
             f"{last['steps_per_second']:.0f} steps/s")
