@@ -67,7 +67,8 @@ def test_zero_envs(tmp_path, capsys):
 def test_out_names_a_file(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert main(["train", *PENDULUM, "--device", "cpu", "--out", str(tmp_path / "file")]) == 2
-    assert f"--out {tmp_path / 'file'} is a file" in error_line(capsys)
+    line = error_line(capsys)
+    assert str(tmp_path / "file") in line and "is a file" in line and "--out" in line
 
 
 @pytest.fixture
