@@ -101,6 +101,11 @@ def test_demo_needs_positive_sizes(option, capsys):
     assert f"{option} must be >= 1, got 0" in error_line(capsys)
 
 
+def test_demo_bad_device(capsys):
+    assert main(["demo", "--device", "tpu", "--batch", "8"]) == 2
+    assert "--device must be auto, cpu or cuda, got 'tpu'" in error_line(capsys)
+
+
 def test_demo_times_the_reference_on_a_subset(capsys):
     assert main(["demo", "--batch", "300", "--dim", "2", "--repeats", "1", "--device", "cpu"]) == 0
     assert "float64 reference timed on 256 of the 300 rows" in capsys.readouterr().out
