@@ -17,6 +17,10 @@ import torch
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.split(":")[0] not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here (torch {torch.__version__})")
     return torch.device(name)
 
 
@@ -34,19 +38,33 @@ def _time(fn, repeats: int) -> float:
     return best
 
 
+# the float64 reference is dense and unoptimized (KL by bisection): timing it on the default
+# 4,096 rows took 3-5 minutes with no output, so it is timed on at most this many rows
+DEMO_REF_ROWS = 256
+
+
 def demo(args) -> int:
     import trpl_fast
     from trpl_fast import distances as D
     from trpl_fast import reference as R
     from trpl_fast.ops import OPS
 
+    for opt in ("batch", "dim", "repeats"):
+        if getattr(args, opt) < 1:
+            raise ValueError(f"--{opt} must be >= 1, got {getattr(args, opt)}")
+    for opt in ("mean_bound", "cov_bound"):
+        if not getattr(args, opt) > 0:
+            raise ValueError(f"--{opt.replace('_', '-')} must be > 0, got {getattr(args, opt)}")
     device = _device(args.device)
     gen = torch.Generator().manual_seed(args.seed)
     n, d = args.batch, args.dim
+    m = min(n, DEMO_REF_ROWS)
     print(f"trpl_fast {trpl_fast.__version__} | torch {torch.__version__} | device {device} | "
           f"batch {n} x d {d} | float32 | mean_bound {args.mean_bound} cov_bound {args.cov_bound}")
+    print(f"(every row checked against the float64 reference; op timed on all {n} rows, "
+          f"float64 reference timed on {m} of the {n} rows)", flush=True)
     print(f"{'kind':5s} {'form':5s} {'projected':>9s} {'max mean/bound':>15s} {'max cov/bound':>14s} "
-          f"{'rel.err vs ref':>15s} {'op ms':>8s} {'ref ms':>8s}")
+          f"{'rel.err vs ref':>15s} {'op ms':>8s} {f'ref ms/{m}':>10s}", flush=True)
     ok = True
     for (kind, form) in sorted(OPS):
         old_mean = torch.randn(n, d, generator=gen)
@@ -77,19 +95,19 @@ def demo(args) -> int:
         before = (D.mean_part(kind, form, *[t.double() for t in (tensors[0], tensors[2], tensors[3])]) > args.mean_bound) | (
             D.cov_part(kind, form, tensors[1].double(), tensors[3].double()) > args.cov_bound)
         t_op = _time(lambda: api(*tensors, check_values=False, **kw), args.repeats)
-        t_ref = _time(lambda: ref(*tensors, **kw), max(1, args.repeats // 3))
+        t_ref = _time(lambda: ref(*[t[:m] for t in tensors], **kw), max(1, args.repeats // 3))
         row_ok = mp.max() <= args.mean_bound * 1.001 and cp.max() <= args.cov_bound * 1.001 and err < 1e-4
         ok &= bool(row_ok)
         print(f"{kind:5s} {form:5s} {before.float().mean().item():9.1%} {mp.max().item() / args.mean_bound:15.6f} "
-              f"{cp.max().item() / args.cov_bound:14.6f} {err:15.2e} {1e3 * t_op:8.2f} {1e3 * t_ref:8.2f}"
-              + ("" if row_ok else "  <-- FAILED"))
+              f"{cp.max().item() / args.cov_bound:14.6f} {err:15.2e} {1e3 * t_op:8.2f} {1e3 * t_ref:10.2f}"
+              + ("" if row_ok else "  <-- FAILED"), flush=True)
     print("all rows inside their trust regions, outputs match the float64 reference" if ok else "FAILED")
     return 0 if ok else 1
 
 
 # `trpl-fast train` option -> TrainConfig field, for the options that set one
 _TRAIN_FIELDS = {"env": "env_id", "algo": "algo", "steps": "total_steps", "seed": "seed", "device": "device",
-                 "num_envs": "num_envs", "env_backend": "env_backend"}
+                 "num_envs": "num_envs", "env_backend": "env_backend", "checkpoint_seconds": "checkpoint_seconds"}
 # (no env default here: the preset's -- HalfCheetah-v5, or Humanoid-v5 for `humanoid`)
 _TRAIN_DEFAULTS = {"algo": "kl", "steps": 1_000_000, "seed": 0, "device": "auto",
                    "preset": "mujoco"}
@@ -119,8 +137,10 @@ def train_cmd(args) -> int:
     import dataclasses
 
     from .rl.config import TrainConfig, parse_overrides, preset
-    from .rl.train import TrainingDiverged, read_checkpoint, train
+    from .rl.train import Terminated, TrainingDiverged, planned_iterations, read_checkpoint, train
 
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
     given = {opt: getattr(args, opt) for opt in _TRAIN_FIELDS if getattr(args, opt) is not None}
     sets = parse_overrides(args.set or [])
     if args.resume:
@@ -151,12 +171,20 @@ def train_cmd(args) -> int:
         # 8 steps/s, one thread per run at ~600
         torch.set_num_threads(args.threads)
     verb = "resuming" if args.resume else "training"
-    print(f"{verb} {cfg.algo} on {cfg.env_id} for {cfg.total_steps} steps -> {out}")
+    budget = f"{cfg.total_steps} steps"
+    if cfg.rollout_steps >= 1 and cfg.total_steps >= 1 and cfg.total_steps % cfg.rollout_steps:
+        n = planned_iterations(cfg)
+        budget += f" (rounded up to {n} iterations of {cfg.rollout_steps}: {n * cfg.rollout_steps} steps)"
+    print(f"{verb} {cfg.algo} on {cfg.env_id} for {budget} -> {out}")
     try:
         rows = train(cfg, out, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.no_progress)
     except TrainingDiverged as exc:
         print(f"error: {exc}; the last good checkpoint is in {out}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"\nterminated (SIGTERM): the last completed iteration is checkpointed in {out}; "
+              f"continue with: trpl-fast train --resume {out}", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"\ninterrupted: the last completed iteration is checkpointed in {out}; "
               f"continue with: trpl-fast train --resume {out}", file=sys.stderr)
@@ -214,7 +242,7 @@ def main(argv=None) -> int:
     p.add_argument("--mean-bound", type=float, default=0.03)
     p.add_argument("--cov-bound", type=float, default=0.001)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=10, help="timing repeats, >= 1 (default 10)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=demo)
     t = sub.add_parser("train", help="train a policy (kl, w2, frob, ppo, ppo-m, trpo) on a Gymnasium / EnvPool env",
@@ -223,7 +251,9 @@ def main(argv=None) -> int:
                                    "for lr in 3e-5 5e-5 1e-4; do trpl-fast train --set lr=$lr --out runs/lr$lr; done).")
     t.add_argument("--env", default=None, help="environment id (default HalfCheetah-v5)")
     t.add_argument("--algo", default=None, help="kl, w2, frob, ppo, ppo-m or trpo (default kl)")
-    t.add_argument("--steps", type=int, default=None, help="environment steps (default 1,000,000)")
+    t.add_argument("--steps", type=int, default=None,
+                   help="environment steps, >= 1 (default 1,000,000); rounded up to whole iterations of the "
+                        "preset's rollout (2,048 steps for mujoco, 16,384 for humanoid and throughput)")
     t.add_argument("--seed", type=int, default=None, help="default 0")
     t.add_argument("--device", default=None, help="auto (default), cpu or cuda")
     t.add_argument("--preset", default=None, help="mujoco (paper table 2, default), humanoid (table 3) or throughput")
@@ -233,7 +263,11 @@ def main(argv=None) -> int:
     t.add_argument("--out", default=None, help="run directory (default runs/<env>_<algo>_s<seed>)")
     t.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its checkpoint (--steps may extend it)")
-    t.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace an existing run in --out (a directory holding a run is otherwise refused)")
+    t.add_argument("--checkpoint-seconds", type=float, default=None,
+                   help="also checkpoint after this much wall time (default 60; checkpoints are written every "
+                        "checkpoint_every iterations or this often, whichever comes first, and at the end)")
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--config", default=None, metavar="FILE.json",
                    help="config fields from a JSON file (all of a run's own config.json, or any subset), applied "
@@ -286,7 +320,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as exc:  # bad input: a message, not a traceback
+    except (ValueError, OSError) as exc:  # bad input or a full / read-only disk: a message, not a traceback
         print(f"trpl-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

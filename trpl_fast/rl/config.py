@@ -89,6 +89,9 @@ class TrainConfig:
     eval_episodes: int = 5             # deterministic episodes per evaluation (paper: 5)
     eval_every: int = 1                # iterations between evaluations (paper: every iteration)
     checkpoint_every: int = 10         # iterations
+    # also checkpoint after this much wall time: with the paper presets 10 iterations are
+    # 20,480 to 163,840 steps, too much to lose to a SIGKILL early in a run
+    checkpoint_seconds: float = 60.0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -115,7 +118,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"config field {name}: must be a finite number > 0, got {value!r}")
-        for name in ("epochs", "epochs_vf", "eval_episodes", "regression_weight"):
+        for name in ("epochs", "epochs_vf", "eval_episodes", "regression_weight", "checkpoint_seconds"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"config field {name}: must be a finite number >= 0, got {value!r}")
@@ -168,6 +171,12 @@ class TrainConfig:
             return cls.from_dict(data)
         except ValueError as exc:
             raise ValueError(f"config file {path}: {exc}") from None
+
+
+def planned_iterations(cfg: TrainConfig) -> int:
+    """Iterations a run of ``cfg`` trains: ``total_steps`` rounded up to whole rollouts
+    (so a run trains at least its budget: 1,000,000 steps of 2,048 are 489 iterations)."""
+    return -(-cfg.total_steps // cfg.rollout_steps)
 
 
 @functools.cache

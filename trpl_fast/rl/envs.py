@@ -161,6 +161,10 @@ def make_vec_env(env_id: str, num_envs: int, seed: int, backend: str = "auto") -
     if backend not in ("auto", "envpool", "gymnasium"):
         raise ValueError(f"env backend must be 'auto', 'envpool' or 'gymnasium', got {backend!r}")
     name = env_id.split("-")[0]
+    if backend == "envpool" and name not in ENVPOOL_TASKS:
+        # falling back to Gymnasium here would leave config.json saying envpool
+        raise ValueError(f"--env-backend envpool: EnvPool has no {env_id!r} (it has the MuJoCo tasks "
+                         f"{', '.join(ENVPOOL_TASKS)}); use --env-backend gymnasium or auto")
     if backend in ("auto", "envpool") and name in ENVPOOL_TASKS:
         try:
             import envpool
@@ -168,9 +172,10 @@ def make_vec_env(env_id: str, num_envs: int, seed: int, backend: str = "auto") -
             env = envpool.make(env_id, env_type="gymnasium", num_envs=num_envs, seed=seed)
             _check_box(env.action_space, env_id)
             return VecEnv(env, num_envs, "envpool")
-        except ImportError:
+        except ImportError as exc:
             if backend == "envpool":
-                raise
+                raise ValueError("--env-backend envpool: EnvPool is not installed (pip install envpool, "
+                                 "or use --env-backend gymnasium)") from exc
         except Exception as exc:  # unknown id in EnvPool: fall back below
             if backend == "envpool":
                 raise ValueError(f"EnvPool cannot make {env_id!r}: {exc}") from exc

@@ -41,7 +41,7 @@ def _train_one(job: dict) -> str:
     """Train (or resume, or skip) one run; in a worker process with one torch thread."""
     import torch
 
-    from .config import TrainConfig
+    from .config import TrainConfig, planned_iterations
     from .train import read_checkpoint, train
 
     torch.set_num_threads(1)
@@ -50,9 +50,11 @@ def _train_one(job: dict) -> str:
     resume = (run_dir / "checkpoint.pt").exists()
     if resume:
         ckpt = read_checkpoint(run_dir)
-        if not ckpt.get("interrupted") and ckpt["global_step"] >= cfg.rollout_steps * max(1, cfg.total_steps // cfg.rollout_steps):
+        if not ckpt.get("interrupted") and ckpt["global_step"] >= cfg.rollout_steps * planned_iterations(cfg):
             return f"{run_dir.name}: already finished"
-    rows = train(cfg, run_dir, resume=resume, overwrite=not resume, progress=False, log_tensorboard=job["tensorboard"])
+    # without a checkpoint (killed before its first) there is nothing to keep: start it over
+    rows = train(cfg, run_dir, resume=resume, overwrite=not resume, progress=False,
+                 log_tensorboard=job["tensorboard"])
     last = rows[-1]
     return (f"{run_dir.name}: {int(last['global_step'])} steps, eval return {last['eval_return_mean']:.2f}, "
             f"{last['steps_per_second']:.0f} steps/s")
@@ -80,7 +82,7 @@ def summarize_run(run_dir) -> dict | None:
     cfg, cols = load_run(run_dir)
     if not cols:
         return None
-    n_iterations = max(1, int(cfg["total_steps"]) // int(cfg["rollout_steps"]))
+    n_iterations = -(-int(cfg["total_steps"]) // int(cfg["rollout_steps"]))  # config.planned_iterations
     summary = run_summary(cols["iteration"], cols["eval_return_mean"], n_iterations)
     wall = float(cols["wall_time"][-1])
     steps = int(cols["global_step"][-1])

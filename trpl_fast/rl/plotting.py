@@ -17,10 +17,21 @@ def load_run(run_dir: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     cfg_path, csv_path = run_dir / "config.json", run_dir / "progress.csv"
     if not cfg_path.exists() or not csv_path.exists():
         raise ValueError(f"{run_dir} is not a run directory (needs config.json and progress.csv)")
-    cfg = json.loads(cfg_path.read_text())
-    with open(csv_path) as f:
-        rows = list(csv.DictReader(f))
-    cols = {k: np.array([float(r[k]) if r[k] not in ("", "nan") else math.nan for r in rows]) for k in rows[0]} if rows else {}
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{cfg_path} is not valid JSON ({exc})") from exc
+    if not isinstance(cfg, dict) or not {"env_id", "algo"} <= set(cfg):
+        raise ValueError(f"{cfg_path} is not a run's config (needs an object with env_id and algo)")
+    try:
+        with open(csv_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        cols = {k: np.array([float(r[k]) if r[k] not in ("", "nan") else math.nan for r in rows])
+                for k in rows[0]} if rows else {}
+    except (ValueError, TypeError, KeyError, csv.Error) as exc:  # a short row reads as None
+        raise ValueError(f"{csv_path} cannot be read ({exc})") from exc
+    if cols and "global_step" not in cols:
+        raise ValueError(f"{csv_path} has no global_step column")
     return cfg, cols
 
 

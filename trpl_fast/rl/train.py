@@ -26,7 +26,9 @@ import torch
 from .. import distances as D
 from ..projection import EntropySchedule, TrustRegionProjection
 from .advantages import gae
-from .config import ALGOS, PROJECTIONS, TrainConfig
+from .checkpoint import (RESUMABLE_CHANGES, Terminated, catch_sigterm, check_resumable,  # noqa: F401
+                         check_resume_config, read_checkpoint, save_checkpoint)
+from .config import ALGOS, PROJECTIONS, TrainConfig, planned_iterations  # noqa: F401  (re-exported)
 from .envs import make_vec_env
 from .evaluation import Evaluator
 from .losses import ppo_clip_loss, surrogate_loss, value_loss
@@ -79,47 +81,26 @@ def _finite_losses(losses: list, name: str, iteration: int) -> list[float]:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto``, ``cpu``, ``cuda[:N]`` (or ``mps``); raise naming the device when this machine
+    lacks it, before anything is created (torch would fail only at the first tensor moved)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write atomically: to a temporary file in the same directory, fsync, then rename, so a
-    crash or Ctrl-C never leaves a truncated checkpoint behind."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-# fields a resumed run may change: they do not alter what is learned up to the checkpoint
-RESUMABLE_CHANGES = ("total_steps", "device", "eval_episodes", "eval_every", "checkpoint_every")
-
-
-def read_checkpoint(path: str | Path, device="cpu") -> dict:
-    """The state dict of a checkpoint written by :func:`train` (``path``: the file or its run directory)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "checkpoint.pt"
-    if not path.exists():
-        raise ValueError(f"no checkpoint at {path}")
-    state = torch.load(path, map_location=device, weights_only=False)
-    if not isinstance(state, dict) or "config" not in state or "policy" not in state:
-        raise ValueError(f"{path} is not a trpl-fast training checkpoint")
-    return state
-
-
-def check_resume_config(saved: dict, cfg: TrainConfig) -> None:
-    """Raise if ``cfg`` differs from the checkpoint's config in anything but :data:`RESUMABLE_CHANGES`."""
-    saved_cfg = TrainConfig.from_dict(saved).to_dict()
-    diff = [f"{k}: checkpoint has {saved_cfg[k]!r}, requested {v!r}" for k, v in cfg.to_dict().items()
-            if k not in RESUMABLE_CHANGES and saved_cfg[k] != v]
-    if diff:
-        raise ValueError("the checkpoint comes from another config (" + "; ".join(diff) + "); resume with the "
-                         f"run's own config (only {', '.join(RESUMABLE_CHANGES)} may change) or train into a new --out")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {name!r} is not supported (--device: auto, cpu, cuda or cuda:N)") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but CUDA is not available here (torch {torch.__version__}); "
+                             "use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {name!r} requested but MPS is not available here; use --device cpu or auto")
+    elif device.type != "cpu":
+        raise ValueError(f"device {name!r} is not supported (--device: auto, cpu, cuda or cuda:N)")
+    return device
 
 
 def load_policy(checkpoint_path: str | Path, device="cpu"):
@@ -132,11 +113,14 @@ def load_policy(checkpoint_path: str | Path, device="cpu"):
                             cov_type="contextual" if cfg.contextual_cov else "global",
                             hidden=cfg.hidden, init_std=cfg.init_std, min_std=cfg.min_std).to(device)
     env.close()
-    policy.load_state_dict(state["policy"])
-    obs_norm = None
-    if state.get("obs_norm") is not None:
-        obs_norm = ObservationNormalizer((policy.body[0].in_features,), clip=cfg.obs_clip)
-        obs_norm.load_state_dict(state["obs_norm"])
+    try:
+        policy.load_state_dict(state["policy"])
+        obs_norm = None
+        if state.get("obs_norm") is not None:
+            obs_norm = ObservationNormalizer((policy.body[0].in_features,), clip=cfg.obs_clip)
+            obs_norm.load_state_dict(state["obs_norm"])
+    except (RuntimeError, KeyError, TypeError) as exc:  # networks that do not fit its own config
+        raise ValueError(f"{checkpoint_path}: the checkpoint's networks do not match its config ({exc})") from exc
     return cfg, policy, obs_norm
 
 
@@ -145,13 +129,44 @@ def _read_progress(path: Path, iterations: int) -> list[dict]:
     checkpoint belong to iterations that are trained again)."""
     if not path.exists():
         return []
-    with open(path, newline="") as f:
-        rows = [{k: float(v) if v not in ("", None) else math.nan for k, v in r.items()} for r in csv.DictReader(f)]
+    try:
+        with open(path, newline="") as f:
+            rows = [{k: float(v) if v not in ("", None) else math.nan for k, v in r.items()} for r in csv.DictReader(f)]
+    except (ValueError, TypeError, csv.Error) as exc:
+        raise ValueError(f"{path} cannot be read ({exc}); fix or remove it to resume") from exc
     for r in rows:
         for k in ("iteration", "global_step", "episodes"):
             if k in r and r[k] == r[k]:
                 r[k] = int(r[k])
     return [r for r in rows if r.get("iteration", math.inf) < iterations]
+
+
+# what makes a directory hold a run (never reused without --resume or --overwrite)
+_RUN_FILES = ("config.json", "progress.csv", "checkpoint.pt")
+
+
+def _run_files(run_dir: Path, temporaries: bool = False) -> list[str]:
+    """The names of a run's files in ``run_dir`` (with ``temporaries``: also half-written ones)."""
+    if not run_dir.is_dir():
+        return []
+    names = _RUN_FILES + (("checkpoint.pt.tmp", "progress.csv.tmp") if temporaries else ())
+    return sorted(p.name for p in run_dir.iterdir()
+                  if p.name in names or p.name.startswith("events.out.tfevents."))
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    """Raise naming ``run_dir`` if it cannot become a run directory (checked before anything
+    is created, so a failed start leaves nothing behind)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run directory (--out) {run_dir} is a file, not a directory")
+    existing = run_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"run directory (--out) {run_dir}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == run_dir else f": {existing}"
+        raise ValueError(f"run directory (--out) {run_dir}{where} is not writable")
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
@@ -165,32 +180,54 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwr
     one on CPU; EnvPool cannot save its simulators, so there the episodes in flight restart.
     An existing run is never overwritten unless ``overwrite``.
 
-    Checkpoints always hold the state at the end of a completed iteration; Ctrl-C writes the
-    last one (marked ``interrupted``), so at most the iteration in progress is trained again.
+    Checkpoints always hold the state at the end of a completed iteration: every
+    ``checkpoint_every`` iterations or ``checkpoint_seconds`` of wall time, whichever comes
+    first, and at the end. Ctrl-C and SIGTERM write the last one (marked ``interrupted``), so
+    at most the iteration in progress is trained again; a SIGKILL loses at most the time since
+    the last checkpoint. ``total_steps`` is rounded up to whole iterations of ``rollout_steps``.
     """
     run_dir = Path(run_dir)
-    device = resolve_device(cfg.device)
     if cfg.algo not in ALGOS:
         raise ValueError(f"algo must be one of {ALGOS}, got {cfg.algo!r}")
-    if cfg.rollout_steps % cfg.num_envs:
-        raise ValueError(f"rollout_steps ({cfg.rollout_steps}) must be a multiple of num_envs ({cfg.num_envs})")
+    if cfg.total_steps < 1:
+        raise ValueError(f"total_steps (--steps) must be >= 1, got {cfg.total_steps}")
+    if cfg.num_envs < 1:
+        raise ValueError(f"num_envs (--num-envs) must be >= 1, got {cfg.num_envs}")
+    if cfg.rollout_steps < 1 or cfg.rollout_steps % cfg.num_envs:
+        raise ValueError(f"rollout_steps ({cfg.rollout_steps}) must be a positive multiple of num_envs ({cfg.num_envs})")
+    if cfg.checkpoint_every < 1 or not cfg.checkpoint_seconds >= 0:
+        raise ValueError(f"checkpoint_every must be >= 1 and checkpoint_seconds >= 0, got {cfg.checkpoint_every} "
+                         f"and {cfg.checkpoint_seconds}")
+    device = resolve_device(cfg.device)
+    _check_run_dir(run_dir)
     ckpt_path = run_dir / "checkpoint.pt"
     saved = None
     if resume:
+        if not ckpt_path.exists() and _run_files(run_dir):
+            raise ValueError(f"no checkpoint at {ckpt_path}: the run stopped before its first checkpoint; "
+                             "start it over with --overwrite")
         saved = read_checkpoint(run_dir)
         check_resume_config(saved["config"], cfg)
-        if "loop" not in saved:
-            raise ValueError(f"{ckpt_path} holds no loop state (written by an older version); it can be evaluated, not resumed")
-    elif ckpt_path.exists() and not overwrite:
-        raise ValueError(f"{run_dir} already holds a run (checkpoint.pt); resume it (--resume) or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        check_resumable(saved, ckpt_path)
+    elif _run_files(run_dir) and not overwrite:
+        raise ValueError(f"{run_dir} already holds a run ({', '.join(_run_files(run_dir))}); resume it (--resume), "
+                         "start it over (--overwrite) or choose another --out")
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
+    # the environments before the run directory: an unknown id or backend leaves nothing behind
+    envs = make_vec_env(cfg.env_id, cfg.num_envs, cfg.seed, backend=cfg.env_backend)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:  # --overwrite: the old run's events would mix into the new curves
+            for name in _run_files(run_dir, temporaries=True):
+                (run_dir / name).unlink()
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    except BaseException:
+        envs.close()
+        raise
 
     # -- environments, networks, optimizers ---------------------------------------------
-    envs = make_vec_env(cfg.env_id, cfg.num_envs, cfg.seed, backend=cfg.env_backend)
     obs_dim, act_dim = envs.obs_dim, envs.act_dim
     projected = cfg.algo in PROJECTIONS
     kind = cfg.algo if projected else "kl"  # the parametrization of the baselines' policy
@@ -266,7 +303,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwr
                 "envs": envs.get_state() if envs.can_save_state else None}
 
     steps_per_env = cfg.rollout_steps // cfg.num_envs
-    n_iterations = max(1, cfg.total_steps // cfg.rollout_steps)
+    n_iterations = planned_iterations(cfg)
     # progress.csv: the rows up to the checkpoint, then one per iteration (rewritten
     # atomically first, so a crash here cannot lose the logged history)
     rows = _read_progress(run_dir / "progress.csv", start_iteration) if saved else []
@@ -279,7 +316,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwr
     csv_file = open(run_dir / "progress.csv", "a", newline="")
     writer = csv.DictWriter(csv_file, fieldnames=CSV_COLUMNS)
     tb = None
-    if log_tensorboard:
+    if log_tensorboard and start_iteration < n_iterations:  # a no-op resume adds no event file
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -301,7 +338,9 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwr
     evaluator = Evaluator(cfg.env_id, cfg.eval_episodes, cfg.seed, backend=cfg.env_backend,
                           clip_actions=cfg.clip_actions, first_iteration=start_iteration) if cfg.eval_episodes > 0 else None
     t_start = time.perf_counter()
-    last_good = snapshot(start_iteration)  # what Ctrl-C writes: the last completed iteration
+    last_good = snapshot(start_iteration)  # what Ctrl-C / SIGTERM write: the last completed iteration
+    last_saved = t_start
+    restore_sigterm = catch_sigterm()
     try:
         for iteration in range(start_iteration, n_iterations):
             t_iter = time.perf_counter()
@@ -457,13 +496,17 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwr
                 bar.update(T * N)
                 bar.set_postfix(ret=f"{row['train_return_mean']:.1f}", kl=f"{row.get('kl_mean', math.nan):.2e}")
             last_good = snapshot(iteration + 1)
-            if last or (iteration + 1) % cfg.checkpoint_every == 0:
+            # by wall time too: a kill (SIGKILL, OOM) early in a long run must not lose everything
+            if (last or (iteration + 1) % cfg.checkpoint_every == 0
+                    or time.perf_counter() - last_saved >= cfg.checkpoint_seconds):
                 save_checkpoint(ckpt_path, last_good)
-    except KeyboardInterrupt:
+                last_saved = time.perf_counter()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (Terminated)
         # the networks may be mid-iteration: write the end of the last completed one
         save_checkpoint(ckpt_path, {**last_good, "interrupted": True})
         raise
     finally:
+        restore_sigterm()
         csv_file.close()
         envs.close()
         if evaluator is not None:
