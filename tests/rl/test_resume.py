@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from trpl_fast.rl.config import preset
+from trpl_fast.rl.runlog import TIMING_COLUMNS
 from trpl_fast.rl.train import train
 
 pytest.importorskip("gymnasium")
 
 # columns that measure the machine, not the run
-TIMING = {"steps_per_second", "wall_time"}
+TIMING = set(TIMING_COLUMNS)
 
 
 def small(algo, **kw):

@@ -20,7 +20,7 @@ def test_conjugate_gradient_solves_spd_system():
 
 def batch(seed, form="diag"):
     torch.manual_seed(seed)
-    pol = GaussianPolicy(4, 2, kind="kl", cov_form=form, cov_type="contextual", init_std=0.5)
+    pol = GaussianPolicy(4, 2, cov_form=form, cov_type="contextual", init_std=0.5)
     obs = torch.randn(256, 4)
     with torch.no_grad():
         mean, cov = pol(obs)
@@ -39,7 +39,7 @@ def test_line_search_never_exceeds_the_kl_bound(form, max_kl):
     fractions = []
     for seed in range(6):
         pol, obs, act, adv, logp, mean, cov = batch(seed, form)
-        info = T.trpo_step(pol, obs, act, adv, logp, mean, cov, kind="kl", form=form, max_kl=max_kl)
+        info = T.trpo_step(pol, obs, act, adv, logp, mean, cov, max_kl=max_kl)
         with torch.no_grad():
             new_mean, new_cov = pol(obs)
             kl = D.kl("kl", form, mean, cov, new_mean, new_cov).mean().item()

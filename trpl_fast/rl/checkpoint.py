@@ -20,7 +20,8 @@ import torch
 from .config import TrainConfig
 
 # fields a resumed run may change: they do not alter what is learned up to the checkpoint
-RESUMABLE_CHANGES = ("total_steps", "device", "eval_episodes", "eval_every", "checkpoint_every", "checkpoint_seconds")
+RESUMABLE_CHANGES = ("total_steps", "device", "eval_episodes", "eval_every", "checkpoint_every", "checkpoint_seconds",
+                     "compile_update")
 
 # what train() needs to continue a run besides the networks
 _LOOP_KEYS = ("iteration", "global_step", "value", "opt_pi", "opt_vf", "torch_rng", "gen_rng", "numpy_rng", "loop")

@@ -57,6 +57,9 @@ class TrainConfig:
     epochs_vf: int = 10
     lr_vf: float = 4.5e-4
     vf_clip: float | None = None
+    # torch.compile the minibatch steps (forward, projection, loss, backward, optimizer step);
+    # the first iterations pay the compilation
+    compile_update: bool = False
     # trust-region layer (kl / w2 / frob)
     mean_bound: float = 0.03            # eps_mu, on each layer's own mean part (MATH.md)
     cov_bound: float = 0.001

@@ -1,11 +1,18 @@
 """Gaussian MLP policies and the value network.
 
-Covariance forms (``cov_form``) and parametrizations, matching the projection layer:
+Covariance forms (``cov_form``) and, for full covariances, the factor the network outputs
+(``factor``), matching what the projection layer takes:
 
 * ``diag``: std vector, ``std = softplus(raw) + min_std``.
-* ``full`` + ``kind`` frob / kl: lower Cholesky factor, softplus on the diagonal.
-* ``full`` + ``kind`` w2: symmetric positive-definite square root ``Q = B B^T + min_std I``
-  built from a Cholesky-like ``B`` (the W2 projection interpolates roots).
+* ``full`` + ``factor="cholesky"`` (Frobenius, KL, and the baselines): lower Cholesky
+  factor, softplus on the diagonal.
+* ``full`` + ``factor="sqrt"`` (W2): symmetric positive-definite square root
+  ``Q = B B^T + min_std I`` built from a Cholesky-like ``B`` (the W2 projection
+  interpolates roots).
+
+The policy owns its distribution: :meth:`GaussianPolicy.sample`, :meth:`~GaussianPolicy.log_prob`,
+:meth:`~GaussianPolicy.entropy` and :meth:`~GaussianPolicy.kl` take the ``(mean, cov)`` it
+(or a projection of it) produced.
 
 ``cov_type``: ``global`` (state independent: a parameter) or ``contextual`` (a head of the
 network). Initialization as in the original PPO code: orthogonal weights, gain sqrt(2) on
@@ -19,7 +26,12 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .. import distances as D
+
 COV_TYPES = ("global", "contextual")
+FACTORS = ("cholesky", "sqrt")
+# the factor each projection takes for a full covariance (README "Use")
+FACTOR_OF_PROJECTION = {"frob": "cholesky", "kl": "cholesky", "w2": "sqrt"}
 
 
 def _inv_softplus(y: float) -> float:
@@ -48,24 +60,28 @@ class GaussianPolicy(nn.Module):
     """``forward(obs) -> (mean (..., d), cov)`` with ``cov`` the std (..., d) or the factor
     (..., d, d) of the parametrization described in the module docstring."""
 
-    def __init__(self, obs_dim: int, act_dim: int, *, kind: str = "kl", cov_form: str = "diag",
+    def __init__(self, obs_dim: int, act_dim: int, *, factor: str = "cholesky", cov_form: str = "diag",
                  cov_type: str = "global", hidden: tuple[int, ...] = (64, 64), init_std: float = 1.0,
-                 min_std: float = 1e-4, activation=nn.Tanh):
+                 min_std: float = 1e-5, activation=nn.Tanh):
         super().__init__()
         if cov_form not in ("diag", "full"):
             raise ValueError(f"cov_form must be 'diag' or 'full', got {cov_form!r}")
         if cov_type not in COV_TYPES:
             raise ValueError(f"cov_type must be one of {COV_TYPES}, got {cov_type!r}")
+        if factor not in FACTORS:
+            raise ValueError(f"factor must be one of {FACTORS}, got {factor!r}")
         if not init_std > min_std:
             raise ValueError(f"init_std must be > min_std ({min_std}), got {init_std}")
-        self.kind, self.cov_form, self.cov_type = kind, cov_form, cov_type
+        self.factor, self.cov_form, self.cov_type = factor, cov_form, cov_type
+        # trpl_fast.distances names a full factor by the projection that takes it
+        self._dist = "w2" if (factor == "sqrt" and cov_form == "full") else "kl"
         self.act_dim, self.min_std = act_dim, min_std
         self.body, width = mlp(obs_dim, hidden, activation)
         self.mean_head = _head(width, act_dim, 0.01)
         self.n_diag = act_dim
         self.n_off = act_dim * (act_dim - 1) // 2 if cov_form == "full" else 0
         # W2's root Q = B B^T + min_std I has diag ~ b^2: start from b = sqrt(init_std)
-        diag_target = math.sqrt(init_std - min_std) if (cov_form == "full" and kind == "w2") else init_std - min_std
+        diag_target = math.sqrt(init_std - min_std) if self._dist == "w2" else init_std - min_std
         diag_init = _inv_softplus(diag_target)
         if cov_type == "global":
             self.cov_diag = nn.Parameter(torch.full((act_dim,), diag_init))
@@ -87,10 +103,10 @@ class GaussianPolicy(nn.Module):
         if self.cov_form == "diag":
             return diag + self.min_std
         d = self.act_dim
-        factor = torch.diag_embed(diag + (0.0 if self.kind == "w2" else self.min_std))
+        factor = torch.diag_embed(diag + (0.0 if self._dist == "w2" else self.min_std))
         factor = factor.clone()
         factor[..., self._tril_index[0], self._tril_index[1]] = off_raw
-        if self.kind == "w2":
+        if self._dist == "w2":
             eye = torch.eye(d, dtype=factor.dtype, device=factor.device)
             return factor @ factor.mT + self.min_std * eye
         return factor
@@ -103,6 +119,23 @@ class GaussianPolicy(nn.Module):
         """The deterministic action (the mean), without computing the covariance."""
         return self.mean_head(self.body(obs))
 
+    # -- the distribution of (mean, cov): this policy's or a projection of it -------------
+    def sample(self, mean: Tensor, cov: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Actions (..., d) drawn from N(mean, cov)."""
+        return D.sample(self._dist, self.cov_form, mean, cov, generator=generator)
+
+    def log_prob(self, mean: Tensor, cov: Tensor, actions: Tensor) -> Tensor:
+        """log N(actions; mean, cov), shape (...)."""
+        return D.log_prob(self._dist, self.cov_form, mean, cov, actions)
+
+    def entropy(self, cov: Tensor) -> Tensor:
+        """Differential entropy per state, shape (...)."""
+        return D.entropy(self._dist, self.cov_form, cov)
+
+    def kl(self, mean: Tensor, cov: Tensor, old_mean: Tensor, old_cov: Tensor) -> Tensor:
+        """KL(N(mean, cov) || N(old_mean, old_cov)) per state, shape (...)."""
+        return D.kl(self._dist, self.cov_form, mean, cov, old_mean, old_cov)
+
     @torch.no_grad()
     def set_global_cov(self, cov: Tensor) -> None:
         """Copy a (projected) state-independent covariance into the global parameters:
@@ -112,7 +145,7 @@ class GaussianPolicy(nn.Module):
         if self.cov_form == "diag":
             self.cov_diag.copy_(_softplus_inv_tensor(cov - self.min_std))
             return
-        if self.kind == "w2":  # recover B from Q - min_std I = B B^T by Cholesky
+        if self._dist == "w2":  # recover B from Q - min_std I = B B^T by Cholesky
             eye = torch.eye(self.act_dim, dtype=cov.dtype, device=cov.device)
             b = torch.linalg.cholesky(0.5 * (cov + cov.mT) - self.min_std * eye)
             self.cov_diag.copy_(_softplus_inv_tensor(b.diagonal()))

@@ -1,29 +1,36 @@
 """On-policy training with trust-region projection layers (paper Algorithm 2) and the PPO /
-PPO-M baselines, in one loop that reads top to bottom.
+PPO-M / TRPO baselines, in one loop that reads top to bottom.
 
-Per iteration: collect ``rollout_steps`` environment steps with the current policy, record
-its outputs as the old policy, compute GAE advantages, then ``epochs`` passes of minibatch
-policy updates -- through the projection layer and the trust-region regression loss (paper
-Eq. 12) for ``kl`` / ``w2`` / ``frob``, or PPO's clipped ratio -- followed by ``epochs_vf``
-passes of value-function updates with its own optimizer. Logs one CSV row (and TensorBoard
-scalars) per iteration and writes checkpoints atomically.
+Per iteration, in named phases:
+
+1. **collect** ``rollout_steps`` environment steps with the current policy (:mod:`.rollout`);
+2. **advantages**: GAE (terminated vs truncated) and the old policy's outputs on the batch;
+3. **policy update**: ``epochs`` passes of fixed-size minibatch steps -- through the
+   projection layer and the trust-region regression loss (paper Eq. 12) for ``kl`` / ``w2``
+   / ``frob``, PPO's clipped ratio for ``ppo`` / ``ppo-m``; or one TRPO step;
+4. **value update**: ``epochs_vf`` passes with the value function's own optimizer;
+5. **evaluate** (every ``eval_every`` iterations) and **log** one row (:mod:`.runlog`);
+6. **checkpoint** atomically (:mod:`.checkpoint`).
+
+A minibatch step does no host sync (losses are checked once per epoch) and has static
+shapes (reset steps ride along with weight 0), so ``compile_update`` can hand it to
+``torch.compile`` whole: forward, projection, loss, backward and optimizer step.
 """
 
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import math
-import os
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 
-from .. import distances as D
 from ..projection import EntropySchedule, TrustRegionProjection
 from .advantages import gae
 from .checkpoint import (RESUMABLE_CHANGES, Terminated, catch_sigterm, check_resumable,  # noqa: F401
@@ -33,14 +40,10 @@ from .envs import make_vec_env
 from .evaluation import Evaluator
 from .losses import ppo_clip_loss, surrogate_loss, value_loss
 from .normalization import ObservationNormalizer, RewardNormalizer
-from .policies import GaussianPolicy, ValueNetwork
+from .policies import FACTOR_OF_PROJECTION, GaussianPolicy, ValueNetwork
+from .rollout import Actor, Collector, Rollout
+from .runlog import CSV_COLUMNS, RunLog, check_run_dir, read_progress, run_files  # noqa: F401  (re-exported)
 from .trpo import trpo_step
-
-CSV_COLUMNS = ["iteration", "global_step", "train_return_mean", "eval_return_mean", "episodes",
-               "policy_loss", "value_loss", "kl_mean", "kl_max", "constraint_mean_mean",
-               "constraint_mean_max", "constraint_cov_mean", "constraint_cov_max", "entropy_mean",
-               "fraction_projected", "steps_per_second", "wall_time"]
-
 
 CHECKPOINT_FORMAT = 2
 
@@ -56,7 +59,7 @@ def minibatches(n: int, size: int, gen: torch.Generator, device):
         yield perm[start:start + size]
 
 
-def normalize_advantages(adv: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+def normalize_advantages(adv: Tensor, weight: Tensor | None = None) -> Tensor:
     """``(A - mean) / (std + 1e-8)`` over the given advantages (a minibatch, as the original
     does inside its surrogate loss, or the whole batch), the unbiased std; with ``weight``
     (0 / 1 per row) over the rows it marks. One advantage has no spread: it becomes 0 (no
@@ -103,15 +106,20 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def make_policy(cfg: TrainConfig, obs_dim: int, act_dim: int) -> GaussianPolicy:
+    """The policy of ``cfg``: for a full covariance the factor its projection takes (the
+    symmetric root for W2, else the Cholesky factor; the baselines use Cholesky)."""
+    return GaussianPolicy(obs_dim, act_dim, factor=FACTOR_OF_PROJECTION.get(cfg.algo, "cholesky"),
+                          cov_form=cfg.cov_form, cov_type="contextual" if cfg.contextual_cov else "global",
+                          hidden=cfg.hidden, init_std=cfg.init_std, min_std=cfg.min_std)
+
+
 def load_policy(checkpoint_path: str | Path, device="cpu"):
     """``(config, policy, obs_normalizer or None)`` from a checkpoint written by :func:`train`."""
     state = read_checkpoint(checkpoint_path, device)
     cfg = TrainConfig.from_dict(state["config"])
     env = make_vec_env(cfg.env_id, 1, cfg.seed, backend=cfg.env_backend)
-    kind = cfg.algo if cfg.algo in PROJECTIONS else "kl"
-    policy = GaussianPolicy(env.obs_dim, env.act_dim, kind=kind, cov_form=cfg.cov_form,
-                            cov_type="contextual" if cfg.contextual_cov else "global",
-                            hidden=cfg.hidden, init_std=cfg.init_std, min_std=cfg.min_std).to(device)
+    policy = make_policy(cfg, env.obs_dim, env.act_dim).to(device)
     env.close()
     try:
         policy.load_state_dict(state["policy"])
@@ -124,50 +132,156 @@ def load_policy(checkpoint_path: str | Path, device="cpu"):
     return cfg, policy, obs_norm
 
 
-def _read_progress(path: Path, iterations: int) -> list[dict]:
-    """The first ``iterations`` rows of ``progress.csv`` as floats (rows logged after the
-    checkpoint belong to iterations that are trained again)."""
-    if not path.exists():
-        return []
-    try:
-        with open(path, newline="") as f:
-            rows = [{k: float(v) if v not in ("", None) else math.nan for k, v in r.items()} for r in csv.DictReader(f)]
-    except (ValueError, TypeError, csv.Error) as exc:
-        raise ValueError(f"{path} cannot be read ({exc}); fix or remove it to resume") from exc
-    for r in rows:
-        for k in ("iteration", "global_step", "episodes"):
-            if k in r and r[k] == r[k]:
-                r[k] = int(r[k])
-    return [r for r in rows if r.get("iteration", math.inf) < iterations]
+# -- phase 2: advantages ------------------------------------------------------------------
+
+@dataclass
+class Batch:
+    """One iteration's training batch on the device, flattened to T * N rows. Reset steps
+    stay in with ``weight`` 0: every minibatch has the same size (static shapes; the
+    original splits its valid steps into rollout / minibatch_size equal parts) and
+    filtering needs no host sync. ``old_*``: the policy before the update (the trust
+    region's centre; PPO's ratio denominator)."""
+
+    obs: Tensor
+    actions: Tensor
+    advantages: Tensor
+    returns: Tensor
+    values: Tensor
+    weight: Tensor
+    old_mean: Tensor
+    old_cov: Tensor
+    old_logp: Tensor
+
+    @property
+    def valid(self) -> Tensor:
+        return self.weight > 0
 
 
-# what makes a directory hold a run (never reused without --resume or --overwrite)
-_RUN_FILES = ("config.json", "progress.csv", "checkpoint.pt")
+@torch.no_grad()
+def compute_advantages(rollout: Rollout, policy, value, cfg: TrainConfig, device) -> Batch:
+    """GAE over the rollout (terminated vs truncated; invalid reset steps sit right after a
+    done step, whose recursion is already cut, so they feed no other step) and the old
+    policy's outputs; advantages normalized over the batch if ``advantage_normalization``
+    says ``batch`` (``minibatch``: in the policy update)."""
+    values = value(rollout.obs.to(device)).cpu()
+    next_values = value(rollout.next_obs.to(device)).cpu()
+    adv, returns = gae(rollout.rewards, values, next_values, rollout.terminated, rollout.truncated,
+                       cfg.gamma, cfg.gae_lambda)
+    obs = rollout.obs.reshape(-1, rollout.obs.shape[-1]).to(device)
+    actions = rollout.actions.reshape(-1, rollout.actions.shape[-1]).to(device)
+    weight = rollout.valid.reshape(-1).to(device=device, dtype=torch.float32)
+    adv = adv.reshape(-1).to(device)
+    if cfg.advantage_normalization == "batch":
+        adv = normalize_advantages(adv, weight)
+    old_mean, old_cov = policy(obs)
+    return Batch(obs=obs, actions=actions, advantages=adv, returns=returns.reshape(-1).to(device),
+                 values=values.reshape(-1).to(device), weight=weight, old_mean=old_mean, old_cov=old_cov,
+                 old_logp=policy.log_prob(old_mean, old_cov, actions))
 
 
-def _run_files(run_dir: Path, temporaries: bool = False) -> list[str]:
-    """The names of a run's files in ``run_dir`` (with ``temporaries``: also half-written ones)."""
-    if not run_dir.is_dir():
-        return []
-    names = _RUN_FILES + (("checkpoint.pt.tmp", "progress.csv.tmp") if temporaries else ())
-    return sorted(p.name for p in run_dir.iterdir()
-                  if p.name in names or p.name.startswith("events.out.tfevents."))
+# -- phases 3 and 4: the minibatch steps ----------------------------------------------------
+
+class Updater:
+    """The policy's and the value function's minibatch steps (each: forward, loss, backward,
+    optimizer step), eager or compiled whole with ``torch.compile`` (``compile``)."""
+
+    def __init__(self, cfg: TrainConfig, policy, value, opt_pi, opt_vf, layer: TrustRegionProjection | None,
+                 compile: bool = False):
+        self.cfg, self.policy, self.value, self.opt_pi, self.opt_vf, self.layer = cfg, policy, value, opt_pi, opt_vf, layer
+        self.policy_step, self.value_step = self._policy_step, self._value_step
+        if compile:
+            # the optimizer step inside the compiled region: LeanRL's recipe (GPU.md section 3)
+            self.policy_step = torch.compile(self._policy_step)
+            self.value_step = torch.compile(self._value_step)
+
+    def _policy_step(self, obs, actions, adv, weight, old_mean, old_cov, old_logp, step) -> Tensor:
+        cfg, policy = self.cfg, self.policy
+        if cfg.advantage_normalization == "minibatch":
+            adv = normalize_advantages(adv, weight)
+        mean, cov = policy(obs)
+        if self.layer is not None:
+            mean_t, cov_t = self.layer(mean, cov, old_mean, old_cov, step=step) if cfg.projection else (mean, cov)
+            logp = policy.log_prob(mean_t, cov_t, actions)
+            loss = surrogate_loss(logp, old_logp, adv, weight) + \
+                self.layer.trust_region_loss(mean, cov, mean_t, cov_t, weight)
+        else:
+            loss = ppo_clip_loss(policy.log_prob(mean, cov, actions), old_logp, adv, cfg.ratio_clip, weight)
+        self.opt_pi.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+        self.opt_pi.step()
+        return loss.detach()
+
+    def _value_step(self, obs, returns, old_values, weight) -> Tensor:
+        loss = value_loss(self.value(obs), returns, old_values, self.cfg.vf_clip, weight)
+        self.opt_vf.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.value.parameters(), self.cfg.max_grad_norm)
+        self.opt_vf.step()
+        return loss.detach()
+
+    def update_policy(self, b: Batch, gen: torch.Generator, global_step: int, iteration: int) -> list[float]:
+        """``epochs`` passes of minibatch steps (or one TRPO step); the losses."""
+        cfg = self.cfg
+        if cfg.algo == "trpo":  # one natural-gradient step on the whole batch: its valid rows
+            adv = normalize_advantages(b.advantages, b.weight) if cfg.advantage_normalization == "minibatch" else b.advantages
+            k = b.valid
+            info = trpo_step(self.policy, b.obs[k], b.actions[k], adv[k], b.old_logp[k], b.old_mean[k], b.old_cov[k],
+                             max_kl=cfg.trpo_max_kl)
+            return [-info["improvement"]]
+        # the entropy schedule's step; None without entropy control (a changing int would
+        # make a compiled step recompile every iteration)
+        step = global_step if cfg.entropy_control is not None else None
+        losses: list[float] = []
+        for _ in range(cfg.epochs):
+            epoch = [self.policy_step(b.obs[idx], b.actions[idx], b.advantages[idx], b.weight[idx], b.old_mean[idx],
+                                      b.old_cov[idx], b.old_logp[idx], step)
+                     for idx in minibatches(len(b.obs), cfg.minibatch_size, gen, b.obs.device)]
+            # one host sync per epoch, not per minibatch (it would stall a GPU's queue);
+            # a NaN is still caught before the iteration can be checkpointed
+            losses += _finite_losses(epoch, "policy", iteration)
+        return losses
+
+    def update_value(self, b: Batch, gen: torch.Generator, iteration: int) -> list[float]:
+        losses: list[float] = []
+        for _ in range(self.cfg.epochs_vf):
+            epoch = [self.value_step(b.obs[idx], b.returns[idx], b.values[idx], b.weight[idx])
+                     for idx in minibatches(len(b.obs), self.cfg.minibatch_size, gen, b.obs.device)]
+            losses += _finite_losses(epoch, "value", iteration)
+        return losses
 
 
-def _check_run_dir(run_dir: Path) -> None:
-    """Raise naming ``run_dir`` if it cannot become a run directory (checked before anything
-    is created, so a failed start leaves nothing behind)."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"run directory (--out) {run_dir} is a file, not a directory")
-    existing = run_dir
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ValueError(f"run directory (--out) {run_dir}: {existing} is a file, not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        where = "" if existing == run_dir else f": {existing}"
-        raise ValueError(f"run directory (--out) {run_dir}{where} is not writable")
+@torch.no_grad()
+def policy_metrics(policy, layer: TrustRegionProjection | None, b: Batch, cfg: TrainConfig, global_step: int) -> dict:
+    """KL to the old policy, constraint parts, entropy and the fraction of states projected,
+    over the batch's valid states (one host sync). For a global covariance the projection's
+    covariance is copied into the policy (it is not regressed, paper section 4.3)."""
+    k = b.valid
+    old_mean, old_cov = b.old_mean[k], b.old_cov[k]
+    mean, cov = policy(b.obs[k])
+    if layer is None:
+        kl = policy.kl(mean, cov, old_mean, old_cov)
+        return {"kl_mean": kl.mean().item(), "kl_max": kl.max().item(),
+                "entropy_mean": policy.entropy(cov).mean().item(), "fraction_projected": 0.0}
+    new_mean, new_cov = layer(mean, cov, old_mean, old_cov, step=global_step)
+    metrics = layer.metrics(new_mean, new_cov, old_mean, old_cov, mean, cov)
+    if not cfg.contextual_cov:
+        policy.set_global_cov(new_cov[0])
+    return metrics
 
+
+def set_learning_rates(cfg: TrainConfig, opt_pi, opt_vf, iteration: int, n_iterations: int) -> None:
+    """With ``lr_decay``: both learning rates linearly to 0 (as the original PPO code)."""
+    if cfg.lr_decay:
+        frac = 1.0 - iteration / n_iterations
+        for opt, lr in ((opt_pi, cfg.lr), (opt_vf, cfg.lr_vf)):
+            for group in opt.param_groups:
+                group["lr"] = lr * frac
+
+
+# -- the loop -----------------------------------------------------------------------------
 
 def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
           progress: bool = True, log_tensorboard: bool = True) -> list[dict]:
@@ -186,31 +300,22 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwr
     at most the iteration in progress is trained again; a SIGKILL loses at most the time since
     the last checkpoint. ``total_steps`` is rounded up to whole iterations of ``rollout_steps``.
     """
+    # -- setup: checks before anything is created -----------------------------------------
     run_dir = Path(run_dir)
-    if cfg.algo not in ALGOS:
-        raise ValueError(f"algo must be one of {ALGOS}, got {cfg.algo!r}")
-    if cfg.total_steps < 1:
-        raise ValueError(f"total_steps (--steps) must be >= 1, got {cfg.total_steps}")
-    if cfg.num_envs < 1:
-        raise ValueError(f"num_envs (--num-envs) must be >= 1, got {cfg.num_envs}")
-    if cfg.rollout_steps < 1 or cfg.rollout_steps % cfg.num_envs:
-        raise ValueError(f"rollout_steps ({cfg.rollout_steps}) must be a positive multiple of num_envs ({cfg.num_envs})")
-    if cfg.checkpoint_every < 1 or not cfg.checkpoint_seconds >= 0:
-        raise ValueError(f"checkpoint_every must be >= 1 and checkpoint_seconds >= 0, got {cfg.checkpoint_every} "
-                         f"and {cfg.checkpoint_seconds}")
+    cfg.validate()
     device = resolve_device(cfg.device)
-    _check_run_dir(run_dir)
+    check_run_dir(run_dir)
     ckpt_path = run_dir / "checkpoint.pt"
     saved = None
     if resume:
-        if not ckpt_path.exists() and _run_files(run_dir):
+        if not ckpt_path.exists() and run_files(run_dir):
             raise ValueError(f"no checkpoint at {ckpt_path}: the run stopped before its first checkpoint; "
                              "start it over with --overwrite")
         saved = read_checkpoint(run_dir)
         check_resume_config(saved["config"], cfg)
         check_resumable(saved, ckpt_path)
-    elif _run_files(run_dir) and not overwrite:
-        raise ValueError(f"{run_dir} already holds a run ({', '.join(_run_files(run_dir))}); resume it (--resume), "
+    elif run_files(run_dir) and not overwrite:
+        raise ValueError(f"{run_dir} already holds a run ({', '.join(run_files(run_dir))}); resume it (--resume), "
                          "start it over (--overwrite) or choose another --out")
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -220,20 +325,16 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwr
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:  # --overwrite: the old run's events would mix into the new curves
-            for name in _run_files(run_dir, temporaries=True):
+            for name in run_files(run_dir, temporaries=True):
                 (run_dir / name).unlink()
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     except BaseException:
         envs.close()
         raise
 
-    # -- environments, networks, optimizers ---------------------------------------------
+    # -- networks, optimizers, normalizers, the layer ---------------------------------------
     obs_dim, act_dim = envs.obs_dim, envs.act_dim
-    projected = cfg.algo in PROJECTIONS
-    kind = cfg.algo if projected else "kl"  # the parametrization of the baselines' policy
-    policy = GaussianPolicy(obs_dim, act_dim, kind=kind, cov_form=cfg.cov_form,
-                            cov_type="contextual" if cfg.contextual_cov else "global",
-                            hidden=cfg.hidden, init_std=cfg.init_std, min_std=cfg.min_std).to(device)
+    policy = make_policy(cfg, obs_dim, act_dim).to(device)
     value = ValueNetwork(obs_dim, cfg.hidden_vf).to(device)
     # fused Adam: one kernel per step instead of a loop over parameters; measured 1.8x
     # faster per minibatch step for the paper's 64x64 MLPs on one CPU thread
@@ -242,26 +343,24 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwr
     obs_norm = ObservationNormalizer((obs_dim,), clip=cfg.obs_clip) if cfg.normalize_obs else None
     rew_norm = RewardNormalizer(cfg.num_envs, cfg.gamma, clip=cfg.reward_clip) if cfg.normalize_rewards else None
     layer, h0 = None, None
-    if projected:
+    if cfg.algo in PROJECTIONS:
         schedule = None
         if cfg.entropy_control is not None:
             with torch.no_grad():
                 _, cov0 = policy(torch.zeros(1, obs_dim, device=device))
             # the initial policy's entropy: from the checkpoint when resuming (the policy has moved)
-            h0 = saved["entropy_h0"] if saved else float(D.entropy(kind, cfg.cov_form, cov0).mean())
+            h0 = saved["entropy_h0"] if saved else float(policy.entropy(cov0).mean())
             schedule = EntropySchedule(kappa=cfg.target_entropy, total_steps=cfg.total_steps,
                                        initial_entropy=h0, tau=cfg.temperature)
-        layer = TrustRegionProjection(kind, cfg.mean_bound, cfg.cov_bound, cfg.cov_form,
+        layer = TrustRegionProjection(cfg.algo, cfg.mean_bound, cfg.cov_bound, cfg.cov_form,
                                       entropy_control=cfg.entropy_control, entropy_schedule=schedule,
                                       contextual_cov=cfg.contextual_cov,
                                       regression_weight=cfg.regression_weight, check_values=False)
+    collector = Collector(envs, obs_norm=obs_norm, rew_norm=rew_norm, clip_actions=cfg.clip_actions,
+                          time_limit_terminal=cfg.time_limit_terminal)
 
-    # -- loop state: fresh, or everything the checkpoint holds ----------------------------
+    # -- loop state: fresh, or everything the checkpoint holds ------------------------------
     start_iteration, global_step, wall_offset = 0, 0, 0.0
-    raw_obs = envs.reset()
-    prev_done = np.zeros(cfg.num_envs, dtype=bool)
-    episode_return = np.zeros(cfg.num_envs)
-    finished_returns: list[float] = []
     if saved:
         policy.load_state_dict(saved["policy"])
         value.load_state_dict(saved["value"])
@@ -274,19 +373,21 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwr
         torch.set_rng_state(saved["torch_rng"])
         gen.set_state(saved["gen_rng"])
         np.random.set_state(saved["numpy_rng"])
-        loop = saved["loop"]
-        start_iteration, global_step, wall_offset = saved["iteration"], saved["global_step"], loop["wall_time"]
-        finished_returns = list(loop["finished_returns"])
-        if saved.get("envs") is not None and envs.can_save_state:
+        start_iteration, global_step = saved["iteration"], saved["global_step"]
+        wall_offset = saved["loop"]["wall_time"]
+        exact = saved.get("envs") is not None and envs.can_save_state
+        if exact:
             envs.set_state(saved["envs"])
-            raw_obs, prev_done = loop["raw_obs"].copy(), loop["prev_done"].copy()
-            episode_return = loop["episode_return"].copy()
         else:
             warnings.warn(f"the {envs.backend} backend cannot restore its environments: the episodes that were "
                           "open at the checkpoint restart (use env_backend='gymnasium' for an exact resume)")
             envs.close()
             envs = make_vec_env(cfg.env_id, cfg.num_envs, cfg.seed + global_step, backend=cfg.env_backend)
-            raw_obs = envs.reset()
+            collector = Collector(envs, obs_norm=obs_norm, rew_norm=rew_norm, clip_actions=cfg.clip_actions,
+                                  time_limit_terminal=cfg.time_limit_terminal)
+        collector.load_loop_state(saved["loop"], restore_episodes=exact)
+    actor = Actor(policy, device)
+    updater = Updater(cfg, policy, value, opt_pi, opt_vf, layer, compile=cfg.compile_update)
 
     def snapshot(iterations_done: int) -> dict:
         """Everything needed to continue after ``iterations_done`` iterations, copied."""
@@ -297,43 +398,14 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwr
                 "obs_norm": obs_norm.state_dict() if obs_norm else None,
                 "rew_norm": rew_norm.state_dict() if rew_norm else None, "entropy_h0": h0,
                 "torch_rng": torch.get_rng_state(), "gen_rng": gen.get_state(), "numpy_rng": np.random.get_state(),
-                "loop": {"raw_obs": raw_obs.copy(), "prev_done": prev_done.copy(),
-                         "episode_return": episode_return.copy(), "finished_returns": list(finished_returns),
-                         "wall_time": wall_offset + time.perf_counter() - t_start},
+                "loop": {**collector.loop_state(), "wall_time": wall_offset + time.perf_counter() - t_start},
                 "envs": envs.get_state() if envs.can_save_state else None}
 
-    steps_per_env = cfg.rollout_steps // cfg.num_envs
     n_iterations = planned_iterations(cfg)
-    # progress.csv: the rows up to the checkpoint, then one per iteration (rewritten
-    # atomically first, so a crash here cannot lose the logged history)
-    rows = _read_progress(run_dir / "progress.csv", start_iteration) if saved else []
-    csv_tmp = run_dir / "progress.csv.tmp"
-    with open(csv_tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        w.writeheader()
-        w.writerows({k: r.get(k, math.nan) for k in CSV_COLUMNS} for r in rows)
-    os.replace(csv_tmp, run_dir / "progress.csv")
-    csv_file = open(run_dir / "progress.csv", "a", newline="")
-    writer = csv.DictWriter(csv_file, fieldnames=CSV_COLUMNS)
-    tb = None
-    if log_tensorboard and start_iteration < n_iterations:  # a no-op resume adds no event file
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # purge_step drops events logged after the checkpoint by the interrupted run
-            tb = SummaryWriter(str(run_dir), purge_step=global_step + 1 if saved else None)
-        except ImportError:
-            tb = None
-    bar = None
-    if progress:
-        try:
-            from tqdm import tqdm
-
-            bar = tqdm(total=n_iterations * cfg.rollout_steps, initial=start_iteration * cfg.rollout_steps,
-                       unit="step", dynamic_ncols=True)
-        except ImportError:
-            bar = None
-
+    log = RunLog(run_dir, read_progress(run_dir / "progress.csv", start_iteration) if saved else [],
+                 total=n_iterations * cfg.rollout_steps, done=start_iteration * cfg.rollout_steps,
+                 tensorboard=log_tensorboard, progress=progress,
+                 purge_step=global_step + 1 if saved else None)  # drops an interrupted run's later events
     # one batched evaluation env for the run; new start states for every evaluation
     evaluator = Evaluator(cfg.env_id, cfg.eval_episodes, cfg.seed, backend=cfg.env_backend,
                           clip_actions=cfg.clip_actions, first_iteration=start_iteration) if cfg.eval_episodes > 0 else None
@@ -343,158 +415,52 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwr
     restore_sigterm = catch_sigterm()
     try:
         for iteration in range(start_iteration, n_iterations):
-            t_iter = time.perf_counter()
-            if cfg.lr_decay:  # both optimizers, linearly to 0 (as the original PPO code)
-                frac = 1.0 - iteration / n_iterations
-                for opt, lr in ((opt_pi, cfg.lr), (opt_vf, cfg.lr_vf)):
-                    for group in opt.param_groups:
-                        group["lr"] = lr * frac
+            clock = [time.perf_counter()]
 
-            # -- rollout ------------------------------------------------------------------
-            T, N = steps_per_env, cfg.num_envs
-            buf_obs = torch.zeros(T, N, obs_dim)
-            buf_next_obs = torch.zeros(T, N, obs_dim)
-            buf_act = torch.zeros(T, N, act_dim)
-            buf_rew = torch.zeros(T, N)
-            buf_term = torch.zeros(T, N, dtype=torch.bool)
-            buf_trunc = torch.zeros(T, N, dtype=torch.bool)
-            buf_valid = torch.zeros(T, N, dtype=torch.bool)
-            for t in range(T):
-                x = torch.as_tensor(raw_obs, dtype=torch.float32)
-                obs = obs_norm(x, update=True) if obs_norm else x
-                with torch.no_grad():
-                    mean, cov = policy(obs.to(device))
-                    action = D.sample(kind, cfg.cov_form, mean, cov, generator=None).cpu()
-                raw_next, rew, term, trunc = envs.step(action.double().numpy(), clip=cfg.clip_actions)
-                if cfg.time_limit_terminal:
-                    term, trunc = term | trunc, np.zeros_like(trunc)
-                valid = ~prev_done  # a step right after an episode end only resets
-                episode_return += np.where(valid, rew, 0.0)
-                done = (term | trunc) & valid
-                finished_returns += episode_return[done].tolist()
-                episode_return[done] = 0.0
-                rew_t = torch.as_tensor(np.where(valid, rew, 0.0), dtype=torch.float32)
-                if rew_norm:
-                    rew_t = rew_norm(rew_t, torch.as_tensor(done)).float()
-                xn = torch.as_tensor(raw_next, dtype=torch.float32)
-                buf_obs[t], buf_act[t], buf_rew[t] = obs, action.float(), rew_t
-                buf_next_obs[t] = obs_norm(xn) if obs_norm else xn
-                buf_term[t] = torch.as_tensor(term & valid)
-                buf_trunc[t] = torch.as_tensor(trunc & valid)
-                buf_valid[t] = torch.as_tensor(valid)
-                prev_done = term | trunc
-                raw_obs = raw_next
-            global_step += T * N
+            def lap() -> float:
+                clock.append(time.perf_counter())
+                return clock[-1] - clock[-2]
 
-            # -- advantages (GAE; terminated vs truncated) ----------------------------------
-            with torch.no_grad():
-                values = value(buf_obs.to(device)).cpu()
-                next_values = value(buf_next_obs.to(device)).cpu()
-            adv, returns = gae(buf_rew, values, next_values, buf_term, buf_trunc, cfg.gamma, cfg.gae_lambda)
-            # Invalid (reset) steps sit right after a done step, whose recursion is already
-            # cut, so they feed no other step's advantage. They stay in the batch with weight
-            # 0: every minibatch has the same size (static shapes; the original splits its
-            # valid steps into rollout / minibatch_size equal parts) and nothing syncs the host.
-            keep = buf_valid.reshape(-1)
-            b_obs = buf_obs.reshape(-1, obs_dim).to(device)
-            b_act = buf_act.reshape(-1, act_dim).to(device)
-            b_adv = adv.reshape(-1).to(device)
-            b_ret = returns.reshape(-1).to(device)
-            b_val = values.reshape(-1).to(device)
-            b_w = keep.to(device=device, dtype=torch.float32)
-            if cfg.advantage_normalization == "batch":
-                b_adv = normalize_advantages(b_adv, b_w)
-            with torch.no_grad():
-                old_mean, old_cov = policy(b_obs)
-                old_logp = D.log_prob(kind, cfg.cov_form, old_mean, old_cov, b_act)
-            n = b_obs.shape[0]
+            set_learning_rates(cfg, opt_pi, opt_vf, iteration, n_iterations)
 
-            # -- policy update ------------------------------------------------------------
-            pi_losses = []
-            if cfg.algo == "trpo":  # one natural-gradient step on the whole batch
-                adv_all = normalize_advantages(b_adv, b_w) if cfg.advantage_normalization == "minibatch" else b_adv
-                k = keep.to(device)  # the whole batch at once: its valid rows
-                info = trpo_step(policy, b_obs[k], b_act[k], adv_all[k], old_logp[k], old_mean[k], old_cov[k],
-                                 kind=kind, form=cfg.cov_form, max_kl=cfg.trpo_max_kl)
-                pi_losses.append(-info["improvement"])
-            for _ in range(cfg.epochs if cfg.algo != "trpo" else 0):
-                epoch_losses = []
-                for idx in minibatches(n, cfg.minibatch_size, gen, device):
-                    adv_mb, w_mb = b_adv[idx], b_w[idx]
-                    if cfg.advantage_normalization == "minibatch":
-                        adv_mb = normalize_advantages(adv_mb, w_mb)
-                    mean, cov = policy(b_obs[idx])
-                    if projected:
-                        mean_t, cov_t = (layer(mean, cov, old_mean[idx], old_cov[idx], step=global_step)
-                                         if cfg.projection else (mean, cov))
-                        logp = D.log_prob(kind, cfg.cov_form, mean_t, cov_t, b_act[idx])
-                        loss = surrogate_loss(logp, old_logp[idx], adv_mb, w_mb) + \
-                            layer.trust_region_loss(mean, cov, mean_t, cov_t, w_mb)
-                    else:
-                        logp = D.log_prob(kind, cfg.cov_form, mean, cov, b_act[idx])
-                        loss = ppo_clip_loss(logp, old_logp[idx], adv_mb, cfg.ratio_clip, w_mb)
-                    opt_pi.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if cfg.max_grad_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-                    opt_pi.step()
-                    epoch_losses.append(loss.detach())
-                # one host sync per epoch, not two per minibatch (they stall a GPU's queue);
-                # a NaN is still caught before the iteration can be checkpointed
-                pi_losses += _finite_losses(epoch_losses, "policy", iteration)
-            with torch.no_grad():  # metrics over the valid states (once per iteration)
-                k = keep.to(device)
-                old_mean, old_cov = old_mean[k], old_cov[k]
-                raw_mean, raw_cov = policy(b_obs[k])
-                if projected:
-                    new_mean, new_cov = layer(raw_mean, raw_cov, old_mean, old_cov, step=global_step)
-                    metrics = layer.metrics(new_mean, new_cov, old_mean, old_cov, raw_mean, raw_cov)
-                    if not cfg.contextual_cov:
-                        # a global covariance is not regressed: copy its projection in
-                        policy.set_global_cov(new_cov[0])
-                else:
-                    kl = D.kl(kind, cfg.cov_form, raw_mean, raw_cov, old_mean, old_cov)
-                    metrics = {"kl_mean": kl.mean().item(), "kl_max": kl.max().item(),
-                               "entropy_mean": D.entropy(kind, cfg.cov_form, raw_cov).mean().item(),
-                               "fraction_projected": 0.0}
+            # -- 1. collect ---------------------------------------------------------------
+            rollout = collector.collect(actor, cfg.rollout_steps // cfg.num_envs)
+            global_step += cfg.rollout_steps
+            t_collect = lap()
 
-            # -- value update -------------------------------------------------------------
-            vf_losses = []
-            for _ in range(cfg.epochs_vf):
-                epoch_losses = []
-                for idx in minibatches(n, cfg.minibatch_size, gen, device):
-                    vloss = value_loss(value(b_obs[idx]), b_ret[idx], b_val[idx], cfg.vf_clip, b_w[idx])
-                    opt_vf.zero_grad(set_to_none=True)
-                    vloss.backward()
-                    if cfg.max_grad_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(value.parameters(), cfg.max_grad_norm)
-                    opt_vf.step()
-                    epoch_losses.append(vloss.detach())
-                vf_losses += _finite_losses(epoch_losses, "value", iteration)
+            # -- 2. advantages ------------------------------------------------------------
+            batch = compute_advantages(rollout, policy, value, cfg, device)
+            t_advantages = lap()
 
-            # -- log, evaluate, checkpoint ------------------------------------------------
+            # -- 3. policy update ---------------------------------------------------------
+            pi_losses = updater.update_policy(batch, gen, global_step, iteration)
+            metrics = policy_metrics(policy, layer, batch, cfg, global_step)
+            actor.sync()
+            t_policy = lap()
+
+            # -- 4. value update ----------------------------------------------------------
+            vf_losses = updater.update_value(batch, gen, iteration)
+            t_value = lap()
+
+            # -- 5. evaluate and log --------------------------------------------------------
             last = iteration == n_iterations - 1
             eval_return = math.nan
             if evaluator is not None and (last or (iteration + 1) % cfg.eval_every == 0):
                 eval_return = evaluator(policy, obs_norm, iteration)
-            recent = finished_returns[-20:]
+            t_eval = lap()
+            recent = collector.finished_returns[-20:]
             row = {"iteration": iteration, "global_step": global_step,
                    "train_return_mean": float(np.mean(recent)) if recent else math.nan,
-                   "eval_return_mean": eval_return, "episodes": len(finished_returns),
+                   "eval_return_mean": eval_return, "episodes": len(collector.finished_returns),
                    "policy_loss": float(np.mean(pi_losses)), "value_loss": float(np.mean(vf_losses)),
-                   "steps_per_second": T * N / (time.perf_counter() - t_iter),
-                   "wall_time": wall_offset + time.perf_counter() - t_start}
+                   "steps_per_second": cfg.rollout_steps / (clock[-1] - clock[0]),
+                   "wall_time": wall_offset + time.perf_counter() - t_start,
+                   "time_collect": t_collect, "time_advantages": t_advantages, "time_policy": t_policy,
+                   "time_value": t_value, "time_eval": t_eval}
             row.update({k: metrics.get(k, math.nan) for k in CSV_COLUMNS if k in metrics})
-            writer.writerow({k: row.get(k, math.nan) for k in CSV_COLUMNS})
-            csv_file.flush()
-            rows.append(row)
-            if tb is not None:
-                for k, v in row.items():
-                    if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)):
-                        tb.add_scalar(k, v, global_step)
-            if bar is not None:
-                bar.update(T * N)
-                bar.set_postfix(ret=f"{row['train_return_mean']:.1f}", kl=f"{row.get('kl_mean', math.nan):.2e}")
+            log.write(row, cfg.rollout_steps)
+
+            # -- 6. checkpoint ----------------------------------------------------------------
             last_good = snapshot(iteration + 1)
             # by wall time too: a kill (SIGKILL, OOM) early in a long run must not lose everything
             if (last or (iteration + 1) % cfg.checkpoint_every == 0
@@ -507,12 +473,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwr
         raise
     finally:
         restore_sigterm()
-        csv_file.close()
+        log.close()
         envs.close()
         if evaluator is not None:
             evaluator.close()
-        if tb is not None:
-            tb.close()
-        if bar is not None:
-            bar.close()
-    return rows
+    return log.rows

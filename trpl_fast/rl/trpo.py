@@ -9,8 +9,6 @@ import torch
 from torch import Tensor
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from .. import distances as D
-
 
 def flat_grad(output: Tensor, params, **kw) -> Tensor:
     """Gradient of ``output`` w.r.t. ``params`` as one vector (zeros for unused ones, e.g.
@@ -38,22 +36,23 @@ def conjugate_gradient(fvp, b: Tensor, iters: int = 10, tol: float = 1e-10) -> T
 
 
 def trpo_step(policy, obs: Tensor, actions: Tensor, advantages: Tensor, old_logp: Tensor,
-              old_mean: Tensor, old_cov: Tensor, *, kind: str, form: str, max_kl: float,
+              old_mean: Tensor, old_cov: Tensor, *, max_kl: float,
               cg_iters: int = 10, damping: float = 0.1, backtrack_steps: int = 10,
               backtrack_ratio: float = 0.5) -> dict:
     """One TRPO update of ``policy`` in place. Returns ``kl`` (of the accepted step, 0 when
-    none was accepted), ``improvement`` of the surrogate, ``step_fraction`` and ``accepted``."""
+    none was accepted), ``improvement`` of the surrogate, ``step_fraction`` and ``accepted``.
+    ``policy`` owns its distribution (``log_prob``, ``kl``: :class:`~trpl_fast.rl.policies.GaussianPolicy`)."""
     params = [p for p in policy.parameters() if p.requires_grad]
     old_params = parameters_to_vector(params).detach().clone()
 
     def surrogate() -> Tensor:
         mean, cov = policy(obs)
-        logp = D.log_prob(kind, form, mean, cov, actions)
+        logp = policy.log_prob(mean, cov, actions)
         return (torch.exp(logp - old_logp) * advantages).mean()
 
     def mean_kl() -> Tensor:
         mean, cov = policy(obs)
-        return D.kl(kind, form, old_mean, old_cov, mean, cov).mean()
+        return policy.kl(old_mean, old_cov, mean, cov).mean()  # KL(old || new)
 
     loss = surrogate()
     grad = flat_grad(loss, params).detach()
