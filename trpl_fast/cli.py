@@ -223,13 +223,19 @@ def experiment_cmd(args) -> int:
     if args.normalize_rewards:
         overrides["normalize_rewards"] = True
     common = dict(steps=args.steps, seeds=args.seeds, device=args.device, jobs=args.jobs, tensorboard=args.tensorboard)
-    if args.name == "reacher":
-        if args.envs is not None or args.preset is not None:
-            raise ValueError("--envs and --preset are for `experiment mujoco`; the Reacher experiment has its own (table 4)")
-        reacher_experiment(args.out or "runs/reacher", algos=args.algos or list(REACHER_ALGOS), **common, **overrides)
-    else:
-        mujoco_experiment(args.out or "runs/table1", envs=args.envs or ["Hopper-v5", "HalfCheetah-v5"],
-                          algos=args.algos or ["kl", "ppo"], preset_name=args.preset or "mujoco", **common, **overrides)
+    if args.name == "reacher" and (args.envs is not None or args.preset is not None):
+        raise ValueError("--envs and --preset are for `experiment mujoco`; the Reacher experiment has its own (table 4)")
+    out = args.out or ("runs/reacher" if args.name == "reacher" else "runs/table1")
+    try:
+        if args.name == "reacher":
+            reacher_experiment(out, algos=args.algos or list(REACHER_ALGOS), **common, **overrides)
+        else:
+            mujoco_experiment(out, envs=args.envs or ["Hopper-v5", "HalfCheetah-v5"], algos=args.algos or ["kl", "ppo"],
+                              preset_name=args.preset or "mujoco", **common, **overrides)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM
+        print(f"\n{'terminated' if type(exc).__name__ == 'Terminated' else 'interrupted'}: every run in progress "
+              f"checkpointed its last completed iteration in {out}; run the same command to continue", file=sys.stderr)
+        return 143 if type(exc).__name__ == "Terminated" else 130
     return 0
 
 

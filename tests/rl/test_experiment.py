@@ -116,3 +116,47 @@ def test_experiment_cli_bad_input_and_options(tmp_path, monkeypatch, capsys):
     seen.clear()
     assert main(["experiment", "reacher", "--out", str(tmp_path)]) == 0
     assert "normalize_rewards" not in seen  # table 4 as it is: the preset decides per method
+
+
+def test_ctrl_c_stops_every_worker_after_its_checkpoint(tmp_path):
+    """Ctrl-C reaches the whole process group: the workers ignore it, the parent stops them
+    with SIGTERM (each checkpoints its last completed iteration), starts no further run
+    and exits 130."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    out = tmp_path / "exp"
+    cmd = [sys.executable, "-m", "trpl_fast.cli", "experiment", "mujoco", "--envs", "Pendulum-v1", "--algos", "ppo",
+           "--seeds", "3", "--jobs", "2", "--steps", "200000", "--out", str(out), "--set", "rollout_steps=256",
+           "--set", "num_envs=2", "--set", "epochs=1", "--set", "epochs_vf=1", "--set", "eval_episodes=0",
+           "--set", "env_backend=gymnasium", "--set", "checkpoint_seconds=0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    runs = [out / f"Pendulum_ppo_s{s}" for s in (0, 1)]
+    while time.time() < deadline:
+        if all((r / "checkpoint.pt").exists() for r in runs):
+            break
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("the runs never checkpointed: " + proc.communicate()[1].decode()[-2000:])
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the experiment did not stop after Ctrl-C")
+    assert proc.returncode == 130, err.decode()[-2000:]
+    assert "run the same command to continue" in err.decode()
+    for r in runs:
+        assert torch.load(r / "checkpoint.pt", weights_only=False)["interrupted"] is True
+    assert not (out / "Pendulum_ppo_s2").exists()  # no further run was started
+    with pytest.raises(ProcessLookupError):  # nothing left behind in the group
+        time.sleep(1)
+        os.killpg(proc.pid, 0)

@@ -20,10 +20,13 @@ from __future__ import annotations
 import csv
 import math
 import os
+import signal
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+from .checkpoint import catch_sigterm
 
 REACHER_ALGOS = ("ppo", "w2", "kl", "frob")
 MUJOCO_ALGOS = ("kl", "w2", "frob", "ppo", "ppo-m", "trpo")
@@ -53,24 +56,52 @@ def _train_one(job: dict) -> str:
         if not ckpt.get("interrupted") and ckpt["global_step"] >= cfg.rollout_steps * planned_iterations(cfg):
             return f"{run_dir.name}: already finished"
     # without a checkpoint (killed before its first) there is nothing to keep: start it over
-    rows = train(cfg, run_dir, resume=resume, overwrite=not resume, progress=False,
-                 log_tensorboard=job["tensorboard"])
+    try:
+        rows = train(cfg, run_dir, resume=resume, overwrite=not resume, progress=False,
+                     log_tensorboard=job["tensorboard"])
+    except KeyboardInterrupt:
+        if job.get("in_worker"):  # stopped by the parent: checkpointed; take no further job
+            os._exit(143)
+        raise
     last = rows[-1]
     return (f"{run_dir.name}: {int(last['global_step'])} steps, eval return {last['eval_return_mean']:.2f}, "
             f"{last['steps_per_second']:.0f} steps/s")
 
 
+def _worker_init() -> None:
+    # Ctrl-C reaches the whole foreground process group: the workers leave it to the parent,
+    # which stops them with SIGTERM (each then checkpoints its last completed iteration)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def run_jobs(batch: list[dict], jobs: int | None) -> None:
     """Train the runs of ``batch`` (dicts with ``config``, ``dir``, ``tensorboard``),
-    ``jobs`` at a time in worker processes (default: one per CPU)."""
+    ``jobs`` at a time in worker processes (default: one per CPU). Ctrl-C or SIGTERM stops
+    every worker after it has checkpointed its last completed iteration, starts no further
+    run, and re-raises: the same command resumes the experiment."""
     jobs = jobs or max(1, min(len(batch), os.cpu_count() or 1))
     if jobs == 1:
         for job in batch:
             print(_train_one(job), flush=True)
         return
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
-        for msg in pool.map(_train_one, batch):
-            print(msg, flush=True)
+    pool = ProcessPoolExecutor(max_workers=jobs, initializer=_worker_init)
+    restore = catch_sigterm()
+    futures = []
+    try:
+        futures = [pool.submit(_train_one, {**job, "in_worker": True}) for job in batch]
+        for f in futures:
+            print(f.result(), flush=True)
+    except BaseException:
+        for f in futures:
+            f.cancel()
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            if proc.is_alive():
+                proc.terminate()  # SIGTERM: train() writes the last completed iteration and stops
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        restore()
+    pool.shutdown(wait=True)
 
 
 def summarize_run(run_dir) -> dict | None:
