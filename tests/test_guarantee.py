@@ -212,8 +212,18 @@ def test_diag_kernels_keep_the_bound(kind, dtype, monkeypatch):
     assert torch.isfinite(std_t).all()
     assert (c_part <= COV_BOUND * (1 + tol) + s).all(), c_part.max()
     assert (m_part <= MEAN_BOUND * (1 + tol) + ms).all(), m_part.max()
-    # the kernel and the torch path agree (the same formulas)
-    torch.testing.assert_close(std_t, torch_outs[1], rtol=1e-5 if dtype == torch.float32 else 1e-11, atol=0)
+    # the kernel and the torch path agree (the same formulas), gradients included
+    rtol = 1e-4 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(std_t, torch_outs[1], rtol=rtol, atol=0)
+    gen = torch.Generator().manual_seed(5)
+    grads = [torch.randn(rows[0].shape, generator=gen, dtype=F64).to(dtype) for _ in range(2)]
+    aux = list(outs[2:])  # the KL backward takes the solved t and the flags
+    g_kernel = op.launch_backward(*[g.to(DEVICE) for g in grads], *rows, *aux, None, None, MEAN_BOUND, COV_BOUND)
+    g_torch = op.impl_backward(*grads, *[t.to(dtype) for t in case], *[a.cpu() for a in outs[2:]],
+                               None, None, MEAN_BOUND, COV_BOUND)
+    for a, b in zip(g_kernel, g_torch):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.cpu(), b, rtol=rtol, atol=rtol * b.abs().max().item())
 
 
 @needs_triton
