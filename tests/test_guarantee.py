@@ -212,6 +212,9 @@ def test_diag_kernels_keep_the_bound(kind, dtype, monkeypatch):
     assert torch.isfinite(std_t).all()
     assert (c_part <= COV_BOUND * (1 + tol) + s).all(), c_part.max()
     assert (m_part <= MEAN_BOUND * (1 + tol) + ms).all(), m_part.max()
+    outside = D.cov_part(kind, "diag", case[1].to(dtype).to(F64), case[3].to(dtype).to(F64)) > COV_BOUND
+    on_bound = c_part >= COV_BOUND * (1 - tol) - s
+    assert (on_bound | ~outside).all(), f"{int((outside & ~on_bound).sum())} projected rows not on the bound"
     # the kernel and the torch path agree (the same formulas), gradients included
     rtol = 1e-4 if dtype == torch.float32 else 1e-10
     torch.testing.assert_close(std_t, torch_outs[1], rtol=rtol, atol=0)

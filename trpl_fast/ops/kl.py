@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..kernels.kl import (MAX_ITER, TOL_F32, TOL_F64, launch_kl_diag_bwd, launch_kl_diag_fwd,
                           launch_kl_newton)
-from ._common import ProjectionOp
+from ._common import ProjectionOp, to_float64
 from ._linalg import cholesky_backward, solve_lower, solve_lower_t
 from ._torch_mean import bound_or_value, mean_project, mean_project_backward
 
@@ -202,7 +202,7 @@ def _float64(*tensors):
     """The full-covariance KL works in float64: a float32 eigen-decomposition of the
     whitened precision cannot resolve eigenvalue spreads of 1e8 (measured: 1.5e-3 relative
     error of the projected covariance at spread 1e4..1e-4 in float32, 1e-13 in float64)."""
-    return [None if t is None else t.to(torch.float64) for t in tensors]
+    return to_float64(*tensors)
 
 
 def _whitened_r(m):
