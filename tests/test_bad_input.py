@@ -197,3 +197,27 @@ def test_frob_full_float32_ill_conditioned_old_factor(cond):
     from trpl_fast import distances as D
     f = D.cov_part("frob", "full", factor_t.double(), old.double())
     assert torch.allclose(f, torch.full_like(f, 1e-4), rtol=1e-3)
+
+
+@pytest.mark.parametrize("schedule", ["exp", 3, 0.5], ids=["str", "int", "float"])
+def test_layer_entropy_schedule_must_be_a_schedule(schedule):
+    """Issue 13.4: a string was accepted and failed later with "'str' object is not callable"."""
+    with pytest.raises(ValueError, match="entropy_schedule must be an EntropySchedule"):
+        trpl_fast.TrustRegionProjection("frob", 0.1, 0.1, entropy_control="ineq", entropy_schedule=schedule)
+
+
+@pytest.mark.parametrize("name,value", [("kappa", math.nan), ("kappa", math.inf), ("initial_entropy", math.nan),
+                                        ("tau", math.nan), ("kappa", "1"), ("total_steps", 10.5)])
+def test_entropy_schedule_values(name, value):
+    """Issue 13.4: ``kappa=nan`` was accepted and later gave a NaN std."""
+    args = dict(kappa=-1.0, total_steps=100, initial_entropy=2.0)
+    args[name] = value
+    with pytest.raises(ValueError, match=name):
+        trpl_fast.EntropySchedule(**args)
+
+
+@pytest.mark.parametrize("value", [math.inf, math.nan, -1.0, "1", True], ids=["inf", "nan", "neg", "str", "bool"])
+def test_layer_regression_weight(value):
+    """Issue 13.4: ``regression_weight=inf`` was accepted."""
+    with pytest.raises(ValueError, match="regression_weight"):
+        trpl_fast.TrustRegionProjection("frob", 0.1, 0.1, regression_weight=value)
