@@ -244,3 +244,16 @@ def test_kl_newton_kernel_extreme_ratios(dtype):
     t_t, conv_t, active = kl_ops.kl_dual_newton(r, COV_BOUND)
     assert conv_k.all() and conv_t.all() and active.all()
     torch.testing.assert_close(t_k.cpu(), t_t, rtol=1e-4 if dtype == torch.float32 else 1e-10, atol=0)
+
+
+@pytest.mark.parametrize("ratio", [1e20, 1e30], ids=lambda r: f"ratio={r:g}")
+def test_w2_diag_float32_beyond_the_sweep(ratio):
+    """W2 diagonal in float32 at std ratios whose squared distance overflows (w > 3.4e38):
+    the scaled norm still projects onto the bound (before: a = 0, the old std, silently)."""
+    old_std = torch.ones(2, D_DIM)
+    std = old_std * torch.tensor([ratio, 1.0, 1.0])
+    mean = torch.zeros(2, D_DIM)
+    _, std_t = trpl_fast.project_diag(mean, std, mean, old_std, kind="w2", mean_bound=MEAN_BOUND,
+                                      cov_bound=COV_BOUND)
+    w = D.cov_part("w2", "diag", std_t.double(), old_std.double())
+    torch.testing.assert_close(w, torch.full_like(w, COV_BOUND), rtol=1e-5, atol=0)
