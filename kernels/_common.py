@@ -18,6 +18,33 @@ def load_tile(ptr, offs, mask, other, F64: tl.constexpr):
 
 
 @triton.jit
+def wide(x):
+    """``x`` in float64 (the Frobenius kernels compute in it whatever the storage dtype)."""
+    return x.to(tl.float64)
+
+
+@triton.jit
+def narrow(x, F64: tl.constexpr):
+    """A float64 result back to the compute dtype before a store (the store then rounds
+    float32 to half precision itself; a direct float64 -> bfloat16 store gives NaN in the
+    interpreter)."""
+    if F64:
+        return x
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def row_norm(x):
+    """Euclidean norm of each row of a tile, the squares taken of ``x / max|x|``: no
+    overflow where ``sum x^2`` would (the torch path's ``scaled_norm``)."""
+    big = tl.max(tl.abs(x), axis=1)
+    big = tl.where(big > 0.0, big, 1.0)
+    xs = x / big[:, None]
+    return big * tl.sqrt(tl.sum(xs * xs, axis=1))
+
+
+@triton.jit
 def load_row_bound(ptr, rows, row_mask, value, HAS_TENSOR: tl.constexpr, F64: tl.constexpr,
                    BLOCK_ROWS: tl.constexpr):
     """Per-row bound: from a (rows,) tensor if given, else the scalar ``value`` (float32

@@ -54,18 +54,34 @@ def kl_phi(x, F64: tl.constexpr):
 
 
 @triton.jit
+def kl_at_one(r, F64: tl.constexpr):
+    """``KLc(1)`` per row of the tile ``r``: ratios that rounded to ``r <= -1`` or overflowed
+    to ``inf`` count as infinitely far (``phi`` is NaN there), so such rows are projected
+    (the torch path's ``kl_at_one``)."""
+    ok = (r > -1.0) & (r < float("inf"))
+    return 0.5 * tl.sum(tl.where(ok, kl_phi(tl.where(ok, r, 0.0), F64), float("inf")), axis=1)
+
+
+@triton.jit
 def kl_dual_solve(r, eps, MAX_ITERS: tl.constexpr, F64: tl.constexpr):
     """Solve ``KLc(t) = eps`` per row of the (BLOCK_ROWS, BLOCK_D) tile ``r`` (padded
     lanes 0). Returns ``(t, converged, active)``; inactive rows (``KLc(1) <= eps``) get
-    ``t = 1`` and count as converged."""
+    ``t = 1`` and count as converged. The same scheme as the torch path
+    (``trpl_fast.ops.kl.kl_dual_newton``): the step in ``x = t r`` and ``x / g`` (no ``r^2``
+    to overflow), a start scaled by ``max |r|``, rows with an overflowed ratio flagged with
+    ``t = 0`` and unconverged rows returned at the inside end ``lo`` of their bracket."""
     if F64:
         tol = 1e-12
     else:
         tol = 1e-5
-    kl_one = 0.5 * tl.sum(kl_phi(r, F64), axis=1)
-    active = kl_one > eps
-    sum_r2 = tl.sum(r * r, axis=1)
-    t = tl.minimum(2.0 * tl.sqrt(eps / tl.where(active, sum_r2, 1.0)), 1.0)
+    active = kl_at_one(r, F64) > eps
+    solvable = tl.sum((r == float("inf")).to(tl.int32), axis=1) == 0
+    r = tl.where(solvable[:, None], r, 0.0)
+    big = tl.max(tl.abs(r), axis=1)
+    big = tl.where(active & (big > 0.0), big, 1.0)
+    rs = r / big[:, None]
+    norm = big * tl.sqrt(tl.sum(rs * rs, axis=1))
+    t = tl.minimum(2.0 * tl.sqrt(eps) / tl.where(active & (norm > 0.0), norm, 1.0), 1.0)
     t = tl.where(active, t, 1.0)
     lo = tl.zeros_like(t)
     hi = tl.zeros_like(t) + 1.0
@@ -76,26 +92,30 @@ def kl_dual_solve(r, eps, MAX_ITERS: tl.constexpr, F64: tl.constexpr):
         x = t[:, None] * r
         g = 1.0 + x
         kl = 0.5 * tl.sum(kl_phi(x, F64), axis=1)
-        dkl = 0.5 * tl.sum(t[:, None] * r * r / (g * g), axis=1)
-        kl_safe = tl.where(kl > 0.0, kl, eps)
-        h = tl.log(kl_safe / eps)
-        done = done | (tl.abs(h) <= tol)
-        over = kl > eps
+        xg = x / g
+        s2 = tl.sum(xg * xg, axis=1)
+        pos = kl > 0.0
+        h = tl.log(tl.where(pos, kl, eps) / eps)
+        done = done | (pos & (tl.abs(h) <= tol))
+        over = (kl <= eps) == 0
         hi = tl.where(over, t, hi)
         lo = tl.where(over, lo, t)
-        t_new = t - h * kl / tl.where(dkl > 0.0, dkl, 1.0)
-        inside = (t_new > lo) & (t_new < hi)
+        t_new = t - 2.0 * t * h * kl / tl.where(s2 > 0.0, s2, 1.0)
+        inside = pos & (t_new > lo) & (t_new < hi)
         t_new = tl.where(inside, t_new, 0.5 * (lo + hi))
         t = tl.where(done, t, t_new)
         n_open = tl.sum((done == 0).to(tl.int32), axis=0)
         it += 1
+    done = done & solvable
+    t = tl.where(done, t, tl.where(solvable, lo, 0.0))
     return t, done, active
 
 
 @triton.jit
 def _precision_ratio_minus_one(sd, sd_o):
-    """``r = v_o / v - 1 = (sd_o - sd)(sd_o + sd) / sd^2`` without cancellation."""
-    return (sd_o - sd) * (sd_o + sd) / (sd * sd)
+    """``r = v_o / v - 1`` as two quotients (no ``sd^2`` to overflow; exact difference
+    near ``sd == sd_o``), as ``trpl_fast.ops.kl._ratio_minus_one``."""
+    return ((sd_o - sd) / sd) * ((sd_o + sd) / sd)
 
 
 @triton.jit
@@ -117,8 +137,8 @@ def _kl_diag_fwd_kernel(
 
     r = _precision_ratio_minus_one(sd, sd_o)
     t, conv, active = kl_dual_solve(r, eps_cov, MAX_ITERS, F64)
-    # v_t = v_o / (1 + t r)
-    sd_t = sd_o / tl.sqrt(1.0 + t[:, None] * r)
+    # v_t = v_o / (1 + t r); unsolvable rows have t = 0 (and 0 * inf would be NaN)
+    sd_t = sd_o / tl.sqrt(1.0 + t[:, None] * tl.where(r < float("inf"), r, 0.0))
     tl.store(std_out_ptr + offs, tl.where(active[:, None], sd_t, sd), mask=mask)
     tl.store(t_out_ptr + rows, t, mask=row_mask)
     tl.store(conv_out_ptr + rows, conv.to(tl.int8), mask=row_mask)
@@ -147,22 +167,19 @@ def _kl_diag_bwd_kernel(
     # Implicit gradient (MATH.md), elementwise in the diagonal case with lam = 1 / v:
     #   K_i = 0.5 v_t (g - 1) / g,  G_i = dL/dlam_t = -v_t^2 dL/dv_t,  lam - lam_o = lam_o r
     #   dL/dlam = t G - t K <G, lam - lam_o> / <K, lam - lam_o>;  dL/dsd = -2 sd lam^2 dL/dlam
+    # which, with q = sd_o / sd, x = t r, g = 1 + x, sd_t = sd_o / sqrt(g), is
+    #   dL/dsd = (t + x) q g^-3/2 [dL/dsd_t + c x / (sd_o sqrt(g))],
+    #   c = -sum(sd_t dL/dsd_t x / g) / sum((x / g)^2)
+    # (no r^2 or lam^2 to overflow; the torch path's kl_diag_backward)
     r = _precision_ratio_minus_one(sd, sd_o)
-    kl_one = 0.5 * tl.sum(kl_phi(r, F64), axis=1)
-    active = kl_one > eps_cov
-    g = 1.0 + t[:, None] * r
-    var_t = var_o / g
-    sd_t = tl.sqrt(var_t)
-    g_var_t = g_sd / (2.0 * sd_t)
-    big_g = -var_t * var_t * g_var_t
-    k = 0.5 * var_t * (t[:, None] * r) / g
-    lam_o = 1.0 / var_o
-    g_dot = tl.sum(big_g * lam_o * r, axis=1)
-    k_dot = tl.sum(k * lam_o * r, axis=1)
-    k_dot = tl.where(active, k_dot, 1.0)
-    g_lam = t[:, None] * (big_g - (g_dot / k_dot)[:, None] * k)
-    lam = lam_o * (1.0 + r)
-    g_std = -2.0 * sd * lam * lam * g_lam
+    active = kl_at_one(r, F64) > eps_cov
+    x = t[:, None] * tl.where(r < float("inf"), r, 0.0)
+    g = 1.0 + x
+    root_g = tl.sqrt(g)
+    xg = x / g
+    s2 = tl.sum(xg * xg, axis=1)
+    c = -tl.sum((sd_o / root_g) * g_sd * xg, axis=1) / tl.where(s2 > 0.0, s2, 1.0)
+    g_std = (t[:, None] + x) * (sd_o / sd) / (g * root_g) * (g_sd + c[:, None] * x / (sd_o * root_g))
     tl.store(grad_std_out_ptr + offs, tl.where(active[:, None], g_std, g_sd), mask=mask)
 
 

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import launch_rows, load_projection_inputs, load_tile, row_tile
+from ._common import launch_rows, load_projection_inputs, load_tile, row_norm, row_tile
 from .mean import mean_project_bwd, mean_project_fwd
 
 
@@ -28,10 +28,13 @@ def _w2_diag_fwd_kernel(
 
     tl.store(mean_out_ptr + offs, mean_project_fwd(mu, mu_o, sd_o * sd_o, eps_mu), mask=mask)
 
+    # w = ||rel||^2 by a scaled norm: it overflows float32 for ratios past 1.8e19 (a = 0
+    # would return the old std, silently not the projection)
     rel = sd / sd_o - 1.0
-    w = tl.sum(rel * rel, axis=1)
-    active = w > eps_cov
-    scale = tl.sqrt(eps_cov / tl.where(active, w, eps_cov))
+    root_eps = tl.sqrt(eps_cov)
+    norm = row_norm(rel)
+    active = norm > root_eps
+    scale = root_eps / tl.where(active, norm, root_eps)
     sd_t = sd_o + scale[:, None] * (sd - sd_o)
     tl.store(std_out_ptr + offs, tl.where(active[:, None], sd_t, sd), mask=mask)
 
@@ -55,13 +58,16 @@ def _w2_diag_bwd_kernel(
     tl.store(grad_mean_out_ptr + offs, mean_project_bwd(g_mu, mu, mu_o, sd_o * sd_o, eps_mu), mask=mask)
 
     # sigma_t = sigma_o + a (sigma - sigma_o), a = sqrt(eps / w), dw/dsigma = 2 rel / sigma_o.
+    # = a (g - <g sd_o, u> u / sd_o), u = rel / ||rel|| (nothing squared to overflow)
     rel = sd / sd_o - 1.0
-    w = tl.sum(rel * rel, axis=1)
-    active = w > eps_cov
-    w_safe = tl.where(active, w, eps_cov)
-    scale = tl.sqrt(eps_cov / w_safe)
-    g_dot = tl.sum(g_sd * (sd - sd_o), axis=1)
-    g = scale[:, None] * g_sd - (scale * g_dot / w_safe)[:, None] * (rel / sd_o)
+    root_eps = tl.sqrt(eps_cov)
+    norm = row_norm(rel)
+    active = norm > root_eps
+    norm_safe = tl.where(active, norm, root_eps)
+    scale = root_eps / norm_safe
+    unit = rel / norm_safe[:, None]
+    g_dot = tl.sum(g_sd * sd_o * unit, axis=1)
+    g = scale[:, None] * (g_sd - g_dot[:, None] * unit / sd_o)
     tl.store(grad_std_out_ptr + offs, tl.where(active[:, None], g, g_sd), mask=mask)
 
 

@@ -159,3 +159,65 @@ def test_layer_arguments():
         trpl_fast.TrustRegionProjection("frob", 0.1, 0.1, entropy_control="ineq")
     with pytest.raises(ValueError, match="entropy_control"):
         trpl_fast.TrustRegionProjection("frob", 0.1, 0.1, entropy_control="up")
+
+
+@pytest.mark.parametrize("form", ["diag", "full"])
+def test_frob_float64_variance_overflow_is_refused(form):
+    """Issue 13.3: a float64 std whose square overflows cannot be projected by Frobenius
+    (it works with variances): a clear error, not a NaN."""
+    case = list(make_case("frob", form, (4,), 3))
+    case[1] = case[1].clone()
+    case[1][2] = case[1][2] * 1e160
+    call = call_diag if form == "diag" else call_full
+    with pytest.raises(ValueError, match="too large for kind='frob' in float64"):
+        call(case)
+
+
+def test_w2_std_ratio_overflow_is_refused():
+    case = [t.float() for t in diag_case()]
+    case[1][1, 0], case[3][1, 0] = 1e30, 1e-20
+    with pytest.raises(ValueError, match="std / old_std overflows"):
+        call_diag(case, kind="w2")
+
+
+@pytest.mark.parametrize("cond", [1e4, 1e8, 1e12], ids=lambda c: f"cond={c:g}")
+def test_frob_full_float32_ill_conditioned_old_factor(cond):
+    """Issue 13.2: a float32 old factor of condition number >= 1e8 crashed the Cholesky of
+    the projected covariance (torch._C._LinAlgError naming no argument); now computed in
+    float64 with the factor from a QR, it projects onto the bound."""
+    d = 3
+    old = torch.tensor([[1.0, 0.0, 0.0], [0.5, cond ** -0.5, 0.0], [0.3, 0.2, 1.0 / cond]], dtype=F64)
+    assert torch.linalg.cond(old) >= cond
+    old = old.expand(4, d, d).float()
+    factor = (old.double() @ torch.diag(torch.tensor([1.5, 0.7, 2.0], dtype=F64))).float()
+    mean = torch.zeros(4, d)
+    mean_t, factor_t = trpl_fast.project_full(mean, factor, mean, old, kind="frob", mean_bound=0.1,
+                                              cov_bound=1e-4)
+    assert torch.isfinite(factor_t).all()
+    from trpl_fast import distances as D
+    f = D.cov_part("frob", "full", factor_t.double(), old.double())
+    assert torch.allclose(f, torch.full_like(f, 1e-4), rtol=1e-3)
+
+
+@pytest.mark.parametrize("schedule", ["exp", 3, 0.5], ids=["str", "int", "float"])
+def test_layer_entropy_schedule_must_be_a_schedule(schedule):
+    """Issue 13.4: a string was accepted and failed later with "'str' object is not callable"."""
+    with pytest.raises(ValueError, match="entropy_schedule must be an EntropySchedule"):
+        trpl_fast.TrustRegionProjection("frob", 0.1, 0.1, entropy_control="ineq", entropy_schedule=schedule)
+
+
+@pytest.mark.parametrize("name,value", [("kappa", math.nan), ("kappa", math.inf), ("initial_entropy", math.nan),
+                                        ("tau", math.nan), ("kappa", "1"), ("total_steps", 10.5)])
+def test_entropy_schedule_values(name, value):
+    """Issue 13.4: ``kappa=nan`` was accepted and later gave a NaN std."""
+    args = dict(kappa=-1.0, total_steps=100, initial_entropy=2.0)
+    args[name] = value
+    with pytest.raises(ValueError, match=name):
+        trpl_fast.EntropySchedule(**args)
+
+
+@pytest.mark.parametrize("value", [math.inf, math.nan, -1.0, "1", True], ids=["inf", "nan", "neg", "str", "bool"])
+def test_layer_regression_weight(value):
+    """Issue 13.4: ``regression_weight=inf`` was accepted."""
+    with pytest.raises(ValueError, match="regression_weight"):
+        trpl_fast.TrustRegionProjection("frob", 0.1, 0.1, regression_weight=value)

@@ -156,7 +156,7 @@ def test_nonconverged_rows_are_flagged_and_reported(monkeypatch):
         m = layer.metrics(mean_t, std_t, case[2], case[3])
     assert m["nonconverged_states"] == float((~layer.last_converged).sum())
     monkeypatch.setattr(kl_ops, "MAX_ITER", 50)
-    layer(*case)
+    mean_t, std_t = layer(*case)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert layer.metrics(mean_t, std_t, case[2], case[3])["nonconverged_states"] == 0.0

@@ -141,3 +141,57 @@ def test_per_state_bounds_through_layer():
     cb = torch.linspace(0.01, 0.2, 8, dtype=F64)
     _, cov_t = layer(mean, cov, old_mean, old_cov, cov_bound=cb)
     assert_close(D.cov_part("w2", "diag", cov_t, old_cov), cb, 1e-12, "per-state bound")
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_metrics_of_an_empty_batch(kind, form):
+    """Issue 13.4: the forward handles an empty batch, metrics crashed on it."""
+    mean, cov, old_mean, old_cov = (t[:0] for t in make_case(kind, form, (4,), 3))
+    layer = trpl_fast.TrustRegionProjection(kind, 0.1, 0.05, form)
+    mean_t, cov_t = layer(mean, cov, old_mean, old_cov)
+    m = layer.metrics(mean_t, cov_t, old_mean, old_cov, mean, cov)
+    assert math.isnan(m["kl_mean"]) and math.isnan(m["fraction_projected"])
+    assert m.get("nonconverged_states", 0.0) == 0.0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_metrics_fraction_projected_uses_per_state_bounds(kind):
+    """Issue 13.4: ``fraction_projected`` compared with the layer's floats even when the
+    forward used per-state bounds."""
+    mean, cov, old_mean, old_cov = make_case(kind, "diag", (50,), 3, seed=4, inside_fraction=0.0)
+    layer = trpl_fast.TrustRegionProjection(kind, 0.1, 0.05)
+    cb = torch.full((50,), 1e6, dtype=F64)  # nothing violates the covariance bound
+    mb = torch.full((50,), 1e6, dtype=F64)
+    mean_t, cov_t = layer(mean, cov, old_mean, old_cov, mean_bound=mb, cov_bound=cb)
+    m = layer.metrics(mean_t, cov_t, old_mean, old_cov, mean, cov, mean_bound=mb, cov_bound=cb)
+    assert m["fraction_projected"] == 0.0
+
+
+def test_metrics_flags_belong_to_the_batch_given():
+    """Issue 13.4: metrics reused the convergence flags of the last forward for any batch.
+    Here the first batch has unconverged rows (one Newton iteration), the second none: the
+    metrics of each batch report its own flags, whichever forward ran last."""
+    from trpl_fast.ops import kl as kl_ops
+
+    bad = make_case("kl", "diag", (16,), 7, seed=1, inside_fraction=0.0)
+    bad = (bad[0], bad[1] * 30.0, bad[2], bad[3])
+    good = make_case("kl", "diag", (8,), 7, seed=2)
+    layer = trpl_fast.TrustRegionProjection("kl", 1.0, 1e-3)
+    old_iter = kl_ops.MAX_ITER
+    try:
+        kl_ops.MAX_ITER = 1
+        bad_t = layer(*bad)
+        n_bad = int((~layer.last_converged).sum())
+        assert n_bad > 0
+        good_t = layer(*good)  # the last forward converges everywhere
+        with pytest.warns(RuntimeWarning, match="did not converge"):
+            # recomputed from the unprojected policy of the batch given
+            assert layer.metrics(*bad_t, bad[2], bad[3], bad[0], bad[1])["nonconverged_states"] == n_bad
+        bad_t = layer(*bad)
+    finally:
+        kl_ops.MAX_ITER = old_iter
+    # the last forward's flags belong to bad_t, not to good_t: good_t's are left out
+    assert "nonconverged_states" not in layer.metrics(*good_t, good[2], good[3])
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        assert layer.metrics(*bad_t, bad[2], bad[3])["nonconverged_states"] == n_bad

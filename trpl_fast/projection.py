@@ -9,7 +9,9 @@ per-epoch constraint metrics (paper Figure 2).
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +42,12 @@ class EntropySchedule:
     kind: str = "exp"
 
     def __post_init__(self):
+        for name in ("kappa", "initial_entropy", "tau"):
+            v = getattr(self, name)
+            if not _is_real(v) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+        if not isinstance(self.total_steps, numbers.Integral) or isinstance(self.total_steps, bool):
+            raise ValueError(f"total_steps must be an int, got {self.total_steps!r}")
         if self.kind not in ("exp", "linear"):
             raise ValueError(f"entropy schedule kind must be 'exp' or 'linear', got {self.kind!r}")
         if self.total_steps <= 0:
@@ -53,6 +61,10 @@ class EntropySchedule:
             return final + (self.initial_entropy - final) * self.tau ** (10.0 * step / self.total_steps)
         frac = min(1.0, max(0.0, step / self.total_steps))
         return self.initial_entropy + (final - self.initial_entropy) * frac
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 class TrustRegionProjection(nn.Module):
@@ -86,11 +98,14 @@ class TrustRegionProjection(nn.Module):
             raise ValueError(f"entropy_control must be None, 'ineq' or 'eq', got {entropy_control!r}")
         if entropy_control is not None and entropy_schedule is None:
             raise ValueError("entropy_schedule is required when entropy_control is set")
+        if entropy_schedule is not None and (isinstance(entropy_schedule, str) or not callable(entropy_schedule)):
+            raise ValueError(f"entropy_schedule must be an EntropySchedule (or a callable (step, d) -> "
+                             f"target entropy), got {entropy_schedule!r}")
         for name, b in (("mean_bound", mean_bound), ("cov_bound", cov_bound)):
             if not (isinstance(b, (int, float)) and not isinstance(b, bool) and 0 < b < math.inf):
                 raise ValueError(f"{name} must be a finite float > 0, got {b!r}")
-        if not regression_weight >= 0:
-            raise ValueError(f"regression_weight must be >= 0, got {regression_weight!r}")
+        if not (_is_real(regression_weight) and 0 <= regression_weight < math.inf):
+            raise ValueError(f"regression_weight must be a finite number >= 0, got {regression_weight!r}")
         self.mean_bound, self.cov_bound = float(mean_bound), float(cov_bound)
         self.cov_form = cov_form
         self.entropy_control = entropy_control
@@ -98,8 +113,10 @@ class TrustRegionProjection(nn.Module):
         self.contextual_cov = contextual_cov
         self.regression_weight = float(regression_weight)
         self.check_values = check_values
-        # KL only: per-state Newton convergence flags of the last forward (no host sync)
+        # KL only: per-state Newton convergence flags of the last forward (no host sync),
+        # and weak references to the outputs they belong to (see ``metrics``)
         self.last_converged: Tensor | None = None
+        self._last_outputs: tuple | None = None
 
     def extra_repr(self) -> str:
         return (f"kind={self.kind!r}, mean_bound={self.mean_bound}, cov_bound={self.cov_bound}, "
@@ -125,7 +142,22 @@ class TrustRegionProjection(nn.Module):
             if step is None:
                 raise ValueError("step is required when entropy_control is set")
             cov_t = self.control_entropy(cov_t, self.entropy_schedule(step, mean.shape[-1]))
+        if self.kind == "kl":
+            self._last_outputs = (weakref.ref(mean_t), weakref.ref(cov_t))
         return mean_t, cov_t
+
+    def _converged_for(self, mean_t, cov_t, old_mean, old_cov, mean, cov, mean_bound, cov_bound):
+        """The KL convergence flags of the batch ``metrics`` is given, or None when they
+        cannot be known: those of the last forward if ``mean_t, cov_t`` are its very
+        outputs, else recomputed from the unprojected ``mean, cov`` when given."""
+        last = self._last_outputs
+        if last is not None and last[0]() is mean_t and last[1]() is cov_t:
+            return self.last_converged
+        if mean is None or cov is None:
+            return None
+        return project(self.cov_form, mean, cov, old_mean, old_cov, kind=self.kind,
+                       mean_bound=mean_bound, cov_bound=cov_bound, check_values=False,
+                       return_aux=True)[3]
 
     def control_entropy(self, cov: Tensor, target: float) -> Tensor:
         """Scale the std / factor by ``exp((beta - H) / d)`` where ``H < beta`` (``ineq``)
@@ -165,36 +197,63 @@ class TrustRegionProjection(nn.Module):
     # -- metrics ------------------------------------------------------------------------
     @torch.no_grad()
     def metrics(self, mean_t: Tensor, cov_t: Tensor, old_mean: Tensor, old_cov: Tensor,
-                mean: Tensor | None = None, cov: Tensor | None = None) -> dict[str, float]:
+                mean: Tensor | None = None, cov: Tensor | None = None, *, mean_bound=None,
+                cov_bound=None, converged: Tensor | None = None) -> dict[str, float]:
         """Per-batch constraint metrics (paper Figure 2), as Python floats (one host sync).
+
+        Shapes as in ``forward``: ``mean_t`` (..., d), ``cov_t`` (..., d) or (..., d, d), the
+        old and unprojected policies alike; any float dtype (computed in it, MATH.md
+        "Training with the layer").
 
         ``kl_mean`` / ``kl_max``: KL(projected || old); ``constraint_mean_*`` /
         ``constraint_cov_*``: the projection's own mean and covariance parts between the
         projected and the old policy; ``entropy_mean``; and, when the unprojected
         ``mean, cov`` are given, ``fraction_projected``: the fraction of states whose
-        unprojected policy violates either bound. For ``kl``, ``nonconverged_states``:
-        states of the last forward whose Newton solve missed its tolerance (a warning is
-        issued when there are any).
+        unprojected policy violates either bound (``mean_bound`` / ``cov_bound``: the
+        per-state bounds of the forward call, floats or tensors of the batch shape; the
+        layer's floats by default).
+
+        For ``kl``, ``nonconverged_states``: states of THIS batch whose Newton solve missed
+        its tolerance (a warning is issued when there are any). The flags are ``converged``
+        when given; else those of the last forward if ``mean_t, cov_t`` are its very output
+        tensors; else recomputed by projecting ``mean, cov`` again (no gradient); else
+        unknown and the entry is left out. An empty batch gives NaN statistics.
         """
         k, f = self.kind, self.cov_form
+        mb = self.mean_bound if mean_bound is None else mean_bound
+        cb = self.cov_bound if cov_bound is None else cov_bound
+        if k == "kl" and converged is None:
+            converged = self._converged_for(mean_t, cov_t, old_mean, old_cov, mean, cov, mb, cb)
+        names = ["kl_mean", "kl_max", "constraint_mean_mean", "constraint_mean_max",
+                 "constraint_cov_mean", "constraint_cov_max", "entropy_mean"]
+        if mean is not None and cov is not None:
+            names.append("fraction_projected")
+        batch_empty = mean_t.shape[:-1].numel() == 0
+        if batch_empty:
+            out = {n: math.nan for n in names}
+            if converged is not None:
+                out["nonconverged_states"] = 0.0
+            return out
         kl = D.kl(k, f, mean_t, cov_t, old_mean, old_cov)
         mpart = D.mean_part(k, f, mean_t, old_mean, old_cov)
         cpart = D.cov_part(k, f, cov_t, old_cov)
         ent = D.entropy(k, f, cov_t)
-        names = ["kl_mean", "kl_max", "constraint_mean_mean", "constraint_mean_max",
-                 "constraint_cov_mean", "constraint_cov_max", "entropy_mean"]
         values = [kl.mean(), kl.max(), mpart.mean(), mpart.max(), cpart.mean(), cpart.max(), ent.mean()]
         if mean is not None and cov is not None:
-            violated = (D.mean_part(k, f, mean, old_mean, old_cov) > self.mean_bound) | (
-                D.cov_part(k, f, cov, old_cov) > self.cov_bound)
-            names.append("fraction_projected")
+            violated = (D.mean_part(k, f, mean, old_mean, old_cov) > _as_bound(mb, kl)) | (
+                D.cov_part(k, f, cov, old_cov) > _as_bound(cb, kl))
             values.append(violated.to(kl.dtype).mean())
-        if self.kind == "kl" and self.last_converged is not None:
+        if converged is not None:
             names.append("nonconverged_states")
-            values.append((~self.last_converged).sum())
+            values.append((~converged).sum())
         out = dict(zip(names, torch.stack([v.to(torch.float64) for v in values]).tolist()))
         if out.get("nonconverged_states", 0) > 0:
             warnings.warn(f"KL projection: the Newton solve did not converge for "
-                          f"{int(out['nonconverged_states'])} states (their projection may miss "
-                          f"the bound)", RuntimeWarning, stacklevel=2)
+                          f"{int(out['nonconverged_states'])} states (they are returned inside the "
+                          f"trust region, but not on its bound)", RuntimeWarning, stacklevel=2)
         return out
+
+
+def _as_bound(bound, like: Tensor):
+    """A float or per-state tensor bound, comparable with the (batch,) tensor ``like``."""
+    return bound.to(like.dtype) if isinstance(bound, Tensor) else bound

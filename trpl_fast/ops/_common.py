@@ -17,6 +17,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in HALF_DTYPES else dtype
 
 
+def to_float64(*tensors):
+    """``tensors`` (None allowed) in float64: the ops that need the range or the precision
+    of float64 for float32 inputs compute in it and round once at the end."""
+    return [None if t is None else t.to(torch.float64) for t in tensors]
+
+
 def check_metadata(names, tensors, event_dims: int, bounds) -> tuple:
     """Shape / dtype / device checks that need no data (safe under tracing).
 

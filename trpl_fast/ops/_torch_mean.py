@@ -45,3 +45,24 @@ def interpolation_scale(dist: Tensor, eps):
     active = dist > eps
     dist_safe = torch.where(active, dist, eps)
     return active, dist_safe, torch.sqrt(eps / dist_safe)
+
+
+def scaled_norm(x: Tensor, dims) -> Tensor:
+    """``||x||`` over ``dims`` with the squares taken of ``x / max|x|``: no overflow where
+    ``sum x^2`` would (float32 ``|x| > 1.8e19``), no underflow of a tiny row."""
+    big = x.abs().amax(dims, keepdim=True)
+    big = torch.where(big > 0, big, 1.0)
+    return big.squeeze(dims) * torch.sqrt(((x / big) ** 2).sum(dims))
+
+
+def interpolation_direction(x: Tensor, dims, eps):
+    """``(active, a, unit)`` for the Frobenius / W2 interpolation ``x_o + a (x - x_o)``
+    given the difference ``x`` (the distance is ``||x||^2`` over ``dims``): ``a = sqrt(eps)
+    / ||x||`` where ``||x||^2 > eps`` (1 elsewhere) and ``unit = x / ||x||``, so that the
+    backward's ``(a / dist) <g, x> x`` is ``a <g, unit> unit`` (nothing squared to overflow)."""
+    norm = scaled_norm(x, dims)
+    root_eps = torch.sqrt(eps) if isinstance(eps, Tensor) else eps ** 0.5
+    active = norm > root_eps
+    norm_safe = torch.where(active, norm, root_eps)
+    shape = norm.shape + (1,) * (x.dim() - norm.dim())
+    return active, (root_eps / norm_safe).reshape(shape), x / norm_safe.reshape(shape)

@@ -13,12 +13,14 @@ its backward reuses.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from ..kernels.kl import (MAX_ITER, TOL_F32, TOL_F64, launch_kl_diag_bwd, launch_kl_diag_fwd,
                           launch_kl_newton)
-from ._common import ProjectionOp
+from ._common import ProjectionOp, to_float64
 from ._linalg import cholesky_backward, solve_lower, solve_lower_t
 from ._torch_mean import bound_or_value, mean_project, mean_project_backward
 
@@ -41,26 +43,62 @@ def kl_phi(x: Tensor) -> Tensor:
     return torch.where(x.abs() < cut, x * x * p, torch.log1p(x) - x / (1.0 + x))
 
 
+def kl_at_one(r: Tensor) -> Tensor:
+    """``KLc(1) = 0.5 sum_i phi(r_i)`` for rows of ``r`` (rows, d): the divergence of the
+    target itself, which decides whether a row is projected. A ratio that rounded to
+    ``r <= -1`` (``m`` below the dtype's resolution of 1) or overflowed to ``inf`` is
+    infinitely far (``phi`` there is NaN in floating point), so the row is projected:
+    a NaN here once let such rows through unprojected (issue 13)."""
+    ok = (r > -1.0) & (r < float("inf"))
+    return 0.5 * torch.where(ok, kl_phi(torch.where(ok, r, 0.0)), float("inf")).sum(-1)
+
+
 def _newton_step(r, t, lo, hi, eps, tol):
     """One safeguarded Newton step on ``log KLc(t) - log eps`` for rows of ``r``; returns
-    ``(t_next, lo, hi, converged)`` (``t_next = t`` on converged rows)."""
+    ``(t_next, lo, hi, converged)`` (``t_next = t`` on converged rows).
+
+    Written in ``x = t r`` and ``x / g`` only: ``r^2`` overflows float32 for ``|r| > 2^64``
+    (std ratios past 2^32) while ``x / g = x / (1 + x)`` stays below 1 on ``x > 0``.
+    ``KLc'(t) = s2 / (2 t)`` with ``s2 = sum (x / g)^2``."""
     x = t.unsqueeze(-1) * r
     g = 1.0 + x
     kl = 0.5 * kl_phi(x).sum(-1)
-    dkl = 0.5 * (t.unsqueeze(-1) * r * r / (g * g)).sum(-1)
-    h = torch.log(torch.where(kl > 0, kl, eps) / eps)
-    done = h.abs() <= tol
-    over = kl > eps
+    s2 = ((x / g) ** 2).sum(-1)
+    pos = kl > 0  # KLc underflowed to 0 (t far too small): not a root, bisect
+    h = torch.log(torch.where(pos, kl, eps) / eps)
+    done = pos & (h.abs() <= tol)
+    over = ~(kl <= eps)  # a NaN moves the upper end: lo keeps KLc(lo) <= eps
     hi = torch.where(over, t, hi)
     lo = torch.where(over, lo, t)
-    t_new = t - h * kl / torch.where(dkl > 0, dkl, 1.0)
-    t_new = torch.where((t_new > lo) & (t_new < hi), t_new, 0.5 * (lo + hi))
+    t_new = t - 2.0 * t * h * kl / torch.where(s2 > 0, s2, 1.0)
+    t_new = torch.where(pos & (t_new > lo) & (t_new < hi), t_new, 0.5 * (lo + hi))
     return torch.where(done, t, t_new), lo, hi, done
+
+
+def _newton_start(r, eps):
+    """``(r_safe, solvable, active, t0)``: rows with an overflowed ratio (``r = inf``) cannot
+    be solved in this dtype; they get ``r_safe = 0`` and are flagged by the caller.
+    ``t0 = min(1, 2 sqrt(eps) / ||r||)`` with the norm scaled by ``max |r|`` (no overflow)."""
+    active = kl_at_one(r) > eps
+    solvable = (r < float("inf")).all(-1)
+    r = torch.where(solvable.unsqueeze(-1), r, 0.0)
+    big = r.abs().amax(-1)
+    big = torch.where(active & (big > 0), big, 1.0)
+    norm = big * torch.sqrt(((r / big.unsqueeze(-1)) ** 2).sum(-1))
+    root_eps = torch.sqrt(eps) if isinstance(eps, Tensor) else math.sqrt(eps)
+    t = torch.clamp(2.0 * root_eps / torch.where(active & (norm > 0), norm, 1.0), max=1.0)
+    return r, solvable, active, torch.where(active, t, 1.0)
 
 
 def kl_dual_newton(r: Tensor, eps, early_exit: bool = False):
     """Safeguarded Newton on ``h(t) = log KLc(t) - log eps`` for every row of ``r`` (rows, d)
-    (whitened precision ratios minus one). Returns ``(t, converged, active)``, (rows,) each.
+    (whitened precision ratios minus one, ``r >= -1``). Returns ``(t, converged, active)``,
+    (rows,) each.
+
+    Guarantee (issue 13): a row is either converged (``|h| <= tol``, so ``KLc(t)`` is
+    ``eps`` to the tolerance) or flagged, and a flagged row gets ``t`` = the lower end of its
+    bracket, a point with ``KLc(t) <= eps``: its projection is inside the region (``t = 0``,
+    the old policy, for rows whose ratios overflowed).
 
     With ``early_exit`` (real CPU tensors only) each iteration works on the rows still
     open (gathered by index) and the loop stops when none is, at most ``MAX_ITER``
@@ -68,10 +106,7 @@ def kl_dual_newton(r: Tensor, eps, early_exit: bool = False):
     all rows with no host sync (traceable, and what the GPU would do without the kernel).
     """
     tol = TOL_F64 if r.dtype == torch.float64 else TOL_F32
-    active = 0.5 * kl_phi(r).sum(-1) > eps
-    sum_r2 = (r * r).sum(-1)
-    t = torch.clamp(2.0 * torch.sqrt(eps / torch.where(active, sum_r2, 1.0)), max=1.0)
-    t = torch.where(active, t, 1.0)
+    r, solvable, active, t = _newton_start(r, eps)
     lo, hi = torch.zeros_like(t), torch.ones_like(t)
     done = ~active
     if not early_exit:
@@ -79,22 +114,26 @@ def kl_dual_newton(r: Tensor, eps, early_exit: bool = False):
             t_next, lo, hi, newly = _newton_step(r, t, lo, hi, eps, tol)
             t = torch.where(done, t, t_next)  # rows done before (or inactive) stay put
             done = done | newly
-        return t, done, active
-    per_row_eps = isinstance(eps, Tensor) and eps.dim() > 0
-    open_rows = (~done).nonzero().squeeze(-1)
-    for _ in range(MAX_ITER):
-        if open_rows.numel() == 0:
-            break
-        e = eps[open_rows] if per_row_eps else eps
-        t_o, lo_o, hi_o, newly = _newton_step(r[open_rows], t[open_rows], lo[open_rows], hi[open_rows], e, tol)
-        t[open_rows], lo[open_rows], hi[open_rows] = t_o, lo_o, hi_o
-        done[open_rows] = newly
-        open_rows = open_rows[~newly]
-    return t, done, active
+    else:
+        per_row_eps = isinstance(eps, Tensor) and eps.dim() > 0
+        open_rows = (~done).nonzero().squeeze(-1)
+        for _ in range(MAX_ITER):
+            if open_rows.numel() == 0:
+                break
+            e = eps[open_rows] if per_row_eps else eps
+            t_o, lo_o, hi_o, newly = _newton_step(r[open_rows], t[open_rows], lo[open_rows], hi[open_rows], e, tol)
+            t[open_rows], lo[open_rows], hi[open_rows] = t_o, lo_o, hi_o
+            done[open_rows] = newly
+            open_rows = open_rows[~newly]
+    done = done & solvable
+    return torch.where(done, t, torch.where(solvable, lo, 0.0)), done, active
 
 
 def _ratio_minus_one(std, old_std):
-    return (old_std - std) * (old_std + std) / (std * std)
+    """``r = v_o / v - 1`` as a product of two quotients: no ``std^2`` to overflow or
+    underflow (float32 std past 1.8e19 or below 1e-19), and exact in the difference
+    near ``std == old_std`` (Sterbenz). ``inf`` only where ``r`` itself overflows."""
+    return ((old_std - std) / std) * ((old_std + std) / std)
 
 
 def kl_diag(mean, std, old_mean, old_std, mean_bound, cov_bound, mbv, cbv, early_exit=False):
@@ -102,35 +141,41 @@ def kl_diag(mean, std, old_mean, old_std, mean_bound, cov_bound, mbv, cbv, early
     mean_t = mean_project(mean, old_mean, (mean - old_mean) / old_var, 2.0 * bound_or_value(mean_bound, mbv))
     r = _ratio_minus_one(std, old_std)
     t, conv, active = kl_dual_newton(r, bound_or_value(cov_bound, cbv), early_exit)
-    std_t = old_std / torch.sqrt(1.0 + t.unsqueeze(-1) * r)
+    # unsolvable rows have t = 0: 0 * inf would be NaN, they return the old std
+    x = t.unsqueeze(-1) * torch.where(r < float("inf"), r, 0.0)
+    std_t = old_std / torch.sqrt(1.0 + x)
     return mean_t, torch.where(active.unsqueeze(-1), std_t, std), t, conv
 
 
 def kl_diag_backward(g_mean, g_std, mean, std, old_mean, old_std, t, conv, mean_bound, cov_bound, mbv, cbv):
-    """Implicit gradient (MATH.md), elementwise with ``lam = 1 / v``: see the kernel."""
+    """Implicit gradient (MATH.md), elementwise: with ``q = sd_o / sd``, ``x = t r``,
+    ``g = 1 + x``, ``sd_t = sd_o / sqrt(g)`` (the kernel's derivation, in terms that do not
+    overflow where ``r^2`` would):
+
+        dL/dsd = t q^3 g^-3/2 [G + c x / (sd_o sqrt(g))],
+        c = -sum(sd_t G x / g) / sum((x / g)^2),   t q^3 = (t + x) q
+    """
     old_var = old_std * old_std
     g_mean = mean_project_backward(g_mean, mean, old_mean, (mean - old_mean) / old_var,
                                    2.0 * bound_or_value(mean_bound, mbv))
     r = _ratio_minus_one(std, old_std)
-    active = 0.5 * kl_phi(r).sum(-1) > bound_or_value(cov_bound, cbv)
+    active = kl_at_one(r) > bound_or_value(cov_bound, cbv)
     t = t.to(r.dtype).unsqueeze(-1)
-    g = 1.0 + t * r
-    var_t = old_var / g
-    big_g = -var_t * var_t * g_std / (2.0 * torch.sqrt(var_t))   # dL/dlam_t
-    k = 0.5 * var_t * (t * r) / g                                 # dKLc/dlam_t
-    lam_o = 1.0 / old_var
-    g_dot = (big_g * lam_o * r).sum(-1, keepdim=True)
-    k_dot = torch.where(active.unsqueeze(-1), (k * lam_o * r).sum(-1, keepdim=True), 1.0)
-    g_lam = t * (big_g - (g_dot / k_dot) * k)
-    lam = lam_o * (1.0 + r)
-    return g_mean, torch.where(active.unsqueeze(-1), -2.0 * std * lam * lam * g_lam, g_std)
+    x = t * torch.where(r < float("inf"), r, 0.0)  # unsolvable rows: t = 0, a constant output
+    g = 1.0 + x
+    root_g = torch.sqrt(g)
+    xg = x / g
+    s2 = (xg * xg).sum(-1, keepdim=True)
+    c = -((old_std / root_g) * g_std * xg).sum(-1, keepdim=True) / torch.where(s2 > 0, s2, 1.0)
+    g_sd = (t + x) * (old_std / std) / (g * root_g) * (g_std + c * x / (old_std * root_g))
+    return g_mean, torch.where(active.unsqueeze(-1), g_sd, g_std)
 
 
 def _solve_newton(r, cov_bound, cbv, early_exit):
     """The Newton solve for the full case: the Triton kernel on CUDA, torch elsewhere."""
     if r.device.type == "cuda":
         t, conv = launch_kl_newton(r.contiguous(), cov_bound, cbv)
-        active = 0.5 * kl_phi(r).sum(-1) > bound_or_value(cov_bound, cbv)
+        active = kl_at_one(r) > bound_or_value(cov_bound, cbv)
         return t, conv, active
     return kl_dual_newton(r, bound_or_value(cov_bound, cbv), early_exit)
 
@@ -157,7 +202,15 @@ def _float64(*tensors):
     """The full-covariance KL works in float64: a float32 eigen-decomposition of the
     whitened precision cannot resolve eigenvalue spreads of 1e8 (measured: 1.5e-3 relative
     error of the projected covariance at spread 1e4..1e-4 in float32, 1e-13 in float64)."""
-    return [None if t is None else t.to(torch.float64) for t in tensors]
+    return to_float64(*tensors)
+
+
+def _whitened_r(m):
+    """``r = m - 1`` for the eigenvalues ``m`` of ``C_o^T L C_o``. An eigenvalue below the
+    eigen-solver's resolution (``m_max`` times the unit roundoff) may come out <= 0; its
+    direction is then infinitely wider than the old one as far as float64 can tell, and
+    ``r = -1`` (``g = 1 - t``) is what the projection uses for it."""
+    return torch.clamp(m - 1.0, min=-1.0)
 
 
 def kl_full(mean, factor, old_mean, old_factor, mean_bound, cov_bound, mbv, cbv, early_exit=False):
@@ -167,9 +220,9 @@ def kl_full(mean, factor, old_mean, old_factor, mean_bound, cov_bound, mbv, cbv,
     chol, old_chol, m, u = _whiten(factor, old_factor)
     prec_delta = solve_lower_t(old_chol, solve_lower(old_chol, mean - old_mean))
     mean_t = mean_project(mean, old_mean, prec_delta, 2.0 * bound_or_value(mean_bound, mbv))
-    r = m - 1.0
+    r = _whitened_r(m)
     t, conv, active = _solve_newton(r, cov_bound, cbv, early_exit)
-    _, chol_t = _assemble(old_chol, u, 1.0 + t.unsqueeze(-1) * r, active)
+    _, chol_t = _assemble(old_chol, u, 1.0 + t.unsqueeze(-1) * torch.where(r < float("inf"), r, 0.0), active)
     # the eigen-decomposition is returned (and saved for the backward, which then needs no
     # second eigh: the forward's dominant cost)
     return mean_t.to(dtype), torch.where(active[..., None, None], chol_t, chol).to(dtype), t, conv, m, u
@@ -189,18 +242,21 @@ def kl_full_backward(g_mean, g_factor, mean, factor, old_mean, old_factor, t, co
     chol, old_chol = factor.tril(), old_factor.tril()
     prec_delta = solve_lower_t(old_chol, solve_lower(old_chol, mean - old_mean))
     g_mean = mean_project_backward(g_mean, mean, old_mean, prec_delta, 2.0 * bound_or_value(mean_bound, mbv))
-    r = m - 1.0
-    active = 0.5 * kl_phi(r).sum(-1) > bound_or_value(cov_bound, cbv)
+    r = _whitened_r(m)
+    active = kl_at_one(r) > bound_or_value(cov_bound, cbv)
     t = t.to(r.dtype)
     tt = t.unsqueeze(-1)
-    g = 1.0 + tt * r
+    x = tt * torch.where(r < float("inf"), r, 0.0)  # unsolvable rows: t = 0
+    g = 1.0 + x
     w, chol_t = _assemble(old_chol, u, g, active)
     h = w.mT @ cholesky_backward(chol_t, g_factor) @ w
-    k = tt * r / (g * g)
-    g_dot = -(r * h.diagonal(dim1=-2, dim2=-1) / (g * g)).sum(-1, keepdim=True)
-    k_dot = torch.where(active.unsqueeze(-1), 0.5 * (k * r).sum(-1, keepdim=True), 1.0)
-    dm = m / g
-    y = dm.unsqueeze(-1) * h * dm.unsqueeze(-2) + torch.diag_embed(0.5 * (g_dot / k_dot) * m * m * k)
+    # c = <G, L - L_o> / <K, L - L_o> in x = t r (t k r = (x / g)^2: no r^2 to overflow)
+    xg2 = ((x / g) ** 2).sum(-1, keepdim=True)
+    c = -2.0 * (x * h.diagonal(dim1=-2, dim2=-1) / (g * g)).sum(-1, keepdim=True) / torch.where(
+        active.unsqueeze(-1) & (xg2 > 0), xg2, 1.0)
+    dm = m.clamp_min(0.0) / g
+    # 0.5 c m^2 k with m^2 k = (m / g)^2 x
+    y = dm.unsqueeze(-1) * h * dm.unsqueeze(-2) + torch.diag_embed(0.5 * c * dm * dm * x)
     p = torch.linalg.solve_triangular(old_chol.mT, u, upper=True)                 # C_o^-T U
     pt_c = u.mT @ torch.linalg.solve_triangular(old_chol, chol, upper=False)       # U^T C_o^-1 C
     g_chol = (2.0 * tt.unsqueeze(-1) * (p @ y @ pt_c)).tril()

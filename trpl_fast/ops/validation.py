@@ -69,7 +69,25 @@ def validate_values(form: str, kind: str, mean: Tensor, cov: Tensor, old_mean: T
                            (c.triu(1) == 0).all()))
             checks.append((f"{name} must have a positive diagonal (a Cholesky factor)",
                            (c.diagonal(dim1=-2, dim2=-1) > 0).all()))
+    checks += _range_checks(form, kind, cov, old_cov, cov_name)
     ok = torch.stack([c for _, c in checks]).tolist()  # the one host sync
     for (message, _), good in zip(checks, ok):
         if not good:
             raise ValueError(message)
+
+
+def _range_checks(form: str, kind: str, cov: Tensor, old_cov: Tensor, cov_name: str):
+    """Inputs that are finite but whose projection the compute dtype cannot represent
+    (issue 13): refused with a message rather than a silent NaN or pass-through. Frobenius
+    works with variances (float64 inside for float32 inputs, so only float64 inputs can
+    overflow: std or factor entries past ~1e154); W2 diagonal with the std ratio."""
+    out = []
+    if kind == "frob" and cov.dtype == torch.float64:
+        for name, c in ((cov_name, cov), (f"old_{cov_name}", old_cov)):
+            sq = c * c if form == "diag" else (c * c).sum(-1)
+            out.append((f"{name} is too large for kind='frob' in float64: its variances (std**2, "
+                        f"or the row norms of the factor squared) overflow", torch.isfinite(2.0 * sq).all()))
+    if kind == "w2" and form == "diag":
+        out.append((f"std / old_std overflows {cov.dtype} (kind='w2' works with the std ratio)",
+                    torch.isfinite(cov / old_cov).all()))
+    return out

@@ -14,15 +14,17 @@ import torch
 from ..kernels.wasserstein import launch_w2_diag_bwd, launch_w2_diag_fwd
 from ._common import ProjectionOp
 from ._linalg import inner
-from ._torch_mean import bound_or_value, interpolation_scale, mean_project, mean_project_backward
+from ._torch_mean import bound_or_value, interpolation_direction, interpolation_scale, mean_project, mean_project_backward
 
 
 def w2_diag(mean, std, old_mean, old_std, mean_bound, cov_bound, mbv, cbv):
+    """``w = ||sd / sd_o - 1||^2`` by a scaled norm (``w`` overflows float32 for std ratios
+    past 1.8e19 and would give ``a = 0``: the old std, silently not the projection)."""
     mean_t = mean_project(mean, old_mean, (mean - old_mean) / (old_std * old_std),
                           bound_or_value(mean_bound, mbv))
     rel = std / old_std - 1.0
-    active, _, a = interpolation_scale((rel * rel).sum(-1), bound_or_value(cov_bound, cbv))
-    std_t = old_std + a.unsqueeze(-1) * (std - old_std)
+    active, a, _ = interpolation_direction(rel, -1, bound_or_value(cov_bound, cbv))
+    std_t = old_std + a * (std - old_std)
     return mean_t, torch.where(active.unsqueeze(-1), std_t, std)
 
 
@@ -30,10 +32,10 @@ def w2_diag_backward(g_mean, g_std, mean, std, old_mean, old_std, mean_bound, co
     g_mean = mean_project_backward(g_mean, mean, old_mean, (mean - old_mean) / (old_std * old_std),
                                    bound_or_value(mean_bound, mbv))
     rel = std / old_std - 1.0
-    active, w, a = interpolation_scale((rel * rel).sum(-1), bound_or_value(cov_bound, cbv))
-    a = a.unsqueeze(-1)
-    g_dot = (g_std * (std - old_std)).sum(-1, keepdim=True)
-    g = a * g_std - (a * g_dot / w.unsqueeze(-1)) * (rel / old_std)
+    active, a, unit = interpolation_direction(rel, -1, bound_or_value(cov_bound, cbv))
+    # sd_t = sd_o + a (sd - sd_o): dL/dsd = a g - (a / w) <g, sd - sd_o> rel / sd_o
+    #                                     = a (g - <g sd_o, u> u / sd_o),  u = rel / ||rel||
+    g = a * (g_std - (g_std * old_std * unit).sum(-1, keepdim=True) * unit / old_std)
     return g_mean, torch.where(active.unsqueeze(-1), g, g_std)
 
 
