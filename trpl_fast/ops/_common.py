@@ -3,7 +3,7 @@ operator factory that wires forward op, backward op, CPU kernel and autograd tog
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -21,6 +21,21 @@ def to_float64(*tensors):
     """``tensors`` (None allowed) in float64: the ops that need the range or the precision
     of float64 for float32 inputs compute in it and round once at the end."""
     return [None if t is None else t.to(torch.float64) for t in tensors]
+
+
+class Aux(NamedTuple):
+    """A per-state auxiliary output of a forward op: ``name``, ``rank`` (0: one value per
+    state; 1: a (d,) vector; 2: a (d, d) matrix) and ``dtype`` (``"compute"``: the op's
+    compute dtype, :func:`compute_dtype` of the input's; or a fixed ``torch.dtype``). The
+    op's fake kernel allocates exactly these; they get no gradient."""
+
+    name: str
+    rank: int
+    dtype: Union[str, torch.dtype]
+
+    def empty(self, batch, d: int, input_dtype: torch.dtype, device) -> Tensor:
+        dtype = compute_dtype(input_dtype) if self.dtype == "compute" else self.dtype
+        return torch.empty(tuple(batch) + (d,) * self.rank, dtype=dtype, device=device)
 
 
 def check_metadata(names, tensors, event_dims: int, bounds) -> tuple:
@@ -80,16 +95,23 @@ def _rows(t: Tensor, d: int, event_dims: int, dtype, contiguous: bool) -> Tensor
     return r.contiguous() if contiguous else r
 
 
+def _empty(like: Tensor) -> Tensor:
+    """A contiguous allocation of ``like``'s shape (outputs are contiguous whatever the
+    inputs' strides; ``empty_like`` would copy a transposed input's)."""
+    return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+
+
 class ProjectionOp:
     """Defines the operators ``trpl::<name>`` and ``trpl::<name>_backward`` (``triton_op``s
     when there is a Triton launcher, opaque ``custom_op``s otherwise; see ``_make_op``).
 
     Forward schema: ``(mean, cov, old_mean, old_cov, mean_bound?, cov_bound?,
-    mean_bound_value, cov_bound_value) -> [mean_t, cov_t, *aux]``, where ``cov`` is the
-    covariance parameter (std (..., d) or a factor (..., d, d)), bounds are optional
-    per-state tensors broadcastable to the batch shape (else the float values are used),
-    and ``aux`` are per-state extras named by ``aux`` (the KL dual variable, convergence
-    flags, ...) that get no gradient but are handed to the backward.
+    mean_bound_value, cov_bound_value) -> (mean_t, cov_t, *aux)``, a fixed tuple, where
+    ``cov`` is the covariance parameter (std (..., d) or a factor (..., d, d)), bounds are
+    optional per-state tensors broadcastable to the batch shape (else the float values are
+    used), and ``aux`` are the per-state extras the op declares (:class:`Aux`: the KL dual
+    variable, convergence flags, ...) that get no gradient but are handed to the backward.
+    Fake kernels only allocate these outputs.
 
     Backward schema: ``(grad_mean_t, grad_cov_t, mean, cov, old_mean, old_cov, aux,
     bounds...) -> [grad_mean, grad_cov]``. The old policy is a constant: no gradient.
@@ -103,14 +125,16 @@ class ProjectionOp:
 
     def __init__(self, name: str, cov_event_dims: int, impl: Callable, impl_backward: Callable,
                  launch: Callable | None = None, launch_backward: Callable | None = None,
-                 aux: tuple[str, ...] = ()):
+                 aux: tuple[Aux, ...] = ()):
         self.name = name
         self.cov_name = "std" if cov_event_dims == 1 else "factor"
         self.cov_event_dims = cov_event_dims
         self.impl, self.impl_backward = impl, impl_backward
         self.launch, self.launch_backward = launch, launch_backward
-        # aux outputs, per state: ("t", "converged", ...) for KL -- the dual variable and
-        # a bool flag (plus what the backward reuses). Their impls also take ``early_exit``.
+        # aux outputs, per state (KL: the dual variable, a bool flag, and what its backward
+        # reuses). Their impls also take ``early_exit``.
+        if not all(isinstance(a, Aux) for a in aux):
+            raise TypeError("aux must be a tuple of Aux(name, rank, dtype)")
         self.aux = tuple(aux)
         self.forward_op = self._define_forward()
         self.backward_op = self._define_backward()
@@ -137,15 +161,25 @@ class ProjectionOp:
         rows = self._to_rows([mean, cov, old_mean, old_cov], d, use_kernel, cdt)
         mb, cb = flat_bound(mean_bound, batch, cdt), flat_bound(cov_bound, batch, cdt)
         if use_kernel and rows[0].shape[0] == 0:  # no zero-sized grids
-            outs = [rows[0].clone(), rows[1].clone()] + [
-                rows[0].new_empty((0,), dtype=torch.bool if a == "converged" else cdt) for a in self.aux]
+            outs = [rows[0].clone(), rows[1].clone()] + [a.empty((0,), d, mean.dtype, mean.device) for a in self.aux]
         elif use_kernel:
             outs = self.launch(*rows, mb, cb, float(mbv), float(cbv))
         else:
             kw = {"early_exit": early_exit} if self.aux else {}
             outs = self.impl(*rows, mb, cb, float(mbv), float(cbv), **kw)
-        aux = [a.reshape(tuple(batch) + tuple(a.shape[1:])) for a in outs[2:]]
-        return [outs[0].to(mean.dtype).reshape(mean.shape), outs[1].to(mean.dtype).reshape(cov.shape)] + aux
+        # contiguous, as the fake kernel allocates them (a QR-built factor comes out transposed)
+        aux = [a.reshape(tuple(batch) + tuple(a.shape[1:])).contiguous() for a in outs[2:]]
+        return (outs[0].to(mean.dtype).reshape(mean.shape).contiguous(),
+                outs[1].to(mean.dtype).reshape(cov.shape).contiguous(), *aux)
+
+    def fake_forward(self, mean, cov, old_mean, old_cov, mean_bound, cov_bound, mbv, cbv):
+        """The forward's outputs as allocations only (metadata checks, no data)."""
+        batch, d = self.check(mean, cov, old_mean, old_cov, mean_bound, cov_bound)
+        return (_empty(mean), _empty(cov), *[a.empty(batch, d, mean.dtype, mean.device) for a in self.aux])
+
+    def fake_backward(self, grad_mean, grad_cov, mean, cov, old_mean, old_cov, aux, mean_bound, cov_bound, mbv, cbv):
+        self.check(mean, cov, old_mean, old_cov, mean_bound, cov_bound)
+        return _empty(mean), _empty(cov)
 
     def run_backward(self, grad_mean, grad_cov, mean, cov, old_mean, old_cov, aux, mean_bound,
                      cov_bound, mbv, cbv, allow_kernel: bool):
@@ -166,7 +200,8 @@ class ProjectionOp:
             outs = self.launch_backward(*rows, *aux_rows, mb, cb, float(mbv), float(cbv))
         else:
             outs = self.impl_backward(*rows, *aux_rows, mb, cb, float(mbv), float(cbv))
-        return [outs[0].to(mean.dtype).reshape(mean.shape), outs[1].to(mean.dtype).reshape(cov.shape)]
+        return (outs[0].to(mean.dtype).reshape(mean.shape).contiguous(),
+                outs[1].to(mean.dtype).reshape(cov.shape).contiguous())
 
     def _make_op(self, qualname, body, fake):
         """A ``triton_op`` when there is a Triton launcher (its body traces under
@@ -184,7 +219,7 @@ class ProjectionOp:
 
         def forward(mean: Tensor, cov: Tensor, old_mean: Tensor, old_cov: Tensor,
                     mean_bound: Optional[Tensor], cov_bound: Optional[Tensor],
-                    mean_bound_value: float, cov_bound_value: float) -> list[Tensor]:
+                    mean_bound_value: float, cov_bound_value: float):
             # a triton_op body may be traced (torch.compile): no host checks there; an
             # opaque custom_op body always runs on real tensors
             eager_cpu = spec.launch is None and mean.device.type == "cpu"
@@ -192,7 +227,9 @@ class ProjectionOp:
                                     mean_bound_value, cov_bound_value, allow_kernel=True,
                                     early_exit=eager_cpu)
 
-        op = self._make_op(f"trpl::{self.name}", forward, lambda *a: spec.run_forward(*a, allow_kernel=False))
+        # the schema's fixed output tuple: mean_t, cov_t and the declared aux outputs
+        forward.__annotations__["return"] = tuple.__class_getitem__((Tensor,) * (2 + len(self.aux)))
+        op = self._make_op(f"trpl::{self.name}", forward, spec.fake_forward)
 
         @op.register_kernel("cpu")
         def _(mean, cov, old_mean, old_cov, mean_bound, cov_bound, mbv, cbv):
@@ -207,13 +244,12 @@ class ProjectionOp:
         def backward(grad_mean: Tensor, grad_cov: Tensor, mean: Tensor, cov: Tensor,
                      old_mean: Tensor, old_cov: Tensor, aux: list[Tensor],
                      mean_bound: Optional[Tensor], cov_bound: Optional[Tensor],
-                     mean_bound_value: float, cov_bound_value: float) -> list[Tensor]:
+                     mean_bound_value: float, cov_bound_value: float) -> tuple[Tensor, Tensor]:
             return spec.run_backward(grad_mean, grad_cov, mean, cov, old_mean, old_cov, aux,
                                      mean_bound, cov_bound, mean_bound_value, cov_bound_value,
                                      allow_kernel=True)
 
-        op = self._make_op(f"trpl::{self.name}_backward", backward,
-                           lambda *a: spec.run_backward(*a, allow_kernel=False))
+        op = self._make_op(f"trpl::{self.name}_backward", backward, spec.fake_backward)
 
         @op.register_kernel("cpu")
         def _(grad_mean, grad_cov, mean, cov, old_mean, old_cov, aux, mean_bound, cov_bound,
@@ -233,8 +269,7 @@ class ProjectionOp:
             if len(output) > 2:
                 ctx.mark_non_differentiable(*output[2:])
 
-        def backward(ctx, grads):  # the op returns a list: one list of grads comes back
-            grad_mean, grad_cov = grads[0], grads[1]
+        def backward(ctx, grad_mean, grad_cov, *_aux_grads):  # aux outputs get no gradient
             mean, cov, old_mean, old_cov, mean_bound, cov_bound, *aux = ctx.saved_tensors
             if grad_mean is None:
                 grad_mean = torch.zeros_like(mean)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..kernels.kl import (MAX_ITER, TOL_F32, TOL_F64, launch_kl_diag_bwd, launch_kl_diag_fwd,
                           launch_kl_newton)
-from ._common import ProjectionOp, to_float64
+from ._common import Aux, ProjectionOp, to_float64
 from ._linalg import cholesky_backward, solve_lower, solve_lower_t
 from ._torch_mean import bound_or_value, mean_project, mean_project_backward
 
@@ -268,6 +268,8 @@ def _launch_kl_diag_bwd(g_mean, g_std, mean, std, old_mean, old_std, t, conv, me
 
 
 KL_DIAG = ProjectionOp("project_kl_diag", 1, kl_diag, kl_diag_backward, launch_kl_diag_fwd,
-                       _launch_kl_diag_bwd, aux=("t", "converged"))
+                       _launch_kl_diag_bwd, aux=(Aux("t", 0, "compute"), Aux("converged", 0, torch.bool)))
+# full covariance: computed in float64 inside (module docstring), its aux outputs too
 KL_FULL = ProjectionOp("project_kl_full", 2, kl_full, kl_full_backward,
-                       aux=("t", "converged", "eigvals", "eigvecs"))
+                       aux=(Aux("t", 0, torch.float64), Aux("converged", 0, torch.bool),
+                            Aux("eigvals", 1, torch.float64), Aux("eigvecs", 2, torch.float64)))
