@@ -146,6 +146,12 @@ class ProjectionOp:
         return check_metadata(names, (mean, cov, old_mean, old_cov), ev,
                               [("mean_bound", mean_bound), ("cov_bound", cov_bound)])
 
+    def uses_kernel(self, mean: Tensor, allow_kernel: bool, backward: bool) -> bool:
+        """The backend, chosen here only: the Triton launcher for CUDA tensors when the op
+        has one (and the caller allows it), else the vectorized-torch implementation."""
+        launch = self.launch_backward if backward else self.launch
+        return allow_kernel and launch is not None and mean.device.type == "cuda"
+
     def _to_rows(self, tensors, d, use_kernel, cdt):
         # (mean-like, cov-like) pairs: event dims alternate 1, cov_event_dims
         ev = [1 if i % 2 == 0 else self.cov_event_dims for i in range(len(tensors))]
@@ -157,7 +163,7 @@ class ProjectionOp:
         tensors are real CPU tensors, so iterative solves may stop on a host check."""
         batch, d = self.check(mean, cov, old_mean, old_cov, mean_bound, cov_bound)
         cdt = compute_dtype(mean.dtype)
-        use_kernel = allow_kernel and self.launch is not None and mean.device.type == "cuda"
+        use_kernel = self.uses_kernel(mean, allow_kernel, backward=False)
         rows = self._to_rows([mean, cov, old_mean, old_cov], d, use_kernel, cdt)
         mb, cb = flat_bound(mean_bound, batch, cdt), flat_bound(cov_bound, batch, cdt)
         if use_kernel and rows[0].shape[0] == 0:  # no zero-sized grids
@@ -187,8 +193,7 @@ class ProjectionOp:
         if grad_mean.shape != mean.shape or grad_cov.shape != cov.shape:
             raise ValueError("grad_mean / grad_cov must have the shapes of mean / cov")
         cdt = compute_dtype(mean.dtype)
-        use_kernel = (allow_kernel and self.launch_backward is not None
-                      and mean.device.type == "cuda")
+        use_kernel = self.uses_kernel(mean, allow_kernel, backward=True)
         rows = self._to_rows([grad_mean.to(mean.dtype), grad_cov.to(mean.dtype), mean, cov,
                               old_mean, old_cov], d, use_kernel, cdt)
         n_batch = len(mean.shape) - 1
