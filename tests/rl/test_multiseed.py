@@ -91,6 +91,24 @@ def test_each_seed_equals_its_single_run(algo, extra, tmp_path):
             assert csv.DictReader(f).fieldnames == CSV_COLUMNS
 
 
+def test_one_envpool_for_seeds_num_envs_apart_equals_the_single_runs(tmp_path):
+    pytest.importorskip("envpool")
+    from trpl_fast.rl.multiseed import SeedEnvs
+
+    cfg = small("kl", env_id="Hopper-v5", env_backend="envpool", num_envs=2, eval_episodes=0)
+    seeds = [4, 6]  # num_envs apart: one pool of 4 seeds its sub-envs 4, 5, 6, 7 as the two runs do
+    envs = SeedEnvs([dataclasses.replace(cfg, seed=s) for s in seeds])
+    assert envs.fused is not None and envs.reset().shape == (2, 2, envs.obs_dim)
+    envs.close()
+    train_seeds(cfg, seeds, tmp_path / "batch", progress=False, log_tensorboard=False)
+    for seed in seeds:
+        train(dataclasses.replace(cfg, seed=seed), tmp_path / f"s{seed}", progress=False, log_tensorboard=False)
+        a, b = read_checkpoint(tmp_path / "batch" / f"seed{seed}"), read_checkpoint(tmp_path / f"s{seed}")
+        a["loop"].pop("wall_time"), b["loop"].pop("wall_time")
+        assert a["envs"] is None and b["envs"] is None
+        assert_close_tree(a, b)
+
+
 def test_seeds_are_independent():
     """Perturbing seed 1's data changes seed 1's gradients only."""
     torch.manual_seed(0)

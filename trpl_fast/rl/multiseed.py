@@ -319,46 +319,105 @@ class StackedActor(Actor):
         return mean + std * eps  # GaussianPolicy.sample for a diagonal covariance
 
 
-class StackedCollector:
-    """:class:`~trpl_fast.rl.rollout.Collector` for S seeds in lockstep: one vector env of
-    N sub-environments per seed, stepped one after the other; buffers (T, S, N, ...)."""
+class SeedEnvs:
+    """Every seed's training environments: ``num_envs`` sub-environments per seed, seeded
+    as its single run's (``seed``, ``seed + 1``, ...). One EnvPool for all seeds when their
+    seeds are ``num_envs`` apart (e.g. 0 1 2 3 with one env each: the pool of S * N seeds
+    its sub-envs with exactly those seeds) -- one ``step`` for all instead of S, measured
+    186 vs 351 us per step for 4 HalfCheetahs on one thread -- else one vector env per seed.
+    The Gymnasium backend always gets one per seed (each saves its own state)."""
 
-    def __init__(self, envs: list, *, obs_norm=None, rew_norm=None, clip_actions: bool = False,
+    def __init__(self, cfgs: list[TrainConfig], seed_offset: int = 0):
+        from .envs import ENVPOOL_TASKS
+
+        c0, S, N = cfgs[0], len(cfgs), cfgs[0].num_envs
+        self.num_seeds, self.num_envs, self.fused = S, N, None
+        spaced = all(c.seed == c0.seed + k * N for k, c in enumerate(cfgs))
+        if S > 1 and spaced and c0.env_backend != "gymnasium" and c0.env_id.split("-")[0] in ENVPOOL_TASKS:
+            env = make_vec_env(c0.env_id, S * N, c0.seed + seed_offset, backend=c0.env_backend)
+            if env.backend == "envpool":
+                self.fused = env
+            else:
+                env.close()
+        self.envs: list = []
+        if self.fused is None:
+            try:
+                for c in cfgs:
+                    self.envs.append(make_vec_env(c.env_id, N, c.seed + seed_offset, backend=c.env_backend))
+            except BaseException:
+                self.close()
+                raise
+        first = self.fused if self.fused is not None else self.envs[0]
+        self.obs_dim, self.act_dim, self.backend = first.obs_dim, first.act_dim, first.backend
+
+    def reset(self) -> np.ndarray:
+        """Observations (S, N, obs_dim)."""
+        if self.fused is not None:
+            return self.fused.reset().reshape(self.num_seeds, self.num_envs, -1)
+        return np.stack([e.reset() for e in self.envs])
+
+    def step(self, actions: np.ndarray, clip: bool):
+        """``actions`` (S, N, act_dim) -> observations (S, N, obs_dim), rewards, terminated,
+        truncated (S, N), as :meth:`VecEnv.step`."""
+        S, N = self.num_seeds, self.num_envs
+        if self.fused is not None:
+            obs, rew, term, trunc = self.fused.step(actions.reshape(S * N, -1), clip=clip)
+            return obs.reshape(S, N, -1), rew.reshape(S, N), term.reshape(S, N), trunc.reshape(S, N)
+        out = [e.step(a, clip=clip) for e, a in zip(self.envs, actions)]
+        return tuple(np.stack(x) for x in zip(*out))
+
+    @property
+    def can_save_state(self) -> bool:
+        return self.fused is None and all(e.can_save_state for e in self.envs)
+
+    def get_state(self, k: int):
+        """Seed k's environment state in a single run's format, or None."""
+        return self.envs[k].get_state() if self.can_save_state else None
+
+    def set_state(self, k: int, state: dict) -> None:
+        self.envs[k].set_state(state)
+
+    def close(self) -> None:
+        for e in ([self.fused] if self.fused is not None else []) + self.envs:
+            e.close()
+
+
+class StackedCollector:
+    """:class:`~trpl_fast.rl.rollout.Collector` for S seeds in lockstep (:class:`SeedEnvs`);
+    buffers (T, S, N, ...)."""
+
+    def __init__(self, envs: SeedEnvs, *, obs_norm=None, rew_norm=None, clip_actions: bool = False,
                  time_limit_terminal: bool = False):
         self.envs, self.obs_norm, self.rew_norm = envs, obs_norm, rew_norm
         self.clip_actions, self.time_limit_terminal = clip_actions, time_limit_terminal
-        S, N = len(envs), envs[0].num_envs
-        self.raw_obs = np.stack([e.reset() for e in envs])
+        S, N = envs.num_seeds, envs.num_envs
+        self.raw_obs = envs.reset()
         self.prev_done = np.zeros((S, N), dtype=bool)
         self.episode_return = np.zeros((S, N))
-        self.finished_returns: list[list[float]] = [[] for _ in envs]
+        self.finished_returns: list[list[float]] = [[] for _ in range(S)]
 
     def collect(self, actor: StackedActor, steps_per_env: int) -> Rollout:
-        T, S, N = steps_per_env, len(self.envs), self.envs[0].num_envs
-        obs_dim, act_dim = self.envs[0].obs_dim, self.envs[0].act_dim
+        T, S, N = steps_per_env, self.envs.num_seeds, self.envs.num_envs
+        obs_dim, act_dim = self.envs.obs_dim, self.envs.act_dim
         buf = Rollout(obs=torch.zeros(T, S, N, obs_dim), next_obs=torch.zeros(T, S, N, obs_dim),
                       actions=torch.zeros(T, S, N, act_dim), rewards=torch.zeros(T, S, N),
                       terminated=torch.zeros(T, S, N, dtype=torch.bool),
                       truncated=torch.zeros(T, S, N, dtype=torch.bool), valid=torch.zeros(T, S, N, dtype=torch.bool))
         norm = self.obs_norm
-        raw_next = np.empty_like(self.raw_obs)
-        rew, term, trunc = np.empty((S, N)), np.empty((S, N), dtype=bool), np.empty((S, N), dtype=bool)
         for t in range(T):
             x = torch.as_tensor(self.raw_obs, dtype=torch.float32)
             obs = norm(x, update=True) if norm else x
             action = actor.act(obs)
-            a = action.double().numpy()
-            for k, env in enumerate(self.envs):
-                raw_next[k], rew[k], term[k], trunc[k] = env.step(a[k], clip=self.clip_actions)
-            te, tr = term.copy(), trunc.copy()
+            raw_next, rew, te, tr = self.envs.step(action.double().numpy(), clip=self.clip_actions)
             if self.time_limit_terminal:
                 te, tr = te | tr, np.zeros_like(tr)
             valid = ~self.prev_done
             self.episode_return += np.where(valid, rew, 0.0)
             done = (te | tr) & valid
-            for k in range(S):
-                self.finished_returns[k] += self.episode_return[k][done[k]].tolist()
-            self.episode_return[done] = 0.0
+            if done.any():
+                for k in np.flatnonzero(done.any(1)):
+                    self.finished_returns[k] += self.episode_return[k][done[k]].tolist()
+                self.episode_return[done] = 0.0
             rew_t = torch.as_tensor(np.where(valid, rew, 0.0), dtype=torch.float32)
             if self.rew_norm:
                 rew_t = self.rew_norm(rew_t, torch.as_tensor(done)).float()
@@ -369,7 +428,7 @@ class StackedCollector:
             buf.truncated[t] = torch.as_tensor(tr & valid)
             buf.valid[t] = torch.as_tensor(valid)
             self.prev_done = te | tr
-            self.raw_obs = raw_next.copy()
+            self.raw_obs = raw_next
         return buf
 
     def seed_loop_state(self, k: int) -> dict:
@@ -654,10 +713,8 @@ def train_seeds(cfg: TrainConfig, seeds, out_dir: str | Path, *, resume: bool = 
     S = len(seeds)
 
     # -- per seed: what a single run creates right after torch.manual_seed(seed) ------------
-    envs = []
+    envs = SeedEnvs(cfgs)
     try:
-        for c in cfgs:
-            envs.append(make_vec_env(c.env_id, c.num_envs, c.seed, backend=c.env_backend))
         for c, d in zip(cfgs, dirs):
             d.mkdir(parents=True, exist_ok=True)
             if not resume:
@@ -665,10 +722,9 @@ def train_seeds(cfg: TrainConfig, seeds, out_dir: str | Path, *, resume: bool = 
                     (d / name).unlink()
             (d / "config.json").write_text(json.dumps(c.to_dict(), indent=2))
     except BaseException:
-        for e in envs:
-            e.close()
+        envs.close()
         raise
-    obs_dim, act_dim = envs[0].obs_dim, envs[0].act_dim
+    obs_dim, act_dim = envs.obs_dim, envs.act_dim
     policies, values, sample_gens, h0s, np_states = [], [], [], [], []
     for c in cfgs:
         torch.manual_seed(c.seed)
@@ -728,16 +784,15 @@ def train_seeds(cfg: TrainConfig, seeds, out_dir: str | Path, *, resume: bool = 
             rew_norm.load_seed_state_dicts([st["rew_norm"] for st in saved])
         start_iteration, global_step = saved[0]["iteration"], saved[0]["global_step"]
         wall_offset = max(st["loop"]["wall_time"] for st in saved)
-        exact = all(st.get("envs") is not None for st in saved) and envs[0].can_save_state
+        exact = all(st.get("envs") is not None for st in saved) and envs.can_save_state
         if exact:
-            for e, st in zip(envs, saved):
-                e.set_state(st["envs"])
+            for k, st in enumerate(saved):
+                envs.set_state(k, st["envs"])
         else:
-            warnings.warn(f"the {envs[0].backend} backend cannot restore its environments: the episodes that were "
+            warnings.warn(f"the {envs.backend} backend cannot restore its environments: the episodes that were "
                           "open at the checkpoint restart (use env_backend='gymnasium' for an exact resume)")
-            for e in envs:
-                e.close()
-            envs[:] = [make_vec_env(c.env_id, c.num_envs, c.seed + global_step, backend=c.env_backend) for c in cfgs]
+            envs.close()
+            envs = SeedEnvs(cfgs, seed_offset=global_step)  # as a single run reseeds: seed + global_step
             collector = new_collector()
         collector.load_seed_loop_states([st["loop"] for st in saved], restore_episodes=exact)
     actor = StackedActor(policy, device, sample_gens)
@@ -758,7 +813,7 @@ def train_seeds(cfg: TrainConfig, seeds, out_dir: str | Path, *, resume: bool = 
                         "torch_rng": sample_gens[k].get_state(), "gen_rng": perm_gens[k].get_state(),
                         "numpy_rng": np_states[k],
                         "loop": {**collector.seed_loop_state(k), "wall_time": wall},
-                        "envs": envs[k].get_state() if envs[k].can_save_state else None})
+                        "envs": envs.get_state(k)})
         return out
 
     def save_all(states: list[dict], interrupted: bool = False) -> None:
@@ -778,8 +833,7 @@ def train_seeds(cfg: TrainConfig, seeds, out_dir: str | Path, *, resume: bool = 
     except BaseException:
         for log in logs:
             log.close()
-        for e in envs:
-            e.close()
+        envs.close()
         raise
     t_start = time.perf_counter()
     last_good = snapshot(start_iteration)
@@ -837,8 +891,7 @@ def train_seeds(cfg: TrainConfig, seeds, out_dir: str | Path, *, resume: bool = 
         restore_sigterm()
         for log in logs:
             log.close()
-        for e in envs:
-            e.close()
+        envs.close()
         if evaluator is not None:
             evaluator.close()
     return {s: log.rows for s, log in zip(seeds, logs)}
