@@ -449,7 +449,9 @@ class StackedCollector:
 def _by_seed(x: Tensor) -> Tensor:
     """(T, S, N, ...) -> (S, T * N, ...): each seed's rows in a single run's order (t * N + n)."""
     T, S, N = x.shape[:3]
-    return x.transpose(0, 1).reshape(S, T * N, *x.shape[3:])
+    # contiguous: with N = 1 reshape returns a strided view, and every minibatch gather
+    # would then copy the whole batch first
+    return x.transpose(0, 1).reshape(S, T * N, *x.shape[3:]).contiguous()
 
 
 @torch.no_grad()
@@ -471,7 +473,7 @@ def stacked_advantages(rollout: Rollout, policy: StackedPolicy, value: StackedVa
         adv = normalize_per_seed(adv, weight)
     old_mean, old_cov = policy(obs)
     return Batch(obs=obs, actions=actions, advantages=adv, returns=returns,
-                 values=_by_seed(values.contiguous()).to(device), weight=weight, old_mean=old_mean, old_cov=old_cov,
+                 values=_by_seed(values).to(device), weight=weight, old_mean=old_mean, old_cov=old_cov,
                  old_logp=policy.log_prob(old_mean, old_cov, actions))
 
 
@@ -549,35 +551,35 @@ class StackedUpdater:
         return self._step(self.value_losses(obs, returns, old_values, weight), self.value, self.opt_vf)
 
     @staticmethod
-    def _rows(b: Batch, names, idx: Tensor):
-        """The minibatch ``idx`` (flat indices into S * n) of the named fields, (S, M, ...)."""
-        S = b.obs.shape[0]
-        out = []
-        for name in names:
-            t = getattr(b, name)
-            out.append(t.reshape(-1, *t.shape[2:]).index_select(0, idx).reshape(S, -1, *t.shape[2:]))
-        return out
+    def _flat(b: Batch, names) -> list[Tensor]:
+        """The named fields (S, n, ...) as (S * n, ...), once per update."""
+        return [getattr(b, name).reshape(-1, *getattr(b, name).shape[2:]) for name in names]
+
+    @staticmethod
+    def _rows(flat: list[Tensor], S: int, idx: Tensor) -> list[Tensor]:
+        """The minibatch ``idx`` (flat indices into S * n) of each field, (S, M, ...)."""
+        return [t.index_select(0, idx).view(S, -1, *t.shape[1:]) for t in flat]
 
     def update_policy(self, b: Batch, gens, global_step: int, iteration: int) -> list[list[float]]:
         """``epochs`` passes of minibatch steps; the losses ``[seed][step]``."""
         cfg = self.cfg
         step = global_step if cfg.entropy_control is not None else None
-        names = ("obs", "actions", "advantages", "weight", "old_mean", "old_cov", "old_logp")
+        flat = self._flat(b, ("obs", "actions", "advantages", "weight", "old_mean", "old_cov", "old_logp"))
         losses = [[] for _ in self.seeds]
-        n = b.obs.shape[1]
+        S, n = b.obs.shape[:2]
         for _ in range(cfg.epochs):
-            epoch = [self.policy_step(*self._rows(b, names, idx), step)
+            epoch = [self.policy_step(*self._rows(flat, S, idx), step)
                      for idx in seed_minibatches(n, cfg.minibatch_size, gens, b.obs.device)]
             for k, v in enumerate(_finite_seed_losses(epoch, "policy", iteration, self.seeds)):
                 losses[k] += v
         return losses
 
     def update_value(self, b: Batch, gens, iteration: int) -> list[list[float]]:
-        names = ("obs", "returns", "values", "weight")
+        flat = self._flat(b, ("obs", "returns", "values", "weight"))
         losses = [[] for _ in self.seeds]
-        n = b.obs.shape[1]
+        S, n = b.obs.shape[:2]
         for _ in range(self.cfg.epochs_vf):
-            epoch = [self.value_step(*self._rows(b, names, idx))
+            epoch = [self.value_step(*self._rows(flat, S, idx))
                      for idx in seed_minibatches(n, self.cfg.minibatch_size, gens, b.obs.device)]
             for k, v in enumerate(_finite_seed_losses(epoch, "value", iteration, self.seeds)):
                 losses[k] += v
