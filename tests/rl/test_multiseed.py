@@ -187,6 +187,34 @@ def test_resume_continues_the_batch_exactly_and_seed_dirs_are_single_runs(tmp_pa
     assert len(rows) == 3
 
 
+def test_ctrl_c_checkpoints_every_seed_and_the_batch_resumes_exactly(tmp_path, monkeypatch):
+    import trpl_fast.rl.multiseed as M
+
+    cfg = small("ppo", total_steps=768)
+    full = train_seeds(cfg, SEEDS, tmp_path / "full", progress=False, log_tensorboard=False)
+    real, calls = M.gae, {"n": 0}
+
+    def gae(*args, **kw):  # Ctrl-C in the second iteration's advantages
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(M, "gae", gae)
+    with pytest.raises(KeyboardInterrupt):
+        train_seeds(cfg, SEEDS, tmp_path / "cut", progress=False, log_tensorboard=False)
+    for seed in SEEDS:
+        ckpt = read_checkpoint(tmp_path / "cut" / f"seed{seed}")
+        assert ckpt["interrupted"] and ckpt["iteration"] == 1
+    monkeypatch.setattr(M, "gae", real)
+    resumed = train_seeds(cfg, SEEDS, tmp_path / "cut", resume=True, progress=False, log_tensorboard=False)
+    for seed in SEEDS:
+        assert [r["policy_loss"] for r in resumed[seed]] == [r["policy_loss"] for r in full[seed]]
+        a, b = read_checkpoint(tmp_path / "full" / f"seed{seed}"), read_checkpoint(tmp_path / "cut" / f"seed{seed}")
+        torch.testing.assert_close(a["policy"], b["policy"], rtol=0, atol=0)
+        torch.testing.assert_close(a["rew_norm"], b["rew_norm"], rtol=0, atol=0)
+
+
 def test_cli_seeds_train_resume_and_errors(tmp_path, capsys):
     out = tmp_path / "b"
     base = ["train", "--env", "Pendulum-v1", "--env-backend", "gymnasium", "--device", "cpu", "--no-progress",
@@ -197,6 +225,8 @@ def test_cli_seeds_train_resume_and_errors(tmp_path, capsys):
     assert main(["train", "--resume", str(out), "--steps", "256", "--no-progress"]) == 0
     assert len(read_checkpoint(out / "seed2")["config"]) and read_checkpoint(out / "seed2")["iteration"] == 2
     assert main(["eval", str(out / "seed1"), "--episodes", "1", "--device", "cpu"]) == 0
+    pytest.importorskip("matplotlib")
+    assert main(["plot", str(out / "seed1"), str(out / "seed2"), "--out", str(tmp_path / "plots" / "c.png")]) == 0
     capsys.readouterr()
     for argv, message in [
         ([*base, "--seeds", "0", "1", "--algo", "trpo", "--out", str(tmp_path / "x")], "algo 'trpo' is not supported"),

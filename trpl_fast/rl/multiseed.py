@@ -7,10 +7,11 @@ leading seed dimension S everywhere:
 
 * **networks**: per-seed weights stacked, ``(S, out, in)``, and applied with one
   ``torch.baddbmm`` per layer (:class:`StackedLinear`). Measured on one CPU thread (S=4,
-  minibatch 32, 17-64-64-6 MLP, forward + backward + fused Adam): ``baddbmm`` ~ the cost of
-  ONE seed's ``nn.Linear`` step, a Python loop over 4 modules ~3.3x that, ``vmap`` over
-  ``torch.func.functional_call`` ~3x (its batching rules dispatch per op) and ``einsum``
-  ~5x (it permutes and copies). ``baddbmm`` is also bit-identical to ``nn.Linear`` there.
+  minibatch 32 per seed, 17-64-64-6 MLP, forward + backward + fused Adam, best of 5, in
+  units of ONE seed's ``nn.Linear`` step): ``baddbmm`` 1.34x, ``einsum`` 2.1x (it permutes
+  and reshapes around its bmm), a Python loop over 4 modules 2.9x, ``vmap`` over
+  ``torch.func.functional_call`` 3.8x (its batching rules and pytree handling run per op,
+  in Python). ``baddbmm``'s forward is also bit-identical to ``nn.Linear``'s there.
 * **one Adam** over the stacked parameters: Adam is elementwise, so it is per seed by
   construction; gradient clipping is per seed (:func:`clip_grad_norm_per_seed`). The
   learning-rate schedule is a function of the iteration only, which all seeds share.
