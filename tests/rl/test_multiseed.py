@@ -153,7 +153,6 @@ def test_seeds_are_independent():
 def test_per_seed_gradient_clipping_equals_torch_per_module():
     torch.manual_seed(1)
     nets = [torch.nn.Linear(4, 3) for _ in range(3)]
-    stacked = torch.nn.Linear(4, 3)
     w = torch.nn.Parameter(torch.stack([n.weight.detach() for n in nets]))
     bias = torch.nn.Parameter(torch.stack([n.bias.detach() for n in nets]))
     x = torch.randn(3, 8, 4) * torch.tensor([0.01, 1.0, 100.0]).view(3, 1, 1)  # one seed under the norm, two over
@@ -165,7 +164,6 @@ def test_per_seed_gradient_clipping_equals_torch_per_module():
     for k, n in enumerate(nets):
         torch.testing.assert_close(w.grad[k], n.weight.grad)
         torch.testing.assert_close(bias.grad[k], n.bias.grad)
-    del stacked
 
 
 def test_resume_continues_the_batch_exactly_and_seed_dirs_are_single_runs(tmp_path):
