@@ -133,6 +133,21 @@ def _config_file_fields(path) -> dict:
     return {k: tuple(v) if k in ("hidden", "hidden_vf") and isinstance(v, list) else v for k, v in data.items()}
 
 
+def _batched_resume_seeds(args) -> list[int] | None:
+    """The seeds of ``--resume DIR`` when DIR holds a batched run (``seed<k>/`` subdirectories
+    and no run of its own), else None; ``--seeds`` given with it must name the same seeds."""
+    from pathlib import Path
+
+    from .rl.multiseed import find_seed_dirs
+
+    found = [] if (Path(args.resume) / "checkpoint.pt").exists() else find_seed_dirs(args.resume)
+    if args.seeds is not None and sorted(args.seeds) != found:
+        raise ValueError(f"--seeds {' '.join(map(str, args.seeds))} with --resume {args.resume}: "
+                         + (f"the batch there has seeds {' '.join(map(str, found))}" if found
+                            else "it holds no batched run (seed<k>/ directories)"))
+    return found or None
+
+
 def train_cmd(args) -> int:
     import dataclasses
 
@@ -141,9 +156,22 @@ def train_cmd(args) -> int:
 
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.seeds is not None and args.seed is not None:
+        raise ValueError("--seed and --seeds: give one of them (--seeds trains several seeds as one batched job)")
     given = {opt: getattr(args, opt) for opt in _TRAIN_FIELDS if getattr(args, opt) is not None}
     sets = parse_overrides(args.set or [])
-    if args.resume:
+    seeds = _batched_resume_seeds(args) if args.resume else args.seeds
+    if args.resume and seeds:
+        from .rl.multiseed import seed_dir
+
+        out = args.resume
+        if args.out is not None and args.out != args.resume:
+            raise ValueError(f"--out {args.out} and --resume {args.resume} name different runs; a run resumes in its own directory")
+        if args.preset is not None or args.config is not None:
+            raise ValueError("--preset and --config cannot be combined with --resume (the run's config is in its checkpoint)")
+        cfg = TrainConfig.from_dict(read_checkpoint(seed_dir(out, seeds[0]))["config"])
+        cfg = dataclasses.replace(cfg, **{_TRAIN_FIELDS[k]: v for k, v in given.items()}, **sets)
+    elif args.resume:
         # the run's own config; options given on the command line must agree with it
         # (train() names any that do not, except the few a resumed run may change)
         out = args.resume
@@ -163,7 +191,8 @@ def train_cmd(args) -> int:
         overrides = {**from_file, **named, **sets}
         overrides.pop("algo", None)
         cfg = preset(opts["preset"], algo, **overrides)
-        out = args.out or f"runs/{cfg.env_id.replace('/', '_')}_{cfg.algo}_s{cfg.seed}"
+        out = args.out or (f"runs/{cfg.env_id.replace('/', '_')}_{cfg.algo}_s{cfg.seed}" if seeds is None
+                           else f"runs/{cfg.env_id.replace('/', '_')}_{cfg.algo}_seeds")
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
@@ -175,8 +204,21 @@ def train_cmd(args) -> int:
     if cfg.rollout_steps >= 1 and cfg.total_steps >= 1 and cfg.total_steps % cfg.rollout_steps:
         n = planned_iterations(cfg)
         budget += f" (rounded up to {n} iterations of {cfg.rollout_steps}: {n * cfg.rollout_steps} steps)"
+    if seeds:
+        budget += f" per seed, seeds {' '.join(map(str, seeds))} batched"
     print(f"{verb} {cfg.algo} on {cfg.env_id} for {budget} -> {out}")
     try:
+        if seeds:
+            from .rl.multiseed import train_seeds
+
+            per_seed = train_seeds(cfg, seeds, out, resume=bool(args.resume), overwrite=args.overwrite,
+                                   progress=not args.no_progress)
+            for seed, rows in per_seed.items():
+                print(f"seed {seed}: {rows[-1]['global_step']} steps, eval return {rows[-1]['eval_return_mean']:.1f}")
+            last = next(iter(per_seed.values()))[-1]
+            print(f"done: {len(seeds)} seeds x {last['global_step']} steps, "
+                  f"{len(seeds) * last['steps_per_second']:.0f} steps/s in all")
+            return 0
         rows = train(cfg, out, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.no_progress)
     except TrainingDiverged as exc:
         print(f"error: {exc}; the last good checkpoint is in {out}", file=sys.stderr)
@@ -261,6 +303,10 @@ def main(argv=None) -> int:
                    help="environment steps, >= 1 (default 1,000,000); rounded up to whole iterations of the "
                         "preset's rollout (2,048 steps for mujoco, 16,384 for humanoid and throughput)")
     t.add_argument("--seed", type=int, default=None, help="default 0")
+    t.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                   help="train these seeds as one batched job (stacked networks, one process): each seed writes "
+                        "OUT/seed<k>/ with a single run's files; --resume OUT resumes the batch (kl, w2, frob, ppo, "
+                        "ppo-m; diagonal covariances)")
     t.add_argument("--device", default=None, help="auto (default), cpu or cuda")
     t.add_argument("--preset", default=None, help="mujoco (paper table 2, default), humanoid (table 3) or throughput")
     t.add_argument("--num-envs", type=int, default=None, help="parallel environments (default: the preset's)")

@@ -182,6 +182,15 @@ class TrustRegionProjection(nn.Module):
         ``weight`` (batch shape): per-state weights of the mean (e.g. a 0 / 1 mask of padded
         states), ``sum(w d) / sum(w)``.
         """
+        dist = self.regression_distance(mean, cov, mean_t, cov_t)
+        if weight is None:
+            return self.regression_weight * dist.mean()
+        return self.regression_weight * (dist * weight).sum() / weight.sum().clamp_min(1.0)
+
+    def regression_distance(self, mean: Tensor, cov: Tensor, mean_t: Tensor, cov_t: Tensor) -> Tensor:
+        """Per-state ``d(p, stopgrad(p_t))`` of :meth:`trust_region_loss`, shape (...) (the
+        batch shape), before weighting and averaging (a caller can average per group, e.g.
+        per seed of a batched multi-seed run)."""
         mean_t, cov_t = mean_t.detach(), cov_t.detach()
         dist = D.mean_part(self.kind, self.cov_form, mean, mean_t, cov_t)
         if self.contextual_cov:
@@ -190,9 +199,7 @@ class TrustRegionProjection(nn.Module):
                 dist = dist + (diff * diff).flatten(mean.dim() - 1).sum(-1)
             else:
                 dist = dist + D.cov_part(self.kind, self.cov_form, cov, cov_t)
-        if weight is None:
-            return self.regression_weight * dist.mean()
-        return self.regression_weight * (dist * weight).sum() / weight.sum().clamp_min(1.0)
+        return dist
 
     # -- metrics ------------------------------------------------------------------------
     @torch.no_grad()
