@@ -264,7 +264,8 @@ def experiment_cmd(args) -> int:
     overrides = parse_overrides(args.set or [])
     if args.normalize_rewards:
         overrides["normalize_rewards"] = True
-    common = dict(steps=args.steps, seeds=args.seeds, device=args.device, jobs=args.jobs, tensorboard=args.tensorboard)
+    common = dict(steps=args.steps, seeds=args.seeds, device=args.device, jobs=args.jobs, tensorboard=args.tensorboard,
+                  batch_seeds=not args.no_batch_seeds)
     if args.name == "reacher" and (args.envs is not None or args.preset is not None):
         raise ValueError("--envs and --preset are for `experiment mujoco`; the Reacher experiment has its own (table 4)")
     out = args.out or ("runs/reacher" if args.name == "reacher" else "runs/table1")
@@ -364,6 +365,9 @@ def main(argv=None) -> int:
     x.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
                    help="change a config field of every run (repeatable; as for `train --set`)")
     x.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events per run")
+    x.add_argument("--no-batch-seeds", action="store_true",
+                   help="train every seed as its own process (default: the seeds of each env x algorithm that have "
+                        "not started train as one batched job, as `train --seeds`; each seed is exactly its single run)")
     x.add_argument("--normalize-rewards", action="store_true",
                    help="normalize rewards for every method (= --set normalize_rewards=true; table 4 gives it to PPO "
                         "only); measured here: the projections learn the sparse Reacher at 500k steps only with it "

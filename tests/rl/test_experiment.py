@@ -41,6 +41,42 @@ def test_mujoco_experiment_writes_table1_and_curves_and_skips_finished_runs(tmp_
     assert capsys.readouterr().out.count("already finished") == 4
 
 
+def test_fresh_seeds_of_a_config_become_one_batched_job(tmp_path):
+    from trpl_fast.rl.config import preset
+    from trpl_fast.rl.experiment import plan_jobs
+
+    def job(algo, seed, **kw):
+        cfg = preset("mujoco", algo, env_id="Hopper-v5", seed=seed, **kw)
+        return {"config": cfg.to_dict(), "tensorboard": False, "dir": str(tmp_path / f"{algo}{seed}{len(kw)}")}
+    started = job("kl", 0)
+    (tmp_path / "kl00").mkdir()
+    (tmp_path / "kl00" / "checkpoint.pt").write_bytes(b"")
+    batch = [started, job("kl", 1), job("kl", 2), job("ppo", 0), job("ppo", 1), job("trpo", 0), job("trpo", 1),
+             job("kl", 3, lr=1e-4)]
+    planned = plan_jobs(batch, batch_seeds=True)
+    batched = sorted((j["config"]["algo"], j["seeds"]) for j in planned if "seeds" in j)
+    assert batched == [("kl", [1, 2]), ("ppo", [0, 1])]
+    singles = sorted((j["config"]["algo"], j["config"]["seed"], j["config"]["lr"]) for j in planned if "seeds" not in j)
+    assert singles == [("kl", 0, 5e-5), ("kl", 3, 1e-4), ("trpo", 0, 3e-4), ("trpo", 1, 3e-4)]  # started, alone, unbatchable
+    assert plan_jobs(batch, batch_seeds=False) == batch
+
+
+def test_batched_and_single_experiments_log_the_same_runs(tmp_path):
+    toy = dict(TOY, num_envs=2, env_backend="gymnasium")
+    kw = dict(envs=["Pendulum-v1"], algos=["kl"], seeds=2, steps=512, jobs=1, **toy)
+    mujoco_experiment(tmp_path / "batched", batch_seeds=True, **kw)
+    mujoco_experiment(tmp_path / "single", batch_seeds=False, **kw)
+    timing = {"steps_per_second", "wall_time"}
+    for seed in (0, 1):
+        rows = {}
+        for mode in ("batched", "single"):
+            with open(tmp_path / mode / f"Pendulum_kl_s{seed}" / "progress.csv") as f:
+                rows[mode] = [{k: float(v) for k, v in r.items() if k not in timing and not k.startswith("time_")}
+                              for r in csv.DictReader(f)]
+        for a, b in zip(rows["batched"], rows["single"]):
+            assert a == pytest.approx(b, rel=1e-4, abs=1e-6, nan_ok=True)
+
+
 def test_reacher_experiment_trains_plots_tabulates(tmp_path):
     table = reacher_experiment(tmp_path, steps=512, seeds=2, algos=["ppo", "kl"], jobs=1, **TOY)
     runs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
@@ -132,7 +168,7 @@ def test_ctrl_c_stops_every_worker_after_its_checkpoint(tmp_path):
 
     out = tmp_path / "exp"
     cmd = [sys.executable, "-m", "trpl_fast.cli", "experiment", "mujoco", "--envs", "Pendulum-v1", "--algos", "ppo",
-           "--seeds", "3", "--jobs", "2", "--steps", "200000", "--out", str(out), "--set", "rollout_steps=256",
+           "--seeds", "3", "--jobs", "2", "--steps", "200000", "--out", str(out), "--no-batch-seeds", "--set", "rollout_steps=256",
            "--set", "num_envs=2", "--set", "epochs=1", "--set", "epochs_vf=1", "--set", "eval_episodes=0",
            "--set", "env_backend=gymnasium", "--set", "checkpoint_seconds=0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,

@@ -18,6 +18,7 @@ and ``curves_<env>.png`` (mujoco); ``results.md`` / ``results.csv`` and
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import signal
@@ -68,27 +69,88 @@ def _train_one(job: dict) -> str:
             f"{last['steps_per_second']:.0f} steps/s")
 
 
+def _train_batch(job: dict) -> str:
+    """Train fresh seeds of one config as one batched job (:mod:`.multiseed`), each into its
+    own run directory; in a worker process with one torch thread."""
+    import torch
+
+    from .config import TrainConfig
+    from .multiseed import train_seeds
+
+    torch.set_num_threads(1)
+    cfg = TrainConfig.from_dict(job["config"])
+    dirs = [Path(d) for d in job["dirs"]]
+    try:
+        per_seed = train_seeds(cfg, job["seeds"], dirs[0].parent, overwrite=True, progress=False,
+                               log_tensorboard=job["tensorboard"], dirs=dirs)
+    except KeyboardInterrupt:
+        if job.get("in_worker"):  # stopped by the parent: every seed checkpointed
+            os._exit(143)
+        raise
+    return "\n".join(f"{d.name}: {int(rows[-1]['global_step'])} steps, eval return {rows[-1]['eval_return_mean']:.2f}, "
+                     f"{rows[-1]['steps_per_second']:.0f} steps/s (batched)" for d, rows in zip(dirs, per_seed.values()))
+
+
+def plan_jobs(batch: list[dict], batch_seeds: bool) -> list[dict]:
+    """With ``batch_seeds``, the runs of one config that differ only in the seed and have not
+    started yet (no checkpoint) become one batched job (``seeds``, ``dirs``); runs already
+    started (resumed or skipped) and configs the batched trainer does not take stay single."""
+    if not batch_seeds:
+        return batch
+    from .config import TrainConfig
+    from .multiseed import check_batchable
+
+    groups: dict[str, list[dict]] = {}
+    single = []
+    for job in batch:
+        cfg = TrainConfig.from_dict(job["config"])
+        try:
+            check_batchable(cfg, [cfg.seed])
+            ok = not (Path(job["dir"]) / "checkpoint.pt").exists()
+        except ValueError:
+            ok = False
+        if not ok:
+            single.append(job)
+            continue
+        key = json.dumps({k: v for k, v in job["config"].items() if k != "seed"}, sort_keys=True, default=str)
+        groups.setdefault(key, []).append(job)
+    planned = list(single)
+    for jobs in groups.values():
+        if len(jobs) == 1:
+            planned.append(jobs[0])
+        else:
+            planned.append({"config": jobs[0]["config"], "tensorboard": jobs[0]["tensorboard"],
+                            "seeds": [j["config"]["seed"] for j in jobs], "dirs": [j["dir"] for j in jobs]})
+    return planned
+
+
+def _run(job: dict) -> str:
+    return _train_batch(job) if "seeds" in job else _train_one(job)
+
+
 def _worker_init() -> None:
     # Ctrl-C reaches the whole foreground process group: the workers leave it to the parent,
     # which stops them with SIGTERM (each then checkpoints its last completed iteration)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def run_jobs(batch: list[dict], jobs: int | None) -> None:
+def run_jobs(batch: list[dict], jobs: int | None, batch_seeds: bool = False) -> None:
     """Train the runs of ``batch`` (dicts with ``config``, ``dir``, ``tensorboard``),
-    ``jobs`` at a time in worker processes (default: one per CPU). Ctrl-C or SIGTERM stops
-    every worker after it has checkpointed its last completed iteration, starts no further
-    run, and re-raises: the same command resumes the experiment."""
+    ``jobs`` at a time in worker processes (default: one per CPU); with ``batch_seeds`` the
+    fresh seeds of a config train as one batched job (:func:`plan_jobs`). Ctrl-C or SIGTERM
+    stops every worker after it has checkpointed its last completed iteration, starts no
+    further run, and re-raises: the same command resumes the experiment."""
+    batch = plan_jobs(batch, batch_seeds)
     jobs = jobs or max(1, min(len(batch), os.cpu_count() or 1))
     if jobs == 1:
         for job in batch:
-            print(_train_one(job), flush=True)
+            print(_run(job), flush=True)
         return
     pool = ProcessPoolExecutor(max_workers=jobs, initializer=_worker_init)
     restore = catch_sigterm()
     futures = []
     try:
-        futures = [pool.submit(_train_one, {**job, "in_worker": True}) for job in batch]
+        futures = [pool.submit(_run, {**job, "in_worker": True}) for job in batch]
         for f in futures:
             print(f.result(), flush=True)
     except BaseException:
@@ -198,9 +260,11 @@ def _check(seeds: int, steps: int, algos, allowed) -> None:
 
 def mujoco_experiment(out: str | Path, envs=("Hopper-v5", "HalfCheetah-v5"), algos=("kl", "ppo"), seeds: int = 3,
                       steps: int = 1_000_000, preset_name: str = "mujoco", device: str = "cpu",
-                      jobs: int | None = None, tensorboard: bool = False, **overrides) -> str:
+                      jobs: int | None = None, tensorboard: bool = False, batch_seeds: bool = True,
+                      **overrides) -> str:
     """The paper's Table 1 protocol (module docstring); returns ``table1.md``'s text.
-    ``overrides`` change the preset of every run (any TrainConfig field)."""
+    ``overrides`` change the preset of every run (any TrainConfig field); ``batch_seeds``:
+    the fresh seeds of each env x algorithm train as one batched job (:mod:`.multiseed`)."""
     from .config import preset
     from .plotting import plot_runs
 
@@ -214,7 +278,7 @@ def mujoco_experiment(out: str | Path, envs=("Hopper-v5", "HalfCheetah-v5"), alg
     out.mkdir(parents=True, exist_ok=True)
     batch = [{"config": c.to_dict(), "tensorboard": tensorboard,
               "dir": str(out / run_name(c.algo, False, c.seed, c.env_id))} for c in configs]
-    run_jobs(batch, jobs)
+    run_jobs(batch, jobs, batch_seeds)
     for env in envs:
         dirs = [j["dir"] for j in batch if j["config"]["env_id"] == env]
         for path in plot_runs(dirs, out / f"curves_{env.replace('/', '_').split('-')[0]}.png", figures=("returns",),
@@ -228,7 +292,7 @@ def mujoco_experiment(out: str | Path, envs=("Hopper-v5", "HalfCheetah-v5"), alg
 
 def reacher_experiment(out: str | Path, steps: int = 2_000_000, seeds: int = 3, algos=REACHER_ALGOS,
                        device: str = "cpu", jobs: int | None = None, tensorboard: bool = False,
-                       **overrides) -> str:
+                       batch_seeds: bool = True, **overrides) -> str:
     """Figure 2 (right): every algo with a global and a contextual covariance on the sparse
     Reacher (table 4); returns ``results.md``'s text. ``overrides`` change the table-4
     config of every run (e.g. ``num_envs``, ``rollout_steps``, ``normalize_rewards``)."""
@@ -242,7 +306,7 @@ def reacher_experiment(out: str | Path, steps: int = 2_000_000, seeds: int = 3, 
     out.mkdir(parents=True, exist_ok=True)
     batch = [{"config": c.to_dict(), "tensorboard": tensorboard,
               "dir": str(out / run_name(c.algo, c.contextual_cov, c.seed))} for c in configs]
-    run_jobs(batch, jobs)
+    run_jobs(batch, jobs, batch_seeds)
     dirs = [job["dir"] for job in batch]
     for path in plot_runs(dirs, out / "figure2_right.png"):
         print(f"wrote {path}")

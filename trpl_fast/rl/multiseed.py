@@ -678,9 +678,10 @@ def _seed_configs(cfg: TrainConfig, seeds: list[int]) -> list[TrainConfig]:
 
 
 def train_seeds(cfg: TrainConfig, seeds, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
-                progress: bool = True, log_tensorboard: bool = True) -> dict[int, list[dict]]:
+                progress: bool = True, log_tensorboard: bool = True, dirs=None) -> dict[int, list[dict]]:
     """Train ``cfg`` for every seed of ``seeds`` as one batched job into ``out_dir/seed<k>/``
-    (each a single run's directory; ``cfg.seed`` is ignored). Returns the logged rows per
+    (each a single run's directory; ``cfg.seed`` is ignored), or into ``dirs`` (one per
+    seed, e.g. the experiment runner's ``<env>_<algo>_s<seed>``). Returns the logged rows per
     seed. ``resume``: continue every seed from its checkpoint (all must be at the same
     iteration); ``overwrite`` as for :func:`~trpl_fast.rl.train.train`. Checkpoints,
     Ctrl-C / SIGTERM and the wall-time checkpoints behave as a single run's, for all seeds."""
@@ -689,7 +690,11 @@ def train_seeds(cfg: TrainConfig, seeds, out_dir: str | Path, *, resume: bool = 
     seeds = check_batchable(cfg, seeds)
     device = resolve_device(cfg.device)
     cfgs = _seed_configs(cfg, seeds)
-    dirs = [seed_dir(out_dir, s) for s in seeds]
+    if dirs is None:
+        dirs = [seed_dir(out_dir, s) for s in seeds]
+    elif len(dirs) != len(seeds):
+        raise ValueError(f"dirs: one run directory per seed, got {len(dirs)} for {len(seeds)} seeds")
+    dirs = [Path(d) for d in dirs]
     check_run_dir(out_dir)
     for d in dirs:
         check_run_dir(d)
