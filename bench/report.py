@@ -32,6 +32,21 @@ def load(paths):
     return rows, meta
 
 
+def _cell(prov: dict, p: str) -> str:
+    """Median (IQR) of provider ``p`` in one row of results."""
+    if p not in prov:
+        return "-"
+    st = prov[p][0]
+    return f"{fmt_time(st['median'])} ({fmt_time(st['iqr'])})"
+
+
+def _ratio(prov: dict, p: str) -> str:
+    """Provider ``p``'s median over ours."""
+    if "trpl" not in prov or p not in prov:
+        return "-"
+    return f"{prov[p][0]['median'] / prov['trpl'][0]['median']:.2f}x"
+
+
 def table(rows) -> str:
     out = ["| device | kind | form | d | states | mode | trpl | eager | compiled | vs eager | vs compiled | trpl GB/s | of copy BW |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -39,25 +54,14 @@ def table(rows) -> str:
         device, kind, form, d, n, mode = key
         prov = rows[key]
 
-        def cell(p):
-            if p not in prov:
-                return "-"
-            st = prov[p][0]
-            return f"{fmt_time(st['median'])} ({fmt_time(st['iqr'])})"
-
-        def ratio(p):
-            if "trpl" not in prov or p not in prov:
-                return "-"
-            return f"{prov[p][0]['median'] / prov['trpl'][0]['median']:.2f}x"
-
         bw = frac = "-"
         if "trpl" in prov and "bytes" in prov["trpl"][1]:
             st, info = prov["trpl"]
             gbs = info["bytes"] / st["median"] / 1e9
             bw = f"{gbs:.1f}"
             frac = f"{info['bytes'] / st['median'] / info['copy_bandwidth']:.0%}"
-        out.append(f"| {device} | {kind} | {form} | {d} | {n:,} | {mode} | {cell('trpl')} | {cell('eager')} | "
-                   f"{cell('compiled')} | {ratio('eager')} | {ratio('compiled')} | {bw} | {frac} |")
+        out.append(f"| {device} | {kind} | {form} | {d} | {n:,} | {mode} | {_cell(prov, 'trpl')} | {_cell(prov, 'eager')} | "
+                   f"{_cell(prov, 'compiled')} | {_ratio(prov, 'eager')} | {_ratio(prov, 'compiled')} | {bw} | {frac} |")
     return "\n".join(out)
 
 

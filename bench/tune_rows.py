@@ -17,7 +17,6 @@ import json
 
 import torch
 import triton
-
 import trpl_fast.kernels._common as common
 from trpl_fast.kernels.frobenius import launch_frob_diag_bwd, launch_frob_diag_fwd
 from trpl_fast.kernels.kl import launch_kl_diag_bwd, launch_kl_diag_fwd

@@ -235,6 +235,7 @@ def test_kl_newton_kernel_extreme_ratios(dtype):
     """The full-covariance Newton kernel on whitened ratios that round to -1 or overflow
     their squares: it solves them as the torch path does."""
     from trpl_fast.kernels.kl import launch_kl_newton
+
     from trpl_fast.ops import kl as kl_ops
 
     big = 2.0**120 if dtype == F64 else 2.0**100

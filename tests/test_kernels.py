@@ -11,10 +11,10 @@ import os
 
 import pytest
 import torch
-
-from trpl_fast import reference as R
 from trpl_fast.kernels.frobenius import launch_frob_diag_bwd, launch_frob_diag_fwd
 from trpl_fast.kernels.wasserstein import launch_w2_diag_bwd, launch_w2_diag_fwd
+
+from trpl_fast import reference as R
 
 from .helpers import F64, assert_close, make_case
 

@@ -10,7 +10,6 @@ from .functional import project_diag, project_full
 from .projection import EntropySchedule, TrustRegionProjection
 
 
-
 def _register_envs() -> None:
     """``trpl_fast/ReacherSparse5-v0`` in Gymnasium's registry, when Gymnasium is installed."""
     try:

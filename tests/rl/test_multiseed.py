@@ -9,8 +9,14 @@ import torch
 
 from trpl_fast.cli import main
 from trpl_fast.rl.config import preset
-from trpl_fast.rl.multiseed import (StackedPolicy, StackedUpdater, StackedValue, clip_grad_norm_per_seed,
-                                    find_seed_dirs, train_seeds)
+from trpl_fast.rl.multiseed import (
+    StackedPolicy,
+    StackedUpdater,
+    StackedValue,
+    clip_grad_norm_per_seed,
+    find_seed_dirs,
+    train_seeds,
+)
 from trpl_fast.rl.policies import ValueNetwork
 from trpl_fast.rl.runlog import CSV_COLUMNS
 from trpl_fast.rl.train import Batch, load_policy, make_policy, read_checkpoint, train

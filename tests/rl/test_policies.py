@@ -6,9 +6,11 @@ import torch
 
 import trpl_fast
 from trpl_fast import distances as D
-from trpl_fast.rl.policies import GaussianPolicy, ValueNetwork
-
-from trpl_fast.rl.policies import FACTOR_OF_PROJECTION  # noqa: E402
+from trpl_fast.rl.policies import (
+    FACTOR_OF_PROJECTION,  # noqa: E402
+    GaussianPolicy,
+    ValueNetwork,
+)
 
 CASES = [("kl", "diag"), ("frob", "full"), ("kl", "full"), ("w2", "full"), ("w2", "diag")]
 

@@ -3,7 +3,8 @@ operator factory that wires forward op, backward op, CPU kernel and autograd tog
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Union
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -31,7 +32,7 @@ class Aux(NamedTuple):
 
     name: str
     rank: int
-    dtype: Union[str, torch.dtype]
+    dtype: str | torch.dtype
 
     def empty(self, batch, d: int, input_dtype: torch.dtype, device) -> Tensor:
         dtype = compute_dtype(input_dtype) if self.dtype == "compute" else self.dtype
@@ -81,7 +82,7 @@ def check_metadata(names, tensors, event_dims: int, bounds) -> tuple:
     return batch, d
 
 
-def flat_bound(bound: Optional[Tensor], batch, dtype) -> Optional[Tensor]:
+def flat_bound(bound: Tensor | None, batch, dtype) -> Tensor | None:
     """A per-state bound as a contiguous (rows,) tensor in the compute dtype, or None."""
     if bound is None:
         return None
@@ -223,7 +224,7 @@ class ProjectionOp:
         spec = self
 
         def forward(mean: Tensor, cov: Tensor, old_mean: Tensor, old_cov: Tensor,
-                    mean_bound: Optional[Tensor], cov_bound: Optional[Tensor],
+                    mean_bound: Tensor | None, cov_bound: Tensor | None,
                     mean_bound_value: float, cov_bound_value: float):
             # a triton_op body may be traced (torch.compile): no host checks there; an
             # opaque custom_op body always runs on real tensors
@@ -248,7 +249,7 @@ class ProjectionOp:
 
         def backward(grad_mean: Tensor, grad_cov: Tensor, mean: Tensor, cov: Tensor,
                      old_mean: Tensor, old_cov: Tensor, aux: list[Tensor],
-                     mean_bound: Optional[Tensor], cov_bound: Optional[Tensor],
+                     mean_bound: Tensor | None, cov_bound: Tensor | None,
                      mean_bound_value: float, cov_bound_value: float) -> tuple[Tensor, Tensor]:
             return spec.run_backward(grad_mean, grad_cov, mean, cov, old_mean, old_cov, aux,
                                      mean_bound, cov_bound, mean_bound_value, cov_bound_value,

@@ -14,7 +14,13 @@ import torch
 from ..kernels.wasserstein import launch_w2_diag_bwd, launch_w2_diag_fwd
 from ._common import ProjectionOp
 from ._linalg import inner
-from ._torch_mean import bound_or_value, interpolation_direction, interpolation_scale, mean_project, mean_project_backward
+from ._torch_mean import (
+    bound_or_value,
+    interpolation_direction,
+    interpolation_scale,
+    mean_project,
+    mean_project_backward,
+)
 
 
 def w2_diag(mean, std, old_mean, old_std, mean_bound, cov_bound, mbv, cbv):

@@ -143,7 +143,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
+    def from_dict(cls, data: dict) -> TrainConfig:
         """The config of a ``to_dict`` / ``config.json`` dict; unknown keys and bad values
         are a ``ValueError`` naming them."""
         if not isinstance(data, dict):
@@ -159,7 +159,7 @@ class TrainConfig:
         return cls(**data)
 
     @classmethod
-    def from_json_file(cls, path) -> "TrainConfig":
+    def from_json_file(cls, path) -> TrainConfig:
         """Load ``--config FILE.json`` (e.g. a run's own ``config.json``)."""
         import json
         from pathlib import Path

@@ -60,7 +60,7 @@ from .losses import importance_ratio
 from .normalization import ObservationNormalizer, RewardNormalizer, RunningMeanStd
 from .policies import GaussianPolicy, ValueNetwork
 from .rollout import Actor, Rollout
-from .runlog import CSV_COLUMNS, RunLog, check_run_dir, read_progress, run_files
+from .runlog import CSV_COLUMNS, PhaseClock, RunLog, check_run_dir, read_progress, run_files
 from .train import CHECKPOINT_FORMAT, Batch, TrainingDiverged, make_policy, resolve_device, set_learning_rates
 
 BATCHED_ALGOS = ("kl", "w2", "frob", "ppo", "ppo-m")
@@ -110,8 +110,8 @@ class StackedLinear(nn.Module):
 
     def __init__(self, layers: list[nn.Linear]):
         super().__init__()
-        self.weight = nn.Parameter(torch.stack([l.weight.detach() for l in layers]).clone())
-        self.bias = nn.Parameter(torch.stack([l.bias.detach() for l in layers]).clone())
+        self.weight = nn.Parameter(torch.stack([lin.weight.detach() for lin in layers]).clone())
+        self.bias = nn.Parameter(torch.stack([lin.bias.detach() for lin in layers]).clone())
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 2:  # (S, in): one row per seed
@@ -464,7 +464,9 @@ def stacked_advantages(rollout: Rollout, policy: StackedPolicy, value: StackedVa
     obs = _by_seed(rollout.obs).to(device)
     values = value(obs).cpu().reshape(S, T, N).transpose(0, 1)  # (T, S, N)
     next_values = value(_by_seed(rollout.next_obs).to(device)).cpu().reshape(S, T, N).transpose(0, 1)
-    flat = lambda x: x.reshape(T, S * N)  # GAE runs down each column: one per seed's env
+    def flat(x):  # GAE runs down each column: one per seed's env
+        return x.reshape(T, S * N)
+
     adv, returns = gae(flat(rollout.rewards), flat(values), flat(next_values), flat(rollout.terminated),
                        flat(rollout.truncated), cfg.gamma, cfg.gae_lambda)
     adv, returns = _by_seed(adv.reshape(T, S, N)).to(device), _by_seed(returns.reshape(T, S, N)).to(device)
@@ -798,7 +800,8 @@ def train_seeds(cfg: TrainConfig, seeds, out_dir: str | Path, *, resume: bool = 
                 envs.set_state(k, st["envs"])
         else:
             warnings.warn(f"the {envs.backend} backend cannot restore its environments: the episodes that were "
-                          "open at the checkpoint restart (use env_backend='gymnasium' for an exact resume)")
+                          "open at the checkpoint restart (use env_backend='gymnasium' for an exact resume)",
+                          stacklevel=2)
             envs.close()
             envs = SeedEnvs(cfgs, seed_offset=global_step)  # as a single run reseeds: seed + global_step
             collector = new_collector()
@@ -849,30 +852,26 @@ def train_seeds(cfg: TrainConfig, seeds, out_dir: str | Path, *, resume: bool = 
     restore_sigterm = catch_sigterm()
     try:
         for iteration in range(start_iteration, n_iterations):
-            clock = [time.perf_counter()]
-
-            def lap() -> float:
-                clock.append(time.perf_counter())
-                return clock[-1] - clock[-2]
+            clock = PhaseClock()
 
             set_learning_rates(cfg, opt_pi, opt_vf, iteration, n_iterations)
             rollout = collector.collect(actor, cfg.rollout_steps // cfg.num_envs)
             global_step += cfg.rollout_steps
-            t_collect = lap()
+            t_collect = clock.lap()
             batch = stacked_advantages(rollout, policy, value, cfg, device)
-            t_advantages = lap()
+            t_advantages = clock.lap()
             pi_losses = updater.update_policy(batch, perm_gens, global_step, iteration)
             metrics = stacked_policy_metrics(policy, layer, batch, cfg, global_step)
             actor.sync()
-            t_policy = lap()
+            t_policy = clock.lap()
             vf_losses = updater.update_value(batch, perm_gens, iteration)
-            t_value = lap()
+            t_value = clock.lap()
             last = iteration == n_iterations - 1
             evals = [math.nan] * S
             if evaluator is not None and (last or (iteration + 1) % cfg.eval_every == 0):
                 evals = evaluator(policy, obs_norm, iteration)
-            t_eval = lap()
-            elapsed = clock[-1] - clock[0]
+            t_eval = clock.lap()
+            elapsed = clock.total
             for k, log in enumerate(logs):
                 recent = collector.finished_returns[k][-20:]
                 # steps_per_second: each seed's own rate (its steps over the batch's time),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import time
 from pathlib import Path
 
 # per iteration: what was learned, then what it cost (time_* are the phases' seconds)
@@ -66,6 +67,23 @@ def read_progress(path: Path, iterations: int) -> list[dict]:
             if k in r and r[k] == r[k]:
                 r[k] = int(r[k])
     return [r for r in rows if r.get("iteration", math.inf) < iterations]
+
+
+class PhaseClock:
+    """Wall seconds of one iteration's phases: :meth:`lap` returns the time since the last
+    lap (or the start), :attr:`total` the time from the start to the last lap."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        elapsed, self.last = now - self.last, now
+        return elapsed
+
+    @property
+    def total(self) -> float:
+        return self.last - self.start
 
 
 class RunLog:

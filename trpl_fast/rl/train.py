@@ -33,8 +33,15 @@ from torch import Tensor
 
 from ..projection import EntropySchedule, TrustRegionProjection
 from .advantages import gae
-from .checkpoint import (RESUMABLE_CHANGES, Terminated, catch_sigterm, check_resumable,  # noqa: F401
-                         check_resume_config, read_checkpoint, save_checkpoint)
+from .checkpoint import (  # noqa: F401
+    RESUMABLE_CHANGES,
+    Terminated,
+    catch_sigterm,
+    check_resumable,
+    check_resume_config,
+    read_checkpoint,
+    save_checkpoint,
+)
 from .config import ALGOS, PROJECTIONS, TrainConfig, planned_iterations  # noqa: F401  (re-exported)
 from .envs import make_vec_env
 from .evaluation import Evaluator
@@ -42,7 +49,7 @@ from .losses import ppo_clip_loss, surrogate_loss, value_loss
 from .normalization import ObservationNormalizer, RewardNormalizer
 from .policies import FACTOR_OF_PROJECTION, GaussianPolicy, ValueNetwork
 from .rollout import Actor, Collector, Rollout
-from .runlog import CSV_COLUMNS, RunLog, check_run_dir, read_progress, run_files  # noqa: F401  (re-exported)
+from .runlog import CSV_COLUMNS, PhaseClock, RunLog, check_run_dir, read_progress, run_files  # noqa: F401  (re-exported)
 from .trpo import trpo_step
 
 CHECKPOINT_FORMAT = 2
@@ -386,7 +393,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwr
             envs.set_state(saved["envs"])
         else:
             warnings.warn(f"the {envs.backend} backend cannot restore its environments: the episodes that were "
-                          "open at the checkpoint restart (use env_backend='gymnasium' for an exact resume)")
+                          "open at the checkpoint restart (use env_backend='gymnasium' for an exact resume)",
+                          stacklevel=2)
             envs.close()
             envs = make_vec_env(cfg.env_id, cfg.num_envs, cfg.seed + global_step, backend=cfg.env_backend)
             collector = Collector(envs, obs_norm=obs_norm, rew_norm=rew_norm, clip_actions=cfg.clip_actions,
@@ -421,45 +429,41 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwr
     restore_sigterm = catch_sigterm()
     try:
         for iteration in range(start_iteration, n_iterations):
-            clock = [time.perf_counter()]
-
-            def lap() -> float:
-                clock.append(time.perf_counter())
-                return clock[-1] - clock[-2]
+            clock = PhaseClock()
 
             set_learning_rates(cfg, opt_pi, opt_vf, iteration, n_iterations)
 
             # -- 1. collect ---------------------------------------------------------------
             rollout = collector.collect(actor, cfg.rollout_steps // cfg.num_envs)
             global_step += cfg.rollout_steps
-            t_collect = lap()
+            t_collect = clock.lap()
 
             # -- 2. advantages ------------------------------------------------------------
             batch = compute_advantages(rollout, policy, value, cfg, device)
-            t_advantages = lap()
+            t_advantages = clock.lap()
 
             # -- 3. policy update ---------------------------------------------------------
             pi_losses = updater.update_policy(batch, gen, global_step, iteration)
             metrics = policy_metrics(policy, layer, batch, cfg, global_step)
             actor.sync()
-            t_policy = lap()
+            t_policy = clock.lap()
 
             # -- 4. value update ----------------------------------------------------------
             vf_losses = updater.update_value(batch, gen, iteration)
-            t_value = lap()
+            t_value = clock.lap()
 
             # -- 5. evaluate and log --------------------------------------------------------
             last = iteration == n_iterations - 1
             eval_return = math.nan
             if evaluator is not None and (last or (iteration + 1) % cfg.eval_every == 0):
                 eval_return = evaluator(policy, obs_norm, iteration)
-            t_eval = lap()
+            t_eval = clock.lap()
             recent = collector.finished_returns[-20:]
             row = {"iteration": iteration, "global_step": global_step,
                    "train_return_mean": float(np.mean(recent)) if recent else math.nan,
                    "eval_return_mean": eval_return, "episodes": len(collector.finished_returns),
                    "policy_loss": float(np.mean(pi_losses)), "value_loss": float(np.mean(vf_losses)),
-                   "steps_per_second": cfg.rollout_steps / (clock[-1] - clock[0]),
+                   "steps_per_second": cfg.rollout_steps / clock.total,
                    "wall_time": wall_offset + time.perf_counter() - t_start,
                    "time_collect": t_collect, "time_advantages": t_advantages, "time_policy": t_policy,
                    "time_value": t_value, "time_eval": t_eval}
