@@ -32,7 +32,8 @@ cancels). ``KLc = 0.5 [tr G^-1 - d + log|G|]`` has ``dKLc/dG = K = 0.5 G^-1 Y G^
 
     Mbar = t U^-T W U^-1,   W = (<Htil, Z> / <Z, Z>) Z - Htil
 
-(the ``Z`` component of ``Htil`` is projected out: the gradient keeps ``KLc = eps``). Then
+(``W`` is ``-Htil`` with its component along ``Z`` removed, ``<W, Z> = 0``: the part of a
+change of ``M`` that would move ``KLc`` off ``eps`` is absorbed by ``t``). Then
 ``Abar = 2 A Mbar`` and ``Cbar = tril(-C^-T Abar A^T) = tril(-2 t C^-T V W V^T)`` with
 ``V = A U^-T``. No ``r^2``, no ``1/t``.
 
@@ -253,6 +254,8 @@ def _kl_full_fwd_kernel(
     mean_out_ptr, chol_out_ptr, t_out_ptr, conv_out_ptr, eigvals_out_ptr, u_out_ptr, tri_ptr,
     n, MAX_ITERS: tl.constexpr, BISECT: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    """One program per state (see the module docstring, steps 1-5). ``tri_ptr``: a
+    (rows, 2 BLOCK) float64 scratch for the tridiagonal the Sturm counts read."""
     pid = tl.program_id(0)
     idx = tl.arange(0, BLOCK)
     vbase = pid.to(tl.int64) * n
@@ -308,6 +311,9 @@ def _kl_full_bwd_kernel(
     grad_mean_out_ptr, grad_factor_out_ptr,
     n, BLOCK: tl.constexpr,
 ):
+    """One program per state: the implicit gradient of the module docstring, from the
+    forward's ``t``, eigenvalues (which decide ``active`` exactly as the forward did) and
+    ``U``; ``A`` is recomputed (one forward substitution)."""
     pid = tl.program_id(0)
     idx = tl.arange(0, BLOCK)
     vbase = pid.to(tl.int64) * n

@@ -46,9 +46,15 @@ def report(name, actual, expected, tol):
 
 
 @pytest.fixture
-def fused_on_cpu(monkeypatch):
-    """Route the full KL op through the fused kernel on CPU tensors (the interpreter)."""
-    monkeypatch.setattr(kl_ops, "FUSED_DEVICE_TYPES", ("cuda", "cpu"))
+def fused_path(monkeypatch):
+    """The full KL op on DEVICE tensors runs the fused kernel: on CUDA it does anyway;
+    under the interpreter "cpu" joins the fused device types."""
+    if INTERPRET:
+        monkeypatch.setattr(kl_ops, "FUSED_DEVICE_TYPES", ("cuda", "cpu"))
+
+
+def on_device(*tensors):
+    return [t.to(DEVICE) for t in tensors]
 
 
 def case_with_inside_rows(n, d, spread, seed, scenario="random"):
@@ -93,7 +99,8 @@ def test_launchers_match_reference(d, dtype, bounds):
         args, kw = (None, None, MEAN_BOUND, COV_BOUND), dict(mean_bound=MEAN_BOUND, cov_bound=COV_BOUND)
         eps = torch.full((n,), COV_BOUND, dtype=F64)
     dev = [x.to(dtype).to(DEVICE) for x in case]
-    mean_t, chol_t, t, conv, m, u = launch_kl_full_fwd(*dev, *args)
+    out = launch_kl_full_fwd(*dev, *args)
+    mean_t, chol_t, t, conv, m, u = (o.cpu() for o in out)
     assert mean_t.dtype == dtype and chol_t.dtype == dtype and t.dtype == F64 and conv.dtype == torch.bool
     assert m.shape == (n, d) and u.shape == (n, d, d)
     assert conv.all()
@@ -115,10 +122,11 @@ def test_launchers_match_reference(d, dtype, bounds):
     kl_after = R.kl_cov(s_t, old_s)
     rel_kl = ((kl_after - eps).abs() / eps)[active]
     assert rel_kl.max() < (1e-8 if dtype == F64 else 1e-4), f"|KL - eps| / eps = {rel_kl.max():.3e}"
-    assert torch.equal(chol_t[~active].cpu(), dev[1][~active].cpu().tril())
+    assert torch.equal(chol_t[~active], case[1].to(dtype)[~active].tril())
     assert (t[~active] == 1).all()
 
-    gm, gc = launch_kl_full_bwd(g_mean.to(dtype).to(DEVICE), g_chol.to(dtype).to(DEVICE), *dev, t, m, u, *args)
+    gm, gc = (g.cpu() for g in launch_kl_full_bwd(g_mean.to(dtype).to(DEVICE), g_chol.to(dtype).to(DEVICE), *dev,
+                                                  out[2], out[4], out[5], *args))
     assert gm.dtype == dtype and gc.dtype == dtype
     report("grad mean", gm, rg_mean, GRAD_TOL[dtype])
     report("grad factor", gc, rg_chol, GRAD_TOL[dtype])
@@ -126,14 +134,15 @@ def test_launchers_match_reference(d, dtype, bounds):
     assert torch.equal(gc, gc.tril())
 
 
-def test_op_uses_fused_kernel_and_matches_torch_path(fused_on_cpu, monkeypatch):
+def test_op_uses_fused_kernel_and_matches_torch_path(fused_path, monkeypatch):
     """Through the op (forward, autograd backward, batch dims): the fused path against the
     torch path, and the saved U is the upper factor of (1 - t) I + t M."""
     n, d = 4, 5
     case = case_with_inside_rows(n, d, 100.0, seed=3)
-    case = [x.reshape(2, 2, *x.shape[1:]) for x in case]
+    case = on_device(*[x.reshape(2, 2, *x.shape[1:]) for x in case])
     gen = torch.Generator().manual_seed(0)
-    g_mean, g_chol = torch.randn(2, 2, d, generator=gen, dtype=F64), torch.randn(2, 2, d, d, generator=gen, dtype=F64)
+    g_mean, g_chol = on_device(torch.randn(2, 2, d, generator=gen, dtype=F64),
+                               torch.randn(2, 2, d, d, generator=gen, dtype=F64))
 
     def run():
         mean = case[0].clone().requires_grad_(True)
@@ -148,7 +157,7 @@ def test_op_uses_fused_kernel_and_matches_torch_path(fused_on_cpu, monkeypatch):
     monkeypatch.setattr(kl_ops, "launch_kl_full_fwd", lambda *a: calls.append(1) or launch(*a))
     fused, fused_grads = run()
     assert calls, "the fused kernel did not run"
-    monkeypatch.setattr(kl_ops, "FUSED_DEVICE_TYPES", ("cuda",))
+    monkeypatch.setattr(kl_ops, "FUSED_DEVICE_TYPES", ())
     torch_path, torch_grads = run()
     for name, i in (("mean_t", 0), ("chol_t", 1), ("t", 2), ("eigvals", 4)):
         report(name, fused[i], torch_path[i], 1e-11)
@@ -158,19 +167,20 @@ def test_op_uses_fused_kernel_and_matches_torch_path(fused_on_cpu, monkeypatch):
 
     t, m, u = fused[2], fused[4], fused[5]
     a = torch.linalg.solve_triangular(case[1].tril(), case[3].tril(), upper=False)
-    eye = torch.eye(d, dtype=F64)
+    eye = torch.eye(d, dtype=F64, device=DEVICE)
     g = (1 - t)[..., None, None] * eye + t[..., None, None] * (a.mT @ a)
     report("U U^T", u @ u.mT, g, 1e-13)
     assert torch.equal(u, u.triu())
 
 
-def test_gradcheck_float64(fused_on_cpu):
+def test_gradcheck_float64(fused_path):
     """gradcheck through the op on the fused path: one state, d = 3 (one Householder
     step), mean and covariance both projected (the other combinations are checked against
     reference gradients above; the interpreter makes each evaluation slow)."""
     mean, chol, old_mean, old_chol = whitened_case("full", 1, 3, 5.0, seed=4)
     gen = torch.Generator().manual_seed(5)
     mean = old_mean + torch.randn(1, 3, generator=gen, dtype=F64)
+    mean, chol, old_mean, old_chol = on_device(mean, chol, old_mean, old_chol)
     aux = trpl_fast.functional.project("full", mean, chol, old_mean, old_chol, kind="kl",
                                        mean_bound=MEAN_BOUND, cov_bound=COV_BOUND, return_aux=True)
     assert (aux[2] < 1).all() and not torch.equal(aux[0], mean)  # both parts projected
@@ -186,10 +196,10 @@ def test_gradcheck_float64(fused_on_cpu):
 @pytest.mark.parametrize("eps", [1e-6, 1e-3, 10.0], ids=lambda e: f"eps={e:g}")
 @pytest.mark.parametrize("scenario,spread", [("random", 1e4), ("one_far", 1e4), ("random", 1e8), ("one_far", 1e8)])
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["float64", "float32"])
-def test_hard_cases(fused_on_cpu, dtype, scenario, spread, eps):
+def test_hard_cases(fused_path, dtype, scenario, spread, eps):
     """test_kl's hard cases through the fused path at d = 4: projected covariance against
     the bisection reference, |KL - eps| / eps, every row converged, inactive rows exact."""
-    case = whitened_case("full", 4, 4, spread, seed=9, scenario=scenario)
+    case = on_device(*whitened_case("full", 4, 4, spread, seed=9, scenario=scenario))
     if dtype == F64:
         rtol = 1e-9 if spread <= 1e4 else 1e-6
         check_against_reference("full", case, eps, F64, rtol=rtol, kl_tol=1e-6)
@@ -197,9 +207,9 @@ def test_hard_cases(fused_on_cpu, dtype, scenario, spread, eps):
         check_against_reference("full", case, eps, torch.float32, rtol=1e-4, kl_tol=1e-3)
 
 
-def test_inside_rows_are_identity(fused_on_cpu):
+def test_inside_rows_are_identity(fused_path):
     """A target equal to the old policy: outputs and gradients pass through unchanged."""
-    case = whitened_case("full", 3, 4, 1.0, seed=0, scenario="equal")
+    case = on_device(*whitened_case("full", 3, 4, 1.0, seed=0, scenario="equal"))
     mean = case[0].clone().requires_grad_(True)
     chol = case[1].clone().requires_grad_(True)
     mean_t, chol_t, t, conv = trpl_fast.functional.project("full", mean, chol, case[2], case[3], kind="kl",
@@ -211,8 +221,8 @@ def test_inside_rows_are_identity(fused_on_cpu):
     assert torch.equal(g_chol, g.tril())
 
 
-def test_large_d_keeps_torch_path(fused_on_cpu):
+def test_large_d_keeps_torch_path(fused_path):
     from trpl_fast.kernels.kl_full import MAX_D
 
-    assert kl_ops.uses_fused_kernel(torch.zeros(2, MAX_D, dtype=F64))
-    assert not kl_ops.uses_fused_kernel(torch.zeros(2, MAX_D + 1, dtype=F64))
+    assert kl_ops.uses_fused_kernel(torch.zeros(2, MAX_D, dtype=F64, device=DEVICE))
+    assert not kl_ops.uses_fused_kernel(torch.zeros(2, MAX_D + 1, dtype=F64, device=DEVICE))
