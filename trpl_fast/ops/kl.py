@@ -6,9 +6,12 @@ implicit ``_backward`` op. Mean part: ``0.5 maha <= eps_mu``.
 
 Both forward ops return ``[mean_t, cov_t, t, converged, ...]``: the dual variable ``t`` per
 state (``L_t = t L + (1 - t) L_o``; 1 for states inside the region) and whether its Newton
-solve met the tolerance. The full op also returns the eigenvalues (..., d) and
-eigenvectors (..., d, d) of the whitened target precision ``C_o^T L C_o`` (float64), which
-its backward reuses.
+solve met the tolerance. The full op also returns the eigenvalues (..., d) (ascending) of
+the whitened target precision ``M = C_o^T L C_o`` and a (..., d, d) matrix its backward
+reuses, both float64: the eigenvectors of ``M`` on the torch path; on CUDA for
+``d <= MAX_D`` (the fused kernel, ``kernels/kl_full.py``) the upper factor ``U`` of
+``(1 - t) I + t M = U U^T`` instead. Forward and backward choose the path by the same test
+(:func:`uses_fused_kernel`), so each backward gets what its forward saved.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from torch import Tensor
 
 from ..kernels.kl import (MAX_ITER, TOL_F32, TOL_F64, launch_kl_diag_bwd, launch_kl_diag_fwd,
                           launch_kl_newton)
+from ..kernels.kl_full import MAX_D, launch_kl_full_bwd, launch_kl_full_fwd
 from ._common import Aux, ProjectionOp, to_float64
 from ._linalg import cholesky_backward, solve_lower, solve_lower_t
 from ._torch_mean import bound_or_value, mean_project, mean_project_backward
@@ -213,7 +217,23 @@ def _whitened_r(m):
     return torch.clamp(m - 1.0, min=-1.0)
 
 
+# Device types on which the full op runs the fused kernel (the tests add "cpu" to run it
+# under TRITON_INTERPRET through the op itself).
+FUSED_DEVICE_TYPES = ("cuda",)
+
+
+def uses_fused_kernel(mean: Tensor) -> bool:
+    """Whether the full op runs the fused Triton kernel for these (rows, d) means: on CUDA
+    for ``d <= MAX_D``, on real tensors (fake ones, traced by ``torch.compile``, take the
+    torch path, whose outputs have the same shapes and dtypes)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return mean.device.type in FUSED_DEVICE_TYPES and mean.shape[-1] <= MAX_D and not is_fake(mean)
+
+
 def kl_full(mean, factor, old_mean, old_factor, mean_bound, cov_bound, mbv, cbv, early_exit=False):
+    if uses_fused_kernel(mean):
+        return launch_kl_full_fwd(mean, factor, old_mean, old_factor, mean_bound, cov_bound, mbv, cbv)
     dtype = mean.dtype
     mean, factor, old_mean, old_factor, mean_bound, cov_bound = _float64(
         mean, factor, old_mean, old_factor, mean_bound, cov_bound)
@@ -235,7 +255,12 @@ def kl_full_backward(g_mean, g_factor, mean, factor, old_mean, old_factor, t, co
 
         dL/dS = t P [D H D + 0.5 c diag(m^2 k)] P^T,  k = t r / g^2,
         c = <G, L - L_o> / <K, L - L_o> = (-sum r diag(H) / g^2) / (0.5 sum k r)
+
+    (On the fused path ``u`` is the factor ``U`` of the kernel's forward; see the module.)
     """
+    if uses_fused_kernel(mean):
+        return launch_kl_full_bwd(g_mean, g_factor, mean, factor, old_mean, old_factor, t, m, u,
+                                  mean_bound, cov_bound, mbv, cbv)
     dtype = mean.dtype
     g_mean, g_factor, mean, factor, old_mean, old_factor, t, mean_bound, cov_bound = _float64(
         g_mean, g_factor, mean, factor, old_mean, old_factor, t, mean_bound, cov_bound)
