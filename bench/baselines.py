@@ -16,10 +16,10 @@ def _mean(mean, old_mean, prec_delta_fn, eps):
 
 def eager_diag(kind, mean, std, old_mean, old_std, mean_bound, cov_bound):
     """Diagonal Frobenius / W2 projection, (..., d) std vectors."""
-    old_var = old_std ** 2
+    old_var = old_std**2
     mean_t = _mean(mean, old_mean, lambda x: x / old_var, mean_bound)
     if kind == "frob":
-        var = std ** 2
+        var = std**2
         f = ((var - old_var) ** 2).sum(-1, keepdim=True)
         eta = torch.clamp(torch.sqrt(f / cov_bound) - 1.0, min=0.0)
         return mean_t, torch.sqrt((var + eta * old_var) / (1.0 + eta))
@@ -31,7 +31,9 @@ def eager_diag(kind, mean, std, old_mean, old_std, mean_bound, cov_bound):
 def eager_full(kind, mean, factor, old_mean, old_factor, mean_bound, cov_bound):
     """Full-covariance Frobenius (Cholesky factors) / W2 (symmetric roots) projection."""
     if kind == "frob":
-        mean_t = _mean(mean, old_mean, lambda x: torch.cholesky_solve(x.unsqueeze(-1), old_factor).squeeze(-1), mean_bound)
+        mean_t = _mean(
+            mean, old_mean, lambda x: torch.cholesky_solve(x.unsqueeze(-1), old_factor).squeeze(-1), mean_bound
+        )
         cov, old_cov = factor @ factor.mT, old_factor @ old_factor.mT
         f = ((cov - old_cov) ** 2).sum((-2, -1))[..., None, None]
         eta = torch.clamp(torch.sqrt(f / cov_bound) - 1.0, min=0.0)
@@ -59,9 +61,9 @@ def eager_kl_diag(mean, std, old_mean, old_std, mean_bound, cov_bound, iters: in
     """Diagonal KL projection as eager torch: the same safeguard-free Newton iteration on
     ``log KLc(t)`` for ``iters`` fixed steps, differentiated by autograd through the
     iterations (no implicit gradient, no fused kernel)."""
-    old_var = old_std ** 2
+    old_var = old_std**2
     mean_t = _mean(mean, old_mean, lambda x: x / old_var, 2.0 * mean_bound)
-    r = old_var / std ** 2 - 1.0
+    r = old_var / std**2 - 1.0
     kl1 = 0.5 * (torch.log1p(r) - r / (1.0 + r)).sum(-1, keepdim=True)
     t = _eager_newton(r, cov_bound, iters)
     t = torch.where(kl1 > cov_bound, t, torch.ones_like(t))
@@ -71,8 +73,9 @@ def eager_kl_diag(mean, std, old_mean, old_std, mean_bound, cov_bound, iters: in
 def eager_kl_full(mean, factor, old_mean, old_factor, mean_bound, cov_bound, iters: int = 8):
     """Full-covariance KL projection as eager torch (whitening, eigh, fixed Newton steps,
     autograd through everything)."""
-    mean_t = _mean(mean, old_mean, lambda x: torch.cholesky_solve(x.unsqueeze(-1), old_factor).squeeze(-1),
-                   2.0 * mean_bound)
+    mean_t = _mean(
+        mean, old_mean, lambda x: torch.cholesky_solve(x.unsqueeze(-1), old_factor).squeeze(-1), 2.0 * mean_bound
+    )
     a = torch.linalg.solve_triangular(factor, old_factor, upper=False)
     m, u = torch.linalg.eigh(a.mT @ a)
     r = m - 1.0

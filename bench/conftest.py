@@ -24,15 +24,17 @@ def make_inputs(kind, form, n, d, device, dtype=torch.float32, seed=0):
         old_cov = torch.exp(0.3 * torch.randn(n, d, generator=gen))
         cov = old_cov * torch.exp(0.5 * torch.randn(n, d, generator=gen))
     else:
-        base = torch.randn(d, d, generator=gen) / d ** 0.5
+        base = torch.randn(d, d, generator=gen) / d**0.5
         s_old = (base @ base.T + torch.eye(d)).expand(n, d, d)
-        a = torch.eye(d) + 0.3 * torch.randn(n, d, d, generator=gen) / d ** 0.5
+        a = torch.eye(d) + 0.3 * torch.randn(n, d, d, generator=gen) / d**0.5
         s_new = a @ s_old @ a.mT
         if kind == "w2":
+
             def root(s):
                 e, u = torch.linalg.eigh(s)
                 r = u @ torch.diag_embed(e.sqrt()) @ u.mT
                 return 0.5 * (r + r.mT)
+
             cov, old_cov = root(s_new), root(s_old)
         else:
             cov, old_cov = torch.linalg.cholesky(s_new), torch.linalg.cholesky(s_old.contiguous())
@@ -87,10 +89,12 @@ def make_runner(fn, tensors, mode, device):
     mean, cov, old_mean, old_cov = tensors
     g_mean, g_cov = torch.randn_like(mean), torch.randn_like(cov)
     if mode == "fwd":
+
         def run():
             with torch.no_grad():
                 fn(mean, cov, old_mean, old_cov)
             sync(device)
+
         return run
     m = mean.clone().requires_grad_(True)
     c = cov.clone().requires_grad_(True)
@@ -100,12 +104,14 @@ def make_runner(fn, tensors, mode, device):
         def run():
             torch.autograd.backward([mt, ct], [g_mean, g_cov], retain_graph=True)
             sync(device)
+
         return run
 
     def run():
         mt, ct = fn(m, c, old_mean, old_cov)
         torch.autograd.backward([mt, ct], [g_mean, g_cov])
         sync(device)
+
     return run
 
 
@@ -125,8 +131,18 @@ def run_benchmark(benchmark, copy_bandwidth, fn, tensors, *, device, kind, form,
     diagonal op must move and the copy bandwidth measured in this run), a warm-up call
     (compilation, autotuning), then ``rounds_for(n)`` timed rounds."""
     benchmark.group = f"{device}-{kind}-{form}-d{d}-n{n}-{mode}"
-    benchmark.extra_info.update(device=device, kind=kind, form=form, d=d, n=n, mode=mode,
-                                provider=provider, dtype="float32", torch=torch.__version__, **extra)
+    benchmark.extra_info.update(
+        device=device,
+        kind=kind,
+        form=form,
+        d=d,
+        n=n,
+        mode=mode,
+        provider=provider,
+        dtype="float32",
+        torch=torch.__version__,
+        **extra,
+    )
     if form == "diag":
         benchmark.extra_info["bytes"] = bytes_moved(n, d, mode)
         benchmark.extra_info["copy_bandwidth"] = copy_bandwidth(device)

@@ -48,8 +48,10 @@ def _ratio(prov: dict, p: str) -> str:
 
 
 def table(rows) -> str:
-    out = ["| device | kind | form | d | states | mode | trpl | eager | compiled | vs eager | vs compiled | trpl GB/s | of copy BW |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| device | kind | form | d | states | mode | trpl | eager | compiled | vs eager | vs compiled | trpl GB/s | of copy BW |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for key in sorted(rows, key=lambda k: (k[0], k[1], k[2], k[3], k[4], ["fwd", "bwd", "full"].index(k[5]))):
         device, kind, form, d, n, mode = key
         prov = rows[key]
@@ -60,20 +62,28 @@ def table(rows) -> str:
             gbs = info["bytes"] / st["median"] / 1e9
             bw = f"{gbs:.1f}"
             frac = f"{info['bytes'] / st['median'] / info['copy_bandwidth']:.0%}"
-        out.append(f"| {device} | {kind} | {form} | {d} | {n:,} | {mode} | {_cell(prov, 'trpl')} | {_cell(prov, 'eager')} | "
-                   f"{_cell(prov, 'compiled')} | {_ratio(prov, 'eager')} | {_ratio(prov, 'compiled')} | {bw} | {frac} |")
+        out.append(
+            f"| {device} | {kind} | {form} | {d} | {n:,} | {mode} | {_cell(prov, 'trpl')} | {_cell(prov, 'eager')} | "
+            f"{_cell(prov, 'compiled')} | {_ratio(prov, 'eager')} | {_ratio(prov, 'compiled')} | {bw} | {frac} |"
+        )
     return "\n".join(out)
 
 
 def main(paths) -> None:
     rows, meta = load(paths)
-    bws = {info.get("device"): info.get("copy_bandwidth") for r in rows.values() for _, info in r.values()
-           if info.get("copy_bandwidth")}
+    bws = {
+        info.get("device"): info.get("copy_bandwidth")
+        for r in rows.values()
+        for _, info in r.values()
+        if info.get("copy_bandwidth")
+    }
     for dev, bw in sorted(bws.items()):
         print(f"- copy bandwidth measured in the run ({dev}): {bw / 1e9:.1f} GB/s (read + write)")
     for path, m in meta.items():
-        print(f"- {path}: {m.get('cpu', {}).get('brand_raw', '?')}, {m.get('cpu', {}).get('count', '?')} cores, "
-              f"python {m.get('python_version', '?')}")
+        print(
+            f"- {path}: {m.get('cpu', {}).get('brand_raw', '?')}, {m.get('cpu', {}).get('count', '?')} cores, "
+            f"python {m.get('python_version', '?')}"
+        )
     print()
     print("Medians (interquartile range); float32; every state outside its trust region.")
     print()

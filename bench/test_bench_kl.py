@@ -44,9 +44,21 @@ def test_kl(benchmark, copy_bandwidth, device, form, d, n, provider, mode):
     mean, cov, old_mean, old_cov = make_inputs("kl", form, n, d, device)
     fn = provider_fn(provider, form)
     with torch.no_grad():
-        out = trpl_fast.functional.project(form, mean, cov, old_mean, old_cov, kind="kl",
-                                           mean_bound=MEAN_BOUND, cov_bound=COV_BOUND, return_aux=True)
-    run_benchmark(benchmark, copy_bandwidth, fn, (mean, cov, old_mean, old_cov), device=device, kind="kl",
-                  form=form, d=d, n=n, mode=mode, provider=provider,
-                  projected_fraction=float((out[2] < 1).double().mean()),
-                  converged_fraction=float(out[3].double().mean()))
+        out = trpl_fast.functional.project(
+            form, mean, cov, old_mean, old_cov, kind="kl", mean_bound=MEAN_BOUND, cov_bound=COV_BOUND, return_aux=True
+        )
+    run_benchmark(
+        benchmark,
+        copy_bandwidth,
+        fn,
+        (mean, cov, old_mean, old_cov),
+        device=device,
+        kind="kl",
+        form=form,
+        d=d,
+        n=n,
+        mode=mode,
+        provider=provider,
+        projected_fraction=float((out[2] < 1).double().mean()),
+        converged_fraction=float(out[3].double().mean()),
+    )

@@ -18,7 +18,8 @@ from .conftest import DEVICES, big_ok, make_inputs, run_benchmark
 
 MEAN_BOUND, COV_BOUND = 0.03, 0.001
 CASES = [("diag", 17, n) for n in (512, 65536, 1 << 20)] + [
-    ("full", d, n) for d in (7, 17) for n in (512, 65536, 1 << 20)]
+    ("full", d, n) for d in (7, 17) for n in (512, 65536, 1 << 20)
+]
 
 _compiled = {}
 
@@ -49,5 +50,16 @@ def test_projection(benchmark, copy_bandwidth, device, kind, form, d, n, provide
         pytest.skip("inductor on CPU compiles batched linalg for minutes per case; eager is the baseline")
     mean, cov, old_mean, old_cov = make_inputs(kind, form, n, d, device)
     fn = provider_fn(provider, kind, form)
-    run_benchmark(benchmark, copy_bandwidth, fn, (mean, cov, old_mean, old_cov), device=device, kind=kind,
-                  form=form, d=d, n=n, mode=mode, provider=provider)
+    run_benchmark(
+        benchmark,
+        copy_bandwidth,
+        fn,
+        (mean, cov, old_mean, old_cov),
+        device=device,
+        kind=kind,
+        form=form,
+        d=d,
+        n=n,
+        mode=mode,
+        provider=provider,
+    )

@@ -29,19 +29,35 @@ def main(argv=None) -> None:
     runs = [(a, True) for a in args.algos] + [(a, False) for a in args.algos if a in PROJECTIONS][:1]
     results = []
     for algo, projection in runs:
-        cfg = preset(args.preset, algo, env_id=args.env, total_steps=args.steps, seed=args.seed,
-                     device=args.device, projection=projection)
+        cfg = preset(
+            args.preset,
+            algo,
+            env_id=args.env,
+            total_steps=args.steps,
+            seed=args.seed,
+            device=args.device,
+            projection=projection,
+        )
         with tempfile.TemporaryDirectory() as d:
             t0 = time.perf_counter()
             rows = train(cfg, d, progress=False, log_tensorboard=False)
             wall = time.perf_counter() - t0
-        res = {"algo": algo, "projection": projection, "env": args.env, "steps": rows[-1]["global_step"],
-               "eval_return": rows[-1]["eval_return_mean"], "steps_per_second": rows[-1]["global_step"] / wall,
-               "kl_max": max(r.get("kl_max", float("nan")) for r in rows)}
+        res = {
+            "algo": algo,
+            "projection": projection,
+            "env": args.env,
+            "steps": rows[-1]["global_step"],
+            "eval_return": rows[-1]["eval_return_mean"],
+            "steps_per_second": rows[-1]["global_step"] / wall,
+            "kl_max": max(r.get("kl_max", float("nan")) for r in rows),
+        }
         results.append(res)
         label = algo if projection else f"{algo} (layer bypassed)"
-        print(f"{label:22s} {res['steps']:>9d} steps  eval return {res['eval_return']:9.1f}  "
-              f"{res['steps_per_second']:7.0f} steps/s  max KL {res['kl_max']:.4f}", flush=True)
+        print(
+            f"{label:22s} {res['steps']:>9d} steps  eval return {res['eval_return']:9.1f}  "
+            f"{res['steps_per_second']:7.0f} steps/s  max KL {res['kl_max']:.4f}",
+            flush=True,
+        )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)

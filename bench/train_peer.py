@@ -44,21 +44,44 @@ def sb3_ppo(env_id: str, steps: int, seed: int) -> list[float]:
             return True
 
     env = VecNormalize(make_vec_env(env_id, n_envs=1, seed=seed), gamma=0.99)
-    model = PPO("MlpPolicy", env, n_steps=n_steps, batch_size=64, n_epochs=10, learning_rate=3e-4, gamma=0.99,
-                gae_lambda=0.95, clip_range=0.2, seed=seed, device="cpu", verbose=0)
+    model = PPO(
+        "MlpPolicy",
+        env,
+        n_steps=n_steps,
+        batch_size=64,
+        n_epochs=10,
+        learning_rate=3e-4,
+        gamma=0.99,
+        gae_lambda=0.95,
+        clip_range=0.2,
+        seed=seed,
+        device="cpu",
+        verbose=0,
+    )
     model.learn(total_timesteps=steps, callback=RolloutClock())
     starts.append(time.perf_counter())  # the end of the last iteration's update
     env.close()
     return [n_steps / (b - a) for a, b in zip(starts, starts[1:])]
 
 
-def ours(env_id: str, steps: int, seed: int, algo: str, projection: bool = True) -> list[float]:
-    """Per-iteration env steps/s of our loop (paper preset, EnvPool, evaluation off)."""
+def ours(env_id: str, steps: int, seed: int, algo: str, projection: bool = True, compiled: bool = False) -> list[float]:
+    """Per-iteration env steps/s of our loop (paper preset, EnvPool, evaluation off;
+    ``compiled``: ``compile_update``, whose first iteration pays the compilation -- the
+    median over iterations leaves it out)."""
     from trpl_fast.rl.config import preset
     from trpl_fast.rl.train import train
 
-    cfg = preset("mujoco", algo, env_id=env_id, total_steps=steps, seed=seed, device="cpu", projection=projection,
-                 eval_episodes=0)
+    cfg = preset(
+        "mujoco",
+        algo,
+        env_id=env_id,
+        total_steps=steps,
+        seed=seed,
+        device="cpu",
+        projection=projection,
+        eval_episodes=0,
+        compile_update=compiled,
+    )
     with tempfile.TemporaryDirectory() as d:
         rows = train(cfg, d, progress=False, log_tensorboard=False)
     return [r["steps_per_second"] for r in rows]
@@ -69,6 +92,9 @@ CONTENDERS = {
     "ppo": lambda env, steps, seed: ours(env, steps, seed, "ppo"),
     "kl": lambda env, steps, seed: ours(env, steps, seed, "kl"),
     "kl-bypassed": lambda env, steps, seed: ours(env, steps, seed, "kl", projection=False),
+    "ppo-compiled": lambda env, steps, seed: ours(env, steps, seed, "ppo", compiled=True),
+    "kl-compiled": lambda env, steps, seed: ours(env, steps, seed, "kl", compiled=True),
+    "kl-bypassed-compiled": lambda env, steps, seed: ours(env, steps, seed, "kl", projection=False, compiled=True),
 }
 
 
@@ -87,16 +113,27 @@ def main(argv=None) -> dict:
         for name in args.contenders:
             rates = CONTENDERS[name](args.env, args.steps, args.seed + r)
             per_round[name].append(statistics.median(rates))
-            print(f"round {r}: {name:12s} median {per_round[name][-1]:7.0f} steps/s over {len(rates)} iterations",
-                  flush=True)
-    result = {"env": args.env, "steps": args.steps, "rounds": args.rounds, "threads": 1,
-              "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-              "steps_per_second": {c: statistics.median(v) for c, v in per_round.items()}, "per_round": per_round}
+            print(
+                f"round {r}: {name:12s} median {per_round[name][-1]:7.0f} steps/s over {len(rates)} iterations",
+                flush=True,
+            )
+    result = {
+        "env": args.env,
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "threads": 1,
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "steps_per_second": {c: statistics.median(v) for c, v in per_round.items()},
+        "per_round": per_round,
+    }
     rates = result["steps_per_second"]
     if "sb3-ppo" in rates:
         result["ratio_vs_sb3"] = {c: rates[c] / rates["sb3-ppo"] for c in rates}
     if "kl" in rates and "kl-bypassed" in rates:
         result["kl_vs_bypassed"] = rates["kl"] / rates["kl-bypassed"]
+    if "kl-compiled" in rates and "kl-bypassed-compiled" in rates:
+        result["kl_vs_bypassed_compiled"] = rates["kl-compiled"] / rates["kl-bypassed-compiled"]
     print(json.dumps({k: v for k, v in result.items() if k != "per_round"}, indent=2))
     if args.out:
         with open(args.out, "w") as f:

@@ -27,9 +27,11 @@ from .conftest import bytes_moved, make_inputs, measure_copy_bandwidth
 
 def cases(n, d, device="cuda"):
     out, bounds = {}, (None, None, 0.03, 0.001)  # scalar bounds: (tensor, tensor, value, value)
-    for kind, fwd, bwd in (("frob", launch_frob_diag_fwd, launch_frob_diag_bwd),
-                           ("w2", launch_w2_diag_fwd, launch_w2_diag_bwd),
-                           ("kl", launch_kl_diag_fwd, launch_kl_diag_bwd)):
+    for kind, fwd, bwd in (
+        ("frob", launch_frob_diag_fwd, launch_frob_diag_bwd),
+        ("w2", launch_w2_diag_fwd, launch_w2_diag_bwd),
+        ("kl", launch_kl_diag_fwd, launch_kl_diag_bwd),
+    ):
         mean, std, old_mean, old_std = make_inputs(kind, "diag", n, d, device)
         g = (torch.randn_like(mean), torch.randn_like(std))
         a = (mean, std, old_mean, old_std)
@@ -49,8 +51,10 @@ def main(argv=None):
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     bw = measure_copy_bandwidth("cuda")
-    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
-          f"n={args.n} d={args.d} float32 | copy bandwidth {bw / 1e9:.0f} GB/s")
+    print(
+        f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
+        f"n={args.n} d={args.d} float32 | copy bandwidth {bw / 1e9:.0f} GB/s"
+    )
     results = []
     for (kind, mode), fn in cases(args.n, args.d).items():
         floor_ms = bytes_moved(args.n, args.d, mode) / bw * 1e3
@@ -62,9 +66,12 @@ def main(argv=None):
                 results.append(dict(kind=kind, mode=mode, tile=tile, warps=warps, ms=ms, floor_ms=floor_ms))
                 line.append((ms, tile, warps))
         best = min(line)
-        print(f"{kind:4s} {mode:3s} floor {floor_ms:.3f} ms | best {best[0]:.3f} ms (tile {best[1]}, "
-              f"{best[2]} warps, {floor_ms / best[0]:.0%} of copy BW) | "
-              + " ".join(f"{t}/{w}:{m:.3f}" for m, t, w in line), flush=True)
+        print(
+            f"{kind:4s} {mode:3s} floor {floor_ms:.3f} ms | best {best[0]:.3f} ms (tile {best[1]}, "
+            f"{best[2]} warps, {floor_ms / best[0]:.0%} of copy BW) | "
+            + " ".join(f"{t}/{w}:{m:.3f}" for m, t, w in line),
+            flush=True,
+        )
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"copy_bandwidth": bw, "gpu": torch.cuda.get_device_name(), "results": results}, f, indent=1)

@@ -45,8 +45,7 @@ def row_norm(x):
 
 
 @triton.jit
-def load_row_bound(ptr, rows, row_mask, value, HAS_TENSOR: tl.constexpr, F64: tl.constexpr,
-                   BLOCK_ROWS: tl.constexpr):
+def load_row_bound(ptr, rows, row_mask, value, HAS_TENSOR: tl.constexpr, F64: tl.constexpr, BLOCK_ROWS: tl.constexpr):
     """Per-row bound: from a (rows,) tensor if given, else the scalar ``value`` (float32
     only: Triton passes a Python float as a float32 scalar, so ``launch_rows`` hands float64
     kernels their bounds as tensors)."""
@@ -70,8 +69,7 @@ DEFAULT_TILE, DEFAULT_WARPS = 1024, 4
 def row_geometry(n_rows: int, d: int, elements_per_program: int = DEFAULT_TILE):
     """(BLOCK_ROWS, BLOCK_D, grid) for a kernel that gives each program whole rows."""
     block_d = triton.next_power_of_2(max(d, 1))
-    block_rows = max(1, min(triton.next_power_of_2(max(n_rows, 1)),
-                            elements_per_program // block_d))
+    block_rows = max(1, min(triton.next_power_of_2(max(n_rows, 1)), elements_per_program // block_d))
     return block_rows, block_d, (triton.cdiv(n_rows, block_rows),)
 
 
@@ -92,8 +90,18 @@ def row_tile(pid, n_rows, d, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     return rows, row_mask, mask, offs
 
 
-def launch_rows(kernel, inputs, outputs, mean_bound, cov_bound, mean_bound_value,
-                cov_bound_value, tile: int = DEFAULT_TILE, warps: int = DEFAULT_WARPS, **extra):
+def launch_rows(
+    kernel,
+    inputs,
+    outputs,
+    mean_bound,
+    cov_bound,
+    mean_bound_value,
+    cov_bound_value,
+    tile: int = DEFAULT_TILE,
+    warps: int = DEFAULT_WARPS,
+    **extra,
+):
     """Launch a row kernel with the argument order every projection kernel here uses:
     ``(*inputs, mean_bound_ptr, cov_bound_ptr, *outputs, n_rows, d, mean_bound_value,
     cov_bound_value, **extra, HAS_MEAN_BOUND, HAS_COV_BOUND, F64, BLOCK_ROWS, BLOCK_D)``.
@@ -136,11 +144,24 @@ def launch_rows(kernel, inputs, outputs, mean_bound, cov_bound, mean_bound_value
 
 
 @triton.jit
-def load_projection_inputs(mean_ptr, std_ptr, old_mean_ptr, old_std_ptr, mean_bound_ptr,
-                           cov_bound_ptr, rows, row_mask, mask, offs, mean_bound_value,
-                           cov_bound_value, HAS_MEAN_BOUND: tl.constexpr,
-                           HAS_COV_BOUND: tl.constexpr, F64: tl.constexpr,
-                           BLOCK_ROWS: tl.constexpr):
+def load_projection_inputs(
+    mean_ptr,
+    std_ptr,
+    old_mean_ptr,
+    old_std_ptr,
+    mean_bound_ptr,
+    cov_bound_ptr,
+    rows,
+    row_mask,
+    mask,
+    offs,
+    mean_bound_value,
+    cov_bound_value,
+    HAS_MEAN_BOUND: tl.constexpr,
+    HAS_COV_BOUND: tl.constexpr,
+    F64: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+):
     """The tiles every diagonal projection kernel reads: ``mean, std, old_mean, old_std``
     (padded lanes: means 0, stds 1, so they add nothing to row sums) and the two per-row
     bounds."""

@@ -120,17 +120,46 @@ def _precision_ratio_minus_one(sd, sd_o):
 
 @triton.jit
 def _kl_diag_fwd_kernel(
-    mean_ptr, std_ptr, old_mean_ptr, old_std_ptr, mean_bound_ptr, cov_bound_ptr,
-    mean_out_ptr, std_out_ptr, t_out_ptr, conv_out_ptr,
-    n_rows, d, mean_bound_value, cov_bound_value,
+    mean_ptr,
+    std_ptr,
+    old_mean_ptr,
+    old_std_ptr,
+    mean_bound_ptr,
+    cov_bound_ptr,
+    mean_out_ptr,
+    std_out_ptr,
+    t_out_ptr,
+    conv_out_ptr,
+    n_rows,
+    d,
+    mean_bound_value,
+    cov_bound_value,
     MAX_ITERS: tl.constexpr,
-    HAS_MEAN_BOUND: tl.constexpr, HAS_COV_BOUND: tl.constexpr, F64: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_MEAN_BOUND: tl.constexpr,
+    HAS_COV_BOUND: tl.constexpr,
+    F64: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     rows, row_mask, mask, offs = row_tile(tl.program_id(0), n_rows, d, BLOCK_ROWS, BLOCK_D)
     mu, sd, mu_o, sd_o, eps_mu, eps_cov = load_projection_inputs(
-        mean_ptr, std_ptr, old_mean_ptr, old_std_ptr, mean_bound_ptr, cov_bound_ptr, rows, row_mask,
-        mask, offs, mean_bound_value, cov_bound_value, HAS_MEAN_BOUND, HAS_COV_BOUND, F64, BLOCK_ROWS)
+        mean_ptr,
+        std_ptr,
+        old_mean_ptr,
+        old_std_ptr,
+        mean_bound_ptr,
+        cov_bound_ptr,
+        rows,
+        row_mask,
+        mask,
+        offs,
+        mean_bound_value,
+        cov_bound_value,
+        HAS_MEAN_BOUND,
+        HAS_COV_BOUND,
+        F64,
+        BLOCK_ROWS,
+    )
 
     # the KL mean part is 0.5 maha <= eps_mu
     tl.store(mean_out_ptr + offs, mean_project_fwd(mu, mu_o, sd_o * sd_o, 2.0 * eps_mu), mask=mask)
@@ -146,19 +175,48 @@ def _kl_diag_fwd_kernel(
 
 @triton.jit
 def _kl_diag_bwd_kernel(
-    grad_mean_ptr, grad_std_ptr, mean_ptr, std_ptr, old_mean_ptr, old_std_ptr, t_ptr,
-    mean_bound_ptr, cov_bound_ptr,
-    grad_mean_out_ptr, grad_std_out_ptr,
-    n_rows, d, mean_bound_value, cov_bound_value,
-    HAS_MEAN_BOUND: tl.constexpr, HAS_COV_BOUND: tl.constexpr, F64: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    grad_mean_ptr,
+    grad_std_ptr,
+    mean_ptr,
+    std_ptr,
+    old_mean_ptr,
+    old_std_ptr,
+    t_ptr,
+    mean_bound_ptr,
+    cov_bound_ptr,
+    grad_mean_out_ptr,
+    grad_std_out_ptr,
+    n_rows,
+    d,
+    mean_bound_value,
+    cov_bound_value,
+    HAS_MEAN_BOUND: tl.constexpr,
+    HAS_COV_BOUND: tl.constexpr,
+    F64: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     rows, row_mask, mask, offs = row_tile(tl.program_id(0), n_rows, d, BLOCK_ROWS, BLOCK_D)
     g_mu = load_tile(grad_mean_ptr, offs, mask, 0.0, F64)
     g_sd = load_tile(grad_std_ptr, offs, mask, 0.0, F64)
     mu, sd, mu_o, sd_o, eps_mu, eps_cov = load_projection_inputs(
-        mean_ptr, std_ptr, old_mean_ptr, old_std_ptr, mean_bound_ptr, cov_bound_ptr, rows, row_mask,
-        mask, offs, mean_bound_value, cov_bound_value, HAS_MEAN_BOUND, HAS_COV_BOUND, F64, BLOCK_ROWS)
+        mean_ptr,
+        std_ptr,
+        old_mean_ptr,
+        old_std_ptr,
+        mean_bound_ptr,
+        cov_bound_ptr,
+        rows,
+        row_mask,
+        mask,
+        offs,
+        mean_bound_value,
+        cov_bound_value,
+        HAS_MEAN_BOUND,
+        HAS_COV_BOUND,
+        F64,
+        BLOCK_ROWS,
+    )
     t = load_tile(t_ptr, rows, row_mask, 1.0, F64)
 
     var_o = sd_o * sd_o
@@ -185,11 +243,21 @@ def _kl_diag_bwd_kernel(
 
 @triton.jit
 def _kl_newton_kernel(
-    r_ptr, bound_ptr, unused_ptr, t_out_ptr, conv_out_ptr,
-    n_rows, d, bound_value, unused_value,
+    r_ptr,
+    bound_ptr,
+    unused_ptr,
+    t_out_ptr,
+    conv_out_ptr,
+    n_rows,
+    d,
+    bound_value,
+    unused_value,
     MAX_ITERS: tl.constexpr,
-    HAS_MEAN_BOUND: tl.constexpr, HAS_COV_BOUND: tl.constexpr, F64: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_MEAN_BOUND: tl.constexpr,
+    HAS_COV_BOUND: tl.constexpr,
+    F64: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     rows, row_mask, mask, offs = row_tile(tl.program_id(0), n_rows, d, BLOCK_ROWS, BLOCK_D)
     r = load_tile(r_ptr, offs, mask, 0.0, F64)
@@ -199,26 +267,58 @@ def _kl_newton_kernel(
     tl.store(conv_out_ptr + rows, conv.to(tl.int8), mask=row_mask)
 
 
-def launch_kl_diag_fwd(mean, std, old_mean, old_std, mean_bound, cov_bound,
-                       mean_bound_value: float, cov_bound_value: float):
+def launch_kl_diag_fwd(
+    mean, std, old_mean, old_std, mean_bound, cov_bound, mean_bound_value: float, cov_bound_value: float
+):
     """(rows, d) inputs -> (mean_t, std_t, t, converged); ``t`` in the compute dtype,
     ``converged`` bool, both (rows,)."""
     n = mean.shape[0]
     cdt = torch.float64 if mean.dtype == torch.float64 else torch.float32
-    outs = [torch.empty_like(mean), torch.empty_like(std),
-            torch.empty(n, dtype=cdt, device=mean.device),
-            torch.empty(n, dtype=torch.int8, device=mean.device)]
-    launch_rows(_kl_diag_fwd_kernel, [mean, std, old_mean, old_std], outs, mean_bound, cov_bound,
-                mean_bound_value, cov_bound_value, MAX_ITERS=MAX_ITER, **KL_GEOMETRY)
+    outs = [
+        torch.empty_like(mean),
+        torch.empty_like(std),
+        torch.empty(n, dtype=cdt, device=mean.device),
+        torch.empty(n, dtype=torch.int8, device=mean.device),
+    ]
+    launch_rows(
+        _kl_diag_fwd_kernel,
+        [mean, std, old_mean, old_std],
+        outs,
+        mean_bound,
+        cov_bound,
+        mean_bound_value,
+        cov_bound_value,
+        MAX_ITERS=MAX_ITER,
+        **KL_GEOMETRY,
+    )
     return outs[0], outs[1], outs[2], outs[3].view(torch.bool)
 
 
-def launch_kl_diag_bwd(grad_mean, grad_std, mean, std, old_mean, old_std, t, mean_bound, cov_bound,
-                       mean_bound_value: float, cov_bound_value: float):
+def launch_kl_diag_bwd(
+    grad_mean,
+    grad_std,
+    mean,
+    std,
+    old_mean,
+    old_std,
+    t,
+    mean_bound,
+    cov_bound,
+    mean_bound_value: float,
+    cov_bound_value: float,
+):
     """Upstream grads, forward inputs and the solved ``t`` -> (grad_mean, grad_std)."""
     outs = [torch.empty_like(mean), torch.empty_like(std)]
-    launch_rows(_kl_diag_bwd_kernel, [grad_mean, grad_std, mean, std, old_mean, old_std, t],
-                outs, mean_bound, cov_bound, mean_bound_value, cov_bound_value, **KL_GEOMETRY)
+    launch_rows(
+        _kl_diag_bwd_kernel,
+        [grad_mean, grad_std, mean, std, old_mean, old_std, t],
+        outs,
+        mean_bound,
+        cov_bound,
+        mean_bound_value,
+        cov_bound_value,
+        **KL_GEOMETRY,
+    )
     return outs[0], outs[1]
 
 
@@ -226,8 +326,7 @@ def launch_kl_newton(r, bound, bound_value: float):
     """Solve the KL dual for (rows, d) whitened ``r = m - 1`` (float32 / float64) ->
     (t, converged), (rows,) each."""
     n = r.shape[0]
-    outs = [torch.empty(n, dtype=r.dtype, device=r.device),
-            torch.empty(n, dtype=torch.int8, device=r.device)]
+    outs = [torch.empty(n, dtype=r.dtype, device=r.device), torch.empty(n, dtype=torch.int8, device=r.device)]
     # the bound travels in the "mean bound" slot of the common launcher
     launch_rows(_kl_newton_kernel, [r], outs, bound, None, bound_value, 0.0, MAX_ITERS=MAX_ITER, **KL_GEOMETRY)
     return outs[0], outs[1].view(torch.bool)

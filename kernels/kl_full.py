@@ -172,7 +172,7 @@ def _tridiagonalize(a, n, idx):
         a = a - v[:, None] * w[None, :] - w[:, None] * v[None, :]
     diag = tl.sum(tl.where(idx[:, None] == idx[None, :], a, 0.0), axis=1)
     below = idx[:, None] == idx[None, :] + 1
-    sub = tl.sum(tl.where(below, a, 0.0), axis=1)       # T[k, k-1], indexed by row k
+    sub = tl.sum(tl.where(below, a, 0.0), axis=1)  # T[k, k-1], indexed by row k
     sub_next = tl.sum(tl.where(below, a, 0.0), axis=0)  # T[k+1, k], indexed by column k
     return diag, sub, tl.abs(sub) + tl.abs(sub_next)
 
@@ -191,8 +191,7 @@ def _sturm_count(tri_ptr, x, n, pivmin, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _tridiagonal_eigvals(diag, sub, radius, n, tri_ptr, idx, BISECT: tl.constexpr,
-                         BLOCK: tl.constexpr):
+def _tridiagonal_eigvals(diag, sub, radius, n, tri_ptr, idx, BISECT: tl.constexpr, BLOCK: tl.constexpr):
     """The ``n`` eigenvalues of ``T``, ascending, lane ``j`` the ``j``-th (padded lanes 1)."""
     valid = idx < n
     sub2 = sub * sub
@@ -250,9 +249,23 @@ def _shifted(mm, t, n, idx):
 
 @triton.jit
 def _kl_full_fwd_kernel(
-    mean_ptr, factor_ptr, old_mean_ptr, old_factor_ptr, mean_bound_ptr, cov_bound_ptr,
-    mean_out_ptr, chol_out_ptr, t_out_ptr, conv_out_ptr, eigvals_out_ptr, u_out_ptr, tri_ptr,
-    n, MAX_ITERS: tl.constexpr, BISECT: tl.constexpr, BLOCK: tl.constexpr,
+    mean_ptr,
+    factor_ptr,
+    old_mean_ptr,
+    old_factor_ptr,
+    mean_bound_ptr,
+    cov_bound_ptr,
+    mean_out_ptr,
+    chol_out_ptr,
+    t_out_ptr,
+    conv_out_ptr,
+    eigvals_out_ptr,
+    u_out_ptr,
+    tri_ptr,
+    n,
+    MAX_ITERS: tl.constexpr,
+    BISECT: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """One program per state (see the module docstring, steps 1-5). ``tri_ptr``: a
     (rows, 2 BLOCK) float64 scratch for the tridiagonal the Sturm counts read."""
@@ -282,8 +295,7 @@ def _kl_full_fwd_kernel(
     a = _solve_lower(chol, old_chol, n, idx)
     mm = _mm(tl.trans(a), a)
     diag, sub, radius = _tridiagonalize(mm, n, idx)
-    m = _tridiagonal_eigvals(diag, sub, radius, n, tri_ptr + pid.to(tl.int64) * (2 * BLOCK), idx,
-                             BISECT, BLOCK)
+    m = _tridiagonal_eigvals(diag, sub, radius, n, tri_ptr + pid.to(tl.int64) * (2 * BLOCK), idx, BISECT, BLOCK)
     tl.store(eigvals_out_ptr + vbase + idx, m, mask=vmask)
 
     # an eigenvalue below the solver's resolution may come out <= 0: r = -1 (the torch
@@ -306,10 +318,21 @@ def _kl_full_fwd_kernel(
 
 @triton.jit
 def _kl_full_bwd_kernel(
-    grad_mean_ptr, grad_factor_ptr, mean_ptr, factor_ptr, old_mean_ptr, old_factor_ptr,
-    t_ptr, eigvals_ptr, u_ptr, mean_bound_ptr, cov_bound_ptr,
-    grad_mean_out_ptr, grad_factor_out_ptr,
-    n, BLOCK: tl.constexpr,
+    grad_mean_ptr,
+    grad_factor_ptr,
+    mean_ptr,
+    factor_ptr,
+    old_mean_ptr,
+    old_factor_ptr,
+    t_ptr,
+    eigvals_ptr,
+    u_ptr,
+    mean_bound_ptr,
+    cov_bound_ptr,
+    grad_mean_out_ptr,
+    grad_factor_out_ptr,
+    n,
+    BLOCK: tl.constexpr,
 ):
     """One program per state: the implicit gradient of the module docstring, from the
     forward's ``t``, eigenvalues (which decide ``active`` exactly as the forward did) and
@@ -352,12 +375,12 @@ def _kl_full_bwd_kernel(
     u = tl.load(u_ptr + mbase + moffs, mask=square & (idx[None, :] >= idx[:, None]), other=0.0)
     a = _solve_lower(chol, old_chol, n, idx)
     yy, eye = _shifted(_mm(tl.trans(a), a), t, n, idx)
-    u_inv_t = tl.trans(_solve_upper(u, eye, n, idx))            # U^-T
-    x = _mm(old_chol, u_inv_t)                                   # chol(S_t)
+    u_inv_t = tl.trans(_solve_upper(u, eye, n, idx))  # U^-T
+    x = _mm(old_chol, u_inv_t)  # chol(S_t)
     phi = _mm(tl.trans(x), xbar)
     phi = tl.where(idx[:, None] > idx[None, :], phi, tl.where(idx[:, None] == idx[None, :], 0.5 * phi, 0.0))
-    h = 0.5 * (phi + tl.trans(phi))                              # U^-1 H U^-T
-    z = _mm(_mm(tl.trans(u_inv_t), yy), u_inv_t)                 # U^-1 Y U^-T
+    h = 0.5 * (phi + tl.trans(phi))  # U^-1 H U^-T
+    z = _mm(_mm(tl.trans(u_inv_t), yy), u_inv_t)  # U^-1 Y U^-T
     zz = tl.sum(tl.sum(z * z, axis=1), axis=0)
     c = tl.sum(tl.sum(h * z, axis=1), axis=0) / tl.where(zz > 0.0, zz, 1.0)
     w = c * z - h
@@ -380,8 +403,9 @@ def _launch(kernel, grid, *args, **kw):
     wrap_triton(kernel)[grid](*args, **kw)
 
 
-def launch_kl_full_fwd(mean, factor, old_mean, old_factor, mean_bound, cov_bound,
-                       mean_bound_value: float, cov_bound_value: float):
+def launch_kl_full_fwd(
+    mean, factor, old_mean, old_factor, mean_bound, cov_bound, mean_bound_value: float, cov_bound_value: float
+):
     """Fused forward for ``d <= MAX_D``. Inputs: means (rows, d), lower factors (rows, d, d)
     (float32 or float64; only lower triangles read), bounds (rows,) tensors or None (then
     the float values). Returns ``(mean_t, chol_t, t, converged, eigvals, u)``: ``mean_t``,
@@ -395,23 +419,53 @@ def launch_kl_full_fwd(mean, factor, old_mean, old_factor, mean_bound, cov_bound
     f64 = dict(dtype=torch.float64, device=dev)
     mean, factor, old_mean, old_factor = (x.contiguous() for x in (mean, factor, old_mean, old_factor))
     # fresh row-major outputs (``*_like`` would copy a column-major input's strides)
-    outs = [torch.empty(rows, d, dtype=mean.dtype, device=dev),
-            torch.zeros(rows, d, d, dtype=factor.dtype, device=dev), torch.empty(rows, **f64),
-            torch.empty(rows, dtype=torch.int8, device=dev), torch.empty(rows, d, **f64),
-            torch.zeros(rows, d, d, **f64)]
+    outs = [
+        torch.empty(rows, d, dtype=mean.dtype, device=dev),
+        torch.zeros(rows, d, d, dtype=factor.dtype, device=dev),
+        torch.empty(rows, **f64),
+        torch.empty(rows, dtype=torch.int8, device=dev),
+        torch.empty(rows, d, **f64),
+        torch.zeros(rows, d, d, **f64),
+    ]
     if rows == 0:
         return outs[0], outs[1], outs[2], outs[3].view(torch.bool), outs[4], outs[5]
     block = kl_full_block(d)
     tri = torch.empty(rows, 2 * block, **f64)
-    _launch(_kl_full_fwd_kernel, (rows,), mean, factor, old_mean, old_factor,
-            _float64_bound(mean_bound, mean_bound_value, rows, dev),
-            _float64_bound(cov_bound, cov_bound_value, rows, dev), *outs, tri, d,
-            MAX_ITERS=MAX_ITER, BISECT=BISECT_ITERS, BLOCK=block, num_warps=4 if block <= 16 else 8)
+    _launch(
+        _kl_full_fwd_kernel,
+        (rows,),
+        mean,
+        factor,
+        old_mean,
+        old_factor,
+        _float64_bound(mean_bound, mean_bound_value, rows, dev),
+        _float64_bound(cov_bound, cov_bound_value, rows, dev),
+        *outs,
+        tri,
+        d,
+        MAX_ITERS=MAX_ITER,
+        BISECT=BISECT_ITERS,
+        BLOCK=block,
+        num_warps=4 if block <= 16 else 8,
+    )
     return outs[0], outs[1], outs[2], outs[3].view(torch.bool), outs[4], outs[5]
 
 
-def launch_kl_full_bwd(grad_mean, grad_factor, mean, factor, old_mean, old_factor, t, eigvals, u,
-                       mean_bound, cov_bound, mean_bound_value: float, cov_bound_value: float):
+def launch_kl_full_bwd(
+    grad_mean,
+    grad_factor,
+    mean,
+    factor,
+    old_mean,
+    old_factor,
+    t,
+    eigvals,
+    u,
+    mean_bound,
+    cov_bound,
+    mean_bound_value: float,
+    cov_bound_value: float,
+):
     """Fused implicit backward: upstream gradients (rows, d) / (rows, d, d) (only the
     lower triangle of ``grad_factor`` is read), the forward's inputs and its ``t``,
     ``eigvals``, ``u`` -> ``(grad_mean, grad_factor)`` in the input dtype (``grad_factor``
@@ -423,14 +477,22 @@ def launch_kl_full_bwd(grad_mean, grad_factor, mean, factor, old_mean, old_facto
     args = [x.contiguous() for x in (grad_mean, grad_factor, mean, factor, old_mean, old_factor)]
     # fresh row-major outputs: ``*_like`` would copy a column-major input's strides
     # (``torch.linalg.cholesky`` returns those) and the kernel writes row-major
-    outs = [torch.empty(rows, d, dtype=mean.dtype, device=dev),
-            torch.zeros(rows, d, d, dtype=factor.dtype, device=dev)]
+    outs = [torch.empty(rows, d, dtype=mean.dtype, device=dev), torch.zeros(rows, d, d, dtype=factor.dtype, device=dev)]
     if rows == 0:
         return outs[0], outs[1]
     block = kl_full_block(d)
-    _launch(_kl_full_bwd_kernel, (rows,), *args, t.to(torch.float64).contiguous(),
-            eigvals.to(torch.float64).contiguous(), u.to(torch.float64).contiguous(),
-            _float64_bound(mean_bound, mean_bound_value, rows, dev),
-            _float64_bound(cov_bound, cov_bound_value, rows, dev), *outs, d,
-            BLOCK=block, num_warps=4 if block <= 16 else 8)
+    _launch(
+        _kl_full_bwd_kernel,
+        (rows,),
+        *args,
+        t.to(torch.float64).contiguous(),
+        eigvals.to(torch.float64).contiguous(),
+        u.to(torch.float64).contiguous(),
+        _float64_bound(mean_bound, mean_bound_value, rows, dev),
+        _float64_bound(cov_bound, cov_bound_value, rows, dev),
+        *outs,
+        d,
+        BLOCK=block,
+        num_warps=4 if block <= 16 else 8,
+    )
     return outs[0], outs[1]

@@ -15,16 +15,43 @@ from .mean import mean_project_bwd, mean_project_fwd
 
 @triton.jit
 def _w2_diag_fwd_kernel(
-    mean_ptr, std_ptr, old_mean_ptr, old_std_ptr, mean_bound_ptr, cov_bound_ptr,
-    mean_out_ptr, std_out_ptr,
-    n_rows, d, mean_bound_value, cov_bound_value,
-    HAS_MEAN_BOUND: tl.constexpr, HAS_COV_BOUND: tl.constexpr, F64: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    mean_ptr,
+    std_ptr,
+    old_mean_ptr,
+    old_std_ptr,
+    mean_bound_ptr,
+    cov_bound_ptr,
+    mean_out_ptr,
+    std_out_ptr,
+    n_rows,
+    d,
+    mean_bound_value,
+    cov_bound_value,
+    HAS_MEAN_BOUND: tl.constexpr,
+    HAS_COV_BOUND: tl.constexpr,
+    F64: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     rows, row_mask, mask, offs = row_tile(tl.program_id(0), n_rows, d, BLOCK_ROWS, BLOCK_D)
     mu, sd, mu_o, sd_o, eps_mu, eps_cov = load_projection_inputs(
-        mean_ptr, std_ptr, old_mean_ptr, old_std_ptr, mean_bound_ptr, cov_bound_ptr, rows, row_mask,
-        mask, offs, mean_bound_value, cov_bound_value, HAS_MEAN_BOUND, HAS_COV_BOUND, F64, BLOCK_ROWS)
+        mean_ptr,
+        std_ptr,
+        old_mean_ptr,
+        old_std_ptr,
+        mean_bound_ptr,
+        cov_bound_ptr,
+        rows,
+        row_mask,
+        mask,
+        offs,
+        mean_bound_value,
+        cov_bound_value,
+        HAS_MEAN_BOUND,
+        HAS_COV_BOUND,
+        F64,
+        BLOCK_ROWS,
+    )
 
     tl.store(mean_out_ptr + offs, mean_project_fwd(mu, mu_o, sd_o * sd_o, eps_mu), mask=mask)
 
@@ -41,19 +68,47 @@ def _w2_diag_fwd_kernel(
 
 @triton.jit
 def _w2_diag_bwd_kernel(
-    grad_mean_ptr, grad_std_ptr, mean_ptr, std_ptr, old_mean_ptr, old_std_ptr,
-    mean_bound_ptr, cov_bound_ptr,
-    grad_mean_out_ptr, grad_std_out_ptr,
-    n_rows, d, mean_bound_value, cov_bound_value,
-    HAS_MEAN_BOUND: tl.constexpr, HAS_COV_BOUND: tl.constexpr, F64: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    grad_mean_ptr,
+    grad_std_ptr,
+    mean_ptr,
+    std_ptr,
+    old_mean_ptr,
+    old_std_ptr,
+    mean_bound_ptr,
+    cov_bound_ptr,
+    grad_mean_out_ptr,
+    grad_std_out_ptr,
+    n_rows,
+    d,
+    mean_bound_value,
+    cov_bound_value,
+    HAS_MEAN_BOUND: tl.constexpr,
+    HAS_COV_BOUND: tl.constexpr,
+    F64: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     rows, row_mask, mask, offs = row_tile(tl.program_id(0), n_rows, d, BLOCK_ROWS, BLOCK_D)
     g_mu = load_tile(grad_mean_ptr, offs, mask, 0.0, F64)
     g_sd = load_tile(grad_std_ptr, offs, mask, 0.0, F64)
     mu, sd, mu_o, sd_o, eps_mu, eps_cov = load_projection_inputs(
-        mean_ptr, std_ptr, old_mean_ptr, old_std_ptr, mean_bound_ptr, cov_bound_ptr, rows, row_mask,
-        mask, offs, mean_bound_value, cov_bound_value, HAS_MEAN_BOUND, HAS_COV_BOUND, F64, BLOCK_ROWS)
+        mean_ptr,
+        std_ptr,
+        old_mean_ptr,
+        old_std_ptr,
+        mean_bound_ptr,
+        cov_bound_ptr,
+        rows,
+        row_mask,
+        mask,
+        offs,
+        mean_bound_value,
+        cov_bound_value,
+        HAS_MEAN_BOUND,
+        HAS_COV_BOUND,
+        F64,
+        BLOCK_ROWS,
+    )
 
     tl.store(grad_mean_out_ptr + offs, mean_project_bwd(g_mu, mu, mu_o, sd_o * sd_o, eps_mu), mask=mask)
 
@@ -71,18 +126,46 @@ def _w2_diag_bwd_kernel(
     tl.store(grad_std_out_ptr + offs, tl.where(active[:, None], g, g_sd), mask=mask)
 
 
-def launch_w2_diag_fwd(mean, std, old_mean, old_std, mean_bound, cov_bound,
-                       mean_bound_value: float, cov_bound_value: float):
+def launch_w2_diag_fwd(
+    mean, std, old_mean, old_std, mean_bound, cov_bound, mean_bound_value: float, cov_bound_value: float
+):
     """(rows, d) contiguous inputs, (rows,) bounds or None -> (mean_t, std_t)."""
     outs = [torch.empty_like(mean), torch.empty_like(std)]
-    return tuple(launch_rows(_w2_diag_fwd_kernel, [mean, std, old_mean, old_std], outs,
-                             mean_bound, cov_bound, mean_bound_value, cov_bound_value))
+    return tuple(
+        launch_rows(
+            _w2_diag_fwd_kernel,
+            [mean, std, old_mean, old_std],
+            outs,
+            mean_bound,
+            cov_bound,
+            mean_bound_value,
+            cov_bound_value,
+        )
+    )
 
 
-def launch_w2_diag_bwd(grad_mean, grad_std, mean, std, old_mean, old_std, mean_bound,
-                       cov_bound, mean_bound_value: float, cov_bound_value: float):
+def launch_w2_diag_bwd(
+    grad_mean,
+    grad_std,
+    mean,
+    std,
+    old_mean,
+    old_std,
+    mean_bound,
+    cov_bound,
+    mean_bound_value: float,
+    cov_bound_value: float,
+):
     """Upstream grads and forward inputs -> (grad_mean, grad_std)."""
     outs = [torch.empty_like(mean), torch.empty_like(std)]
-    return tuple(launch_rows(_w2_diag_bwd_kernel,
-                             [grad_mean, grad_std, mean, std, old_mean, old_std], outs,
-                             mean_bound, cov_bound, mean_bound_value, cov_bound_value))
+    return tuple(
+        launch_rows(
+            _w2_diag_bwd_kernel,
+            [grad_mean, grad_std, mean, std, old_mean, old_std],
+            outs,
+            mean_bound,
+            cov_bound,
+            mean_bound_value,
+            cov_bound_value,
+        )
+    )

@@ -10,8 +10,7 @@ from torch import Tensor
 F64 = torch.float64
 
 
-def assert_close(actual: Tensor, expected: Tensor, rtol: float, name: str = "value",
-                 atol: float = 0.0) -> None:
+def assert_close(actual: Tensor, expected: Tensor, rtol: float, name: str = "value", atol: float = 0.0) -> None:
     """Normwise relative comparison ``max|a - e| <= rtol * max|e| + atol`` that reports
     where the worst element is, its two values and the error measured."""
     a, e = actual.detach().to(F64).cpu(), expected.detach().to(F64).cpu()
@@ -31,7 +30,8 @@ def assert_close(actual: Tensor, expected: Tensor, rtol: float, name: str = "val
             f"{name}: max abs error {worst:.3e} at index {idx} (got {a[idx].item():.17g}, "
             f"expected {e[idx].item():.17g}); relative to max|expected| = {scale:.3e}: "
             f"{worst / max(scale, 1e-300):.3e} > rtol {rtol:.1e}; "
-            f"{int((err > rtol * scale + atol).sum())} of {err.numel()} elements off")
+            f"{int((err > rtol * scale + atol).sum())} of {err.numel()} elements off"
+        )
 
 
 def random_rotation(batch, d, gen, dtype=F64) -> Tensor:
@@ -52,8 +52,17 @@ def spd_sqrt(s: Tensor) -> Tensor:
     return 0.5 * (root + root.mT)
 
 
-def make_case(kind: str, form: str, batch, d: int, *, conditioning: str = "well", seed: int = 0,
-              inside_fraction: float = 0.25, dtype=F64):
+def make_case(
+    kind: str,
+    form: str,
+    batch,
+    d: int,
+    *,
+    conditioning: str = "well",
+    seed: int = 0,
+    inside_fraction: float = 0.25,
+    dtype=F64,
+):
     """Random (mean, cov_param, old_mean, old_cov_param) in the API's parametrization.
 
     ``conditioning``: ``"well"`` (std / eigenvalues within a factor e^0.5 of 1) or
@@ -66,7 +75,7 @@ def make_case(kind: str, form: str, batch, d: int, *, conditioning: str = "well"
     spread = 0.5 if conditioning == "well" else 3.0
     old_mean = torch.randn(*batch, d, generator=gen, dtype=F64)
     mean = old_mean + torch.randn(*batch, d, generator=gen, dtype=F64)
-    near = (torch.rand(*batch, generator=gen, dtype=F64) < inside_fraction)
+    near = torch.rand(*batch, generator=gen, dtype=F64) < inside_fraction
     if form == "diag":
         old_std = torch.exp((2 * torch.rand(*batch, d, generator=gen, dtype=F64) - 1) * spread)
         std = old_std * torch.exp(0.6 * torch.randn(*batch, d, generator=gen, dtype=F64))

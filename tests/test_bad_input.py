@@ -34,11 +34,20 @@ def test_unknown_kind(kind):
         call_diag(diag_case(), kind=kind)
 
 
-@pytest.mark.parametrize("name,value", [
-    ("mean_bound", 0.0), ("mean_bound", -1.0), ("cov_bound", 0.0), ("cov_bound", -0.5),
-    ("mean_bound", math.inf), ("cov_bound", math.nan), ("cov_bound", None), ("mean_bound", True),
-    ("mean_bound", "0.1"),
-])
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("mean_bound", 0.0),
+        ("mean_bound", -1.0),
+        ("cov_bound", 0.0),
+        ("cov_bound", -0.5),
+        ("mean_bound", math.inf),
+        ("cov_bound", math.nan),
+        ("cov_bound", None),
+        ("mean_bound", True),
+        ("mean_bound", "0.1"),
+    ],
+)
 def test_bad_scalar_bound(name, value):
     with pytest.raises(ValueError, match=name):
         call_diag(diag_case(), **{name: value})
@@ -144,8 +153,15 @@ def test_full_factor_of_wrong_shape():
 
 def test_scalar_mean():
     with pytest.raises(ValueError, match="mean must have at least 1 dimension"):
-        trpl_fast.project_diag(torch.tensor(1.0), torch.tensor(1.0), torch.tensor(1.0),
-                               torch.tensor(1.0), kind="frob", mean_bound=0.1, cov_bound=0.1)
+        trpl_fast.project_diag(
+            torch.tensor(1.0),
+            torch.tensor(1.0),
+            torch.tensor(1.0),
+            torch.tensor(1.0),
+            kind="frob",
+            mean_bound=0.1,
+            cov_bound=0.1,
+        )
 
 
 def test_layer_arguments():
@@ -186,15 +202,15 @@ def test_frob_full_float32_ill_conditioned_old_factor(cond):
     the projected covariance (torch._C._LinAlgError naming no argument); now computed in
     float64 with the factor from a QR, it projects onto the bound."""
     d = 3
-    old = torch.tensor([[1.0, 0.0, 0.0], [0.5, cond ** -0.5, 0.0], [0.3, 0.2, 1.0 / cond]], dtype=F64)
+    old = torch.tensor([[1.0, 0.0, 0.0], [0.5, cond**-0.5, 0.0], [0.3, 0.2, 1.0 / cond]], dtype=F64)
     assert torch.linalg.cond(old) >= cond
     old = old.expand(4, d, d).float()
     factor = (old.double() @ torch.diag(torch.tensor([1.5, 0.7, 2.0], dtype=F64))).float()
     mean = torch.zeros(4, d)
-    mean_t, factor_t = trpl_fast.project_full(mean, factor, mean, old, kind="frob", mean_bound=0.1,
-                                              cov_bound=1e-4)
+    mean_t, factor_t = trpl_fast.project_full(mean, factor, mean, old, kind="frob", mean_bound=0.1, cov_bound=1e-4)
     assert torch.isfinite(factor_t).all()
     from trpl_fast import distances as D
+
     f = D.cov_part("frob", "full", factor_t.double(), old.double())
     assert torch.allclose(f, torch.full_like(f, 1e-4), rtol=1e-3)
 
@@ -206,8 +222,17 @@ def test_layer_entropy_schedule_must_be_a_schedule(schedule):
         trpl_fast.TrustRegionProjection("frob", 0.1, 0.1, entropy_control="ineq", entropy_schedule=schedule)
 
 
-@pytest.mark.parametrize("name,value", [("kappa", math.nan), ("kappa", math.inf), ("initial_entropy", math.nan),
-                                        ("tau", math.nan), ("kappa", "1"), ("total_steps", 10.5)])
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("kappa", math.nan),
+        ("kappa", math.inf),
+        ("initial_entropy", math.nan),
+        ("tau", math.nan),
+        ("kappa", "1"),
+        ("total_steps", 10.5),
+    ],
+)
 def test_entropy_schedule_values(name, value):
     """Issue 13.4: ``kappa=nan`` was accepted and later gave a NaN std."""
     args = dict(kappa=-1.0, total_steps=100, initial_entropy=2.0)

@@ -52,8 +52,11 @@ def test_compile_fullgraph_head_projection_loss_backward(kind, form):
             logp = dist.log_prob(actions).sum(-1)
         else:
             s = cov_t @ cov_t if kind == "w2" else None
-            dist = (torch.distributions.MultivariateNormal(mean_t, covariance_matrix=s) if s is not None
-                    else torch.distributions.MultivariateNormal(mean_t, scale_tril=cov_t))
+            dist = (
+                torch.distributions.MultivariateNormal(mean_t, covariance_matrix=s)
+                if s is not None
+                else torch.distributions.MultivariateNormal(mean_t, scale_tril=cov_t)
+            )
             logp = dist.log_prob(actions)
         return -(torch.exp(logp - logp.detach()) * adv).mean() + layer.trust_region_loss(mean, cov, mean_t, cov_t)
 

@@ -45,19 +45,24 @@ def test_cuda_matches_reference(kind, form, dtype, d, batch):
     for g, r, name in zip(got, ref, names):
         if kind == "w2" and form == "full" and name == "grad cov":
             g, r = 0.5 * (g + g.mT), 0.5 * (r + r.mT)
-        assert_close(g.cpu(), r, tol if "grad" not in name else 100 * tol, name, atol=100 * tol if "grad" in name else 0.0)
+        assert_close(
+            g.cpu(), r, tol if "grad" not in name else 100 * tol, name, atol=100 * tol if "grad" in name else 0.0
+        )
 
 
 @pytest.mark.parametrize("form", ["diag", "full"])
 def test_cuda_kl_converges_and_bf16(form):
     case = make_case("kl", form, (4096,), 17, seed=3)
-    out = trpl_fast.functional.project(form, *[t.float().cuda() for t in case], kind="kl",
-                                       mean_bound=0.015, cov_bound=0.001, return_aux=True)
+    out = trpl_fast.functional.project(
+        form, *[t.float().cuda() for t in case], kind="kl", mean_bound=0.015, cov_bound=0.001, return_aux=True
+    )
     assert out[3].all()
     if form == "diag":
-        half = trpl_fast.project_diag(*[t.bfloat16().cuda() for t in case], kind="kl", mean_bound=0.015, cov_bound=0.001)
+        half = trpl_fast.project_diag(
+            *[t.bfloat16().cuda() for t in case], kind="kl", mean_bound=0.015, cov_bound=0.001
+        )
         assert half[1].dtype == torch.bfloat16
-        assert_close(half[1].float(), out[1], 2.0 ** -7, "bf16 std_t")
+        assert_close(half[1].float(), out[1], 2.0**-7, "bf16 std_t")
 
 
 @pytest.mark.parametrize("kind", ["frob", "w2", "kl"])
@@ -65,8 +70,9 @@ def test_cuda_compile(kind):
     case = [t.float().cuda() for t in make_case(kind, "diag", (256,), 6)]
 
     def f(m, c):
-        mt, ct = trpl_fast.project_diag(m, c, case[2], case[3], kind=kind, mean_bound=0.05, cov_bound=0.01,
-                                        check_values=False)
+        mt, ct = trpl_fast.project_diag(
+            m, c, case[2], case[3], kind=kind, mean_bound=0.05, cov_bound=0.01, check_values=False
+        )
         return (mt * mt).sum() + (ct * ct).sum()
 
     m, c = case[0].clone().requires_grad_(True), case[1].clone().requires_grad_(True)

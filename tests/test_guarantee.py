@@ -24,7 +24,7 @@ from .helpers import F64, random_rotation
 KINDS = ("frob", "w2", "kl")
 FORMS = ("diag", "full")
 DTYPES = {"float32": torch.float32, "float64": F64}
-EXPONENTS = list(range(-60, 61, 4))            # std ratios 2^k
+EXPONENTS = list(range(-60, 61, 4))  # std ratios 2^k
 OLD_SCALES = (1.0, 1e-3, 30.0)
 MEAN_BOUND, COV_BOUND = 0.05, 0.015
 D_DIM = 3
@@ -114,8 +114,9 @@ def check_rows(kind, form, case, dtype):
     A ``ValueError`` is a clear refusal and counts as no defect."""
     inputs = [t.to(dtype) for t in case]
     try:
-        out = trpl_fast.functional.project(form, *inputs, kind=kind, mean_bound=MEAN_BOUND,
-                                           cov_bound=COV_BOUND, return_aux=True)
+        out = trpl_fast.functional.project(
+            form, *inputs, kind=kind, mean_bound=MEAN_BOUND, cov_bound=COV_BOUND, return_aux=True
+        )
     except ValueError as err:
         return len(case[0]), 0, [], str(err)
     mean_t, cov_t = out[0], out[1]
@@ -127,7 +128,7 @@ def check_rows(kind, form, case, dtype):
     c_in = D.cov_part(kind, form, in64[1], in64[3])
     s = slack(kind, form, cov_t, inputs[3], unit)
     ms = mean_slack(kind, form, mean_t, inputs[2], inputs[3], unit)
-    tol = 1e-4 if dtype == torch.float32 else 1e-9   # the Newton's tolerance, with a margin
+    tol = 1e-4 if dtype == torch.float32 else 1e-9  # the Newton's tolerance, with a margin
     defects = []
     for i in range(mean_t.shape[0]):
         if flagged[i]:
@@ -141,8 +142,9 @@ def check_rows(kind, form, case, dtype):
         if not c_part[i] <= COV_BOUND * (1 + tol) + s[i]:
             defects.append(f"{what}: cov part {c_part[i].item():.6e} > {COV_BOUND}")
         elif c_in[i] > COV_BOUND * (1 + tol) and not c_part[i] >= COV_BOUND * (1 - tol) - s[i]:
-            defects.append(f"{what}: projected row inside the region, not on its bound "
-                           f"(cov part {c_part[i].item():.6e})")
+            defects.append(
+                f"{what}: projected row inside the region, not on its bound (cov part {c_part[i].item():.6e})"
+            )
     return mean_t.shape[0], int(flagged.sum()), defects, None
 
 
@@ -164,8 +166,9 @@ def test_extreme_std_ratios_keep_the_bound(kind, form, dtype):
 def test_extreme_std_ratios_have_finite_gradients(kind, form, dtype):
     case = [t.to(dtype) for t in sweep_case(kind, form, exponents=range(-60, 61, 12), old_scales=(1.0,))]
     mean, cov = case[0].clone().requires_grad_(True), case[1].clone().requires_grad_(True)
-    mean_t, cov_t = trpl_fast.functional.project(form, mean, cov, case[2], case[3], kind=kind,
-                                                 mean_bound=MEAN_BOUND, cov_bound=COV_BOUND)
+    mean_t, cov_t = trpl_fast.functional.project(
+        form, mean, cov, case[2], case[3], kind=kind, mean_bound=MEAN_BOUND, cov_bound=COV_BOUND
+    )
     g_mean, g_cov = torch.autograd.grad(mean_t.sum() + cov_t.sum(), [mean, cov])
     assert torch.isfinite(g_mean).all() and torch.isfinite(g_cov).all()
 
@@ -197,8 +200,9 @@ def test_diag_kernels_keep_the_bound(kind, dtype, monkeypatch):
     op = OPS[(kind, "diag")]
     rows = [t.to(dtype).to(DEVICE).contiguous() for t in case]
     outs = op.launch(*rows, None, None, MEAN_BOUND, COV_BOUND)
-    torch_outs = op.impl(*[t.to(dtype) for t in case], None, None, MEAN_BOUND, COV_BOUND,
-                         **({"early_exit": True} if op.aux else {}))
+    torch_outs = op.impl(
+        *[t.to(dtype) for t in case], None, None, MEAN_BOUND, COV_BOUND, **({"early_exit": True} if op.aux else {})
+    )
     mean_t, std_t = outs[0].cpu(), outs[1].cpu()
     if kind == "kl":
         assert torch.equal(outs[3].cpu(), torch_outs[3]), "kernel and torch flag different rows"
@@ -222,8 +226,9 @@ def test_diag_kernels_keep_the_bound(kind, dtype, monkeypatch):
     grads = [torch.randn(rows[0].shape, generator=gen, dtype=F64).to(dtype) for _ in range(2)]
     aux = list(outs[2:])  # the KL backward takes the solved t and the flags
     g_kernel = op.launch_backward(*[g.to(DEVICE) for g in grads], *rows, *aux, None, None, MEAN_BOUND, COV_BOUND)
-    g_torch = op.impl_backward(*grads, *[t.to(dtype) for t in case], *[a.cpu() for a in outs[2:]],
-                               None, None, MEAN_BOUND, COV_BOUND)
+    g_torch = op.impl_backward(
+        *grads, *[t.to(dtype) for t in case], *[a.cpu() for a in outs[2:]], None, None, MEAN_BOUND, COV_BOUND
+    )
     for a, b in zip(g_kernel, g_torch):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a.cpu(), b, rtol=rtol, atol=rtol * b.abs().max().item())
@@ -254,7 +259,6 @@ def test_w2_diag_float32_beyond_the_sweep(ratio):
     old_std = torch.ones(2, D_DIM)
     std = old_std * torch.tensor([ratio, 1.0, 1.0])
     mean = torch.zeros(2, D_DIM)
-    _, std_t = trpl_fast.project_diag(mean, std, mean, old_std, kind="w2", mean_bound=MEAN_BOUND,
-                                      cov_bound=COV_BOUND)
+    _, std_t = trpl_fast.project_diag(mean, std, mean, old_std, kind="w2", mean_bound=MEAN_BOUND, cov_bound=COV_BOUND)
     w = D.cov_part("w2", "diag", std_t.double(), old_std.double())
     torch.testing.assert_close(w, torch.full_like(w, COV_BOUND), rtol=1e-5, atol=0)

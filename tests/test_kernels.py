@@ -20,8 +20,7 @@ from .helpers import F64, assert_close, make_case
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
-pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRET,
-                                reason="needs CUDA or TRITON_INTERPRET=1")
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRET, reason="needs CUDA or TRITON_INTERPRET=1")
 
 LAUNCHERS = {
     "frob": (launch_frob_diag_fwd, launch_frob_diag_bwd),

@@ -56,8 +56,9 @@ def dense(form, p):
 
 def project(form, case, eps, dtype=F64):
     """(mean_t, cov_t, t, converged, ...) through the functional API."""
-    return trpl_fast.functional.project(form, *[t.to(dtype) for t in case], kind="kl",
-                                        mean_bound=1.0, cov_bound=eps, return_aux=True)
+    return trpl_fast.functional.project(
+        form, *[t.to(dtype) for t in case], kind="kl", mean_bound=1.0, cov_bound=eps, return_aux=True
+    )
 
 
 def check_against_reference(form, case, eps, dtype, rtol, kl_tol):
@@ -67,7 +68,7 @@ def check_against_reference(form, case, eps, dtype, rtol, kl_tol):
     _, r_cov = ref(*ref_case, kind="kl", mean_bound=1.0, cov_bound=eps)
     s_t, r_s = dense(form, cov_t.to(F64)), dense(form, r_cov)
     if form == "diag":  # elementwise relative error of the variances
-        rel = (cov_t.to(F64) ** 2 / r_cov ** 2 - 1.0).abs()
+        rel = (cov_t.to(F64) ** 2 / r_cov**2 - 1.0).abs()
         assert rel.max() < rtol, f"max variance rel. error {rel.max():.3e} at {divmod(int(rel.argmax()), rel.shape[1])}"
     else:
         assert_close(s_t, r_s, rtol, "projected covariance")
@@ -76,7 +77,7 @@ def check_against_reference(form, case, eps, dtype, rtol, kl_tol):
     kl_after = R.kl_cov(s_t, old_s)
     active = kl_before > eps
     assert conv.all(), f"{int((~conv).sum())} rows did not converge"
-    err = ((kl_after[active] - eps).abs() / eps)
+    err = (kl_after[active] - eps).abs() / eps
     if active.any():
         assert err.max() <= kl_tol, f"|KL - eps| / eps = {err.max():.3e} > {kl_tol}"
     assert torch.equal(cov_t[~active], case[1].to(dtype)[~active])
@@ -127,8 +128,9 @@ def test_barely_and_far_outside(form, dtype):
     target = 0.5 * (target + target.mT)
     cov = target.diagonal(dim1=-2, dim2=-1).sqrt() if form == "diag" else torch.linalg.cholesky(target)
     case = (base[0], cov, base[2], base[3])
-    active = check_against_reference(form, case, eps, dtype, rtol=1e-9 if dtype == F64 else 1e-4,
-                                     kl_tol=1e-6 if dtype == F64 else 1e-3)
+    active = check_against_reference(
+        form, case, eps, dtype, rtol=1e-9 if dtype == F64 else 1e-4, kl_tol=1e-6 if dtype == F64 else 1e-3
+    )
     assert active.all()
 
 
@@ -137,8 +139,9 @@ def test_target_equal_to_old_is_identity(form):
     case = whitened_case(form, 4, 6, 1.0, seed=0, scenario="equal")
     mean = case[0].clone().requires_grad_(True)
     cov = case[1].clone().requires_grad_(True)
-    mean_t, cov_t, t, conv = trpl_fast.functional.project(form, mean, cov, case[2], case[3], kind="kl",
-                                                           mean_bound=0.1, cov_bound=1e-6, return_aux=True)[:4]
+    mean_t, cov_t, t, conv = trpl_fast.functional.project(
+        form, mean, cov, case[2], case[3], kind="kl", mean_bound=0.1, cov_bound=1e-6, return_aux=True
+    )[:4]
     assert torch.equal(cov_t, cov) and torch.equal(mean_t, mean)
     assert conv.all() and (t == 1).all()
     g = torch.randn_like(cov)

@@ -16,7 +16,7 @@ import trpl_fast
 from trpl_fast import reference as R
 from trpl_fast.ops import kl as kl_ops
 
-from .helpers import F64, assert_close
+from .helpers import F64
 from .test_kl import check_against_reference, whitened_case
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -73,8 +73,7 @@ def reference_grads(case, g_mean, g_chol, mean_bound, cov_bound):
     """Projection by reference.project_full and the gradients of ``<g, outputs>``."""
     mean = case[0].clone().requires_grad_(True)
     chol = case[1].clone().requires_grad_(True)
-    r_mean, r_chol = R.project_full(mean, chol, case[2], case[3], kind="kl", mean_bound=mean_bound,
-                                    cov_bound=cov_bound)
+    r_mean, r_chol = R.project_full(mean, chol, case[2], case[3], kind="kl", mean_bound=mean_bound, cov_bound=cov_bound)
     grads = torch.autograd.grad((r_mean * g_mean).sum() + (r_chol * g_chol).sum(), (mean, chol))
     return r_mean.detach(), r_chol.detach(), grads
 
@@ -125,8 +124,12 @@ def test_launchers_match_reference(d, dtype, bounds):
     assert torch.equal(chol_t[~active], case[1].to(dtype)[~active].tril())
     assert (t[~active] == 1).all()
 
-    gm, gc = (g.cpu() for g in launch_kl_full_bwd(g_mean.to(dtype).to(DEVICE), g_chol.to(dtype).to(DEVICE), *dev,
-                                                  out[2], out[4], out[5], *args))
+    gm, gc = (
+        g.cpu()
+        for g in launch_kl_full_bwd(
+            g_mean.to(dtype).to(DEVICE), g_chol.to(dtype).to(DEVICE), *dev, out[2], out[4], out[5], *args
+        )
+    )
     assert gm.dtype == dtype and gc.dtype == dtype
     report("grad mean", gm, rg_mean, GRAD_TOL[dtype])
     report("grad factor", gc, rg_chol, GRAD_TOL[dtype])
@@ -141,14 +144,16 @@ def test_op_uses_fused_kernel_and_matches_torch_path(fused_path, monkeypatch):
     case = case_with_inside_rows(n, d, 100.0, seed=3)
     case = on_device(*[x.reshape(2, 2, *x.shape[1:]) for x in case])
     gen = torch.Generator().manual_seed(0)
-    g_mean, g_chol = on_device(torch.randn(2, 2, d, generator=gen, dtype=F64),
-                               torch.randn(2, 2, d, d, generator=gen, dtype=F64))
+    g_mean, g_chol = on_device(
+        torch.randn(2, 2, d, generator=gen, dtype=F64), torch.randn(2, 2, d, d, generator=gen, dtype=F64)
+    )
 
     def run():
         mean = case[0].clone().requires_grad_(True)
         chol = case[1].clone().requires_grad_(True)
-        out = trpl_fast.functional.project("full", mean, chol, case[2], case[3], kind="kl",
-                                           mean_bound=MEAN_BOUND, cov_bound=COV_BOUND, return_aux=True)
+        out = trpl_fast.functional.project(
+            "full", mean, chol, case[2], case[3], kind="kl", mean_bound=MEAN_BOUND, cov_bound=COV_BOUND, return_aux=True
+        )
         grads = torch.autograd.grad((out[0] * g_mean).sum() + (out[1] * g_chol).sum(), (mean, chol))
         return [o.detach() for o in out], grads
 
@@ -165,7 +170,7 @@ def test_op_uses_fused_kernel_and_matches_torch_path(fused_path, monkeypatch):
     report("grad mean", fused_grads[0], torch_grads[0], 1e-10)
     report("grad factor", fused_grads[1], torch_grads[1], 1e-10)
 
-    t, m, u = fused[2], fused[4], fused[5]
+    t, u = fused[2], fused[5]
     a = torch.linalg.solve_triangular(case[1].tril(), case[3].tril(), upper=False)
     eye = torch.eye(d, dtype=F64, device=DEVICE)
     g = (1 - t)[..., None, None] * eye + t[..., None, None] * (a.mT @ a)
@@ -181,13 +186,15 @@ def test_gradcheck_float64(fused_path):
     gen = torch.Generator().manual_seed(5)
     mean = old_mean + torch.randn(1, 3, generator=gen, dtype=F64)
     mean, chol, old_mean, old_chol = on_device(mean, chol, old_mean, old_chol)
-    aux = trpl_fast.functional.project("full", mean, chol, old_mean, old_chol, kind="kl",
-                                       mean_bound=MEAN_BOUND, cov_bound=COV_BOUND, return_aux=True)
+    aux = trpl_fast.functional.project(
+        "full", mean, chol, old_mean, old_chol, kind="kl", mean_bound=MEAN_BOUND, cov_bound=COV_BOUND, return_aux=True
+    )
     assert (aux[2] < 1).all() and not torch.equal(aux[0], mean)  # both parts projected
 
     def fn(m, c):
-        return trpl_fast.project_full(m, c, old_mean, old_chol, kind="kl", mean_bound=MEAN_BOUND,
-                                      cov_bound=COV_BOUND, check_values=False)
+        return trpl_fast.project_full(
+            m, c, old_mean, old_chol, kind="kl", mean_bound=MEAN_BOUND, cov_bound=COV_BOUND, check_values=False
+        )
 
     inputs = (mean.clone().requires_grad_(True), chol.clone().requires_grad_(True))
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-7, atol=1e-6, rtol=1e-5)
@@ -212,8 +219,9 @@ def test_inside_rows_are_identity(fused_path):
     case = on_device(*whitened_case("full", 3, 4, 1.0, seed=0, scenario="equal"))
     mean = case[0].clone().requires_grad_(True)
     chol = case[1].clone().requires_grad_(True)
-    mean_t, chol_t, t, conv = trpl_fast.functional.project("full", mean, chol, case[2], case[3], kind="kl",
-                                                           mean_bound=0.1, cov_bound=1e-6, return_aux=True)[:4]
+    mean_t, chol_t, t, conv = trpl_fast.functional.project(
+        "full", mean, chol, case[2], case[3], kind="kl", mean_bound=0.1, cov_bound=1e-6, return_aux=True
+    )[:4]
     assert torch.equal(chol_t, chol) and torch.equal(mean_t, mean)
     assert conv.all() and (t == 1).all()
     g = torch.randn_like(chol)

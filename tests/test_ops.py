@@ -49,8 +49,8 @@ def run_and_grads(fn, case, upstream, **kw):
     cov.requires_grad_(True)
     mean_t, cov_t = fn(mean, cov, old_mean, old_cov, **kw)
     g_mean, g_cov = torch.autograd.grad(
-        (mean_t * upstream[0].to(mean_t.dtype)).sum() + (cov_t * upstream[1].to(cov_t.dtype)).sum(),
-        [mean, cov])
+        (mean_t * upstream[0].to(mean_t.dtype)).sum() + (cov_t * upstream[1].to(cov_t.dtype)).sum(), [mean, cov]
+    )
     return mean_t, cov_t, g_mean, g_cov
 
 
@@ -132,8 +132,9 @@ def test_gradcheck_with_per_state_bounds(kind, form):
     cov_bound = COV_BOUND * (0.5 + torch.rand(6, generator=gen, dtype=F64))
 
     def fn(m, c):
-        return API[form](m, c, old_mean, old_cov, kind=kind, mean_bound=mean_bound,
-                         cov_bound=cov_bound, check_values=False)
+        return API[form](
+            m, c, old_mean, old_cov, kind=kind, mean_bound=mean_bound, cov_bound=cov_bound, check_values=False
+        )
 
     inputs = (mean.clone().requires_grad_(True), cov.clone().requires_grad_(True))
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-7, atol=1e-6, rtol=1e-5)
@@ -147,8 +148,7 @@ def test_opcheck(kind, form, bounds):
     spec = OPS[(kind, form)]
     mb = torch.full((2, 3), MEAN_BOUND, dtype=F64) if bounds == "tensor" else None
     cb = torch.full((3,), COV_BOUND, dtype=F64) if bounds == "tensor" else None
-    args = (mean.requires_grad_(True), cov.requires_grad_(True), old_mean, old_cov, mb, cb,
-            MEAN_BOUND, COV_BOUND)
+    args = (mean.requires_grad_(True), cov.requires_grad_(True), old_mean, old_cov, mb, cb, MEAN_BOUND, COV_BOUND)
     torch.library.opcheck(spec.forward_op, args)
     aux = list(spec.forward_op(*args)[2:])  # KL: the dual variable and convergence flags
     g = upstream_for((mean, cov))
@@ -164,10 +164,17 @@ def test_per_state_bounds_equal_rowwise_scalar_calls(kind, form):
     cb = torch.tensor([0.001, 0.05, 0.5, 2.0, 20.0], dtype=F64)
     m_all, c_all = API[form](mean, cov, old_mean, old_cov, kind=kind, mean_bound=mb, cov_bound=cb)
     for i in range(5):
-        m_i, c_i = API[form](mean[i:i + 1], cov[i:i + 1], old_mean[i:i + 1], old_cov[i:i + 1],
-                             kind=kind, mean_bound=float(mb[i]), cov_bound=float(cb[i]))
-        assert_close(m_all[i:i + 1], m_i, 1e-14, f"row {i} mean")
-        assert_close(c_all[i:i + 1], c_i, 1e-14, f"row {i} cov")
+        m_i, c_i = API[form](
+            mean[i : i + 1],
+            cov[i : i + 1],
+            old_mean[i : i + 1],
+            old_cov[i : i + 1],
+            kind=kind,
+            mean_bound=float(mb[i]),
+            cov_bound=float(cb[i]),
+        )
+        assert_close(m_all[i : i + 1], m_i, 1e-14, f"row {i} mean")
+        assert_close(c_all[i : i + 1], c_i, 1e-14, f"row {i} cov")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=ids("dtype"))
@@ -176,11 +183,13 @@ def test_per_state_bounds_equal_rowwise_scalar_calls(kind, form):
 def test_half_precision_is_computed_in_float32(kind, form, dtype):
     case = make_case(kind, form, (41,), 7, seed=17, dtype=dtype)
     up = [u.to(dtype).to(F64) for u in upstream_for(case)]  # representable in both runs
-    mean_t, cov_t, g_mean, g_cov = run_and_grads(API[form], case, up, kind=kind,
-                                                 mean_bound=MEAN_BOUND, cov_bound=COV_BOUND)
+    mean_t, cov_t, g_mean, g_cov = run_and_grads(
+        API[form], case, up, kind=kind, mean_bound=MEAN_BOUND, cov_bound=COV_BOUND
+    )
     f32_case = tuple(t.to(torch.float32) for t in case)
-    e_mean, e_cov, e_g_mean, e_g_cov = run_and_grads(API[form], f32_case, up, kind=kind,
-                                                     mean_bound=MEAN_BOUND, cov_bound=COV_BOUND)
+    e_mean, e_cov, e_g_mean, e_g_cov = run_and_grads(
+        API[form], f32_case, up, kind=kind, mean_bound=MEAN_BOUND, cov_bound=COV_BOUND
+    )
     assert mean_t.dtype == dtype and cov_t.dtype == dtype and g_cov.dtype == dtype
     # identical up to the final rounding to the half type
     assert torch.equal(mean_t, e_mean.to(dtype)) and torch.equal(cov_t, e_cov.to(dtype))

@@ -50,8 +50,8 @@ def test_exponential_schedule_values():
     sched = schedule()
     d = 3
     assert sched(0, d) == pytest.approx(4.0)
-    assert sched(100, d) == pytest.approx(-3.0 + 7.0 * 0.5 ** 10)
-    assert sched(50, d) == pytest.approx(-3.0 + 7.0 * 0.5 ** 5)
+    assert sched(100, d) == pytest.approx(-3.0 + 7.0 * 0.5**10)
+    assert sched(50, d) == pytest.approx(-3.0 + 7.0 * 0.5**5)
 
 
 def test_linear_schedule_values():
@@ -67,7 +67,9 @@ def test_linear_schedule_values():
 @pytest.mark.parametrize("mode", ["ineq", "eq"])
 def test_entropy_control(kind, form, mode):
     mean, cov, old_mean, old_cov = make_case(kind, form, (64,), 4, seed=5)
-    h_before = D.entropy(kind, form, trpl_fast.TrustRegionProjection(kind, 0.1, 0.05, form)(mean, cov, old_mean, old_cov)[1])
+    h_before = D.entropy(
+        kind, form, trpl_fast.TrustRegionProjection(kind, 0.1, 0.05, form)(mean, cov, old_mean, old_cov)[1]
+    )
     beta = float(h_before.median())  # half the rows below, half above
     sched = schedule(initial_entropy=beta, kappa=beta / 4, total_steps=10)
     layer = trpl_fast.TrustRegionProjection(kind, 0.1, 0.05, form, entropy_control=mode, entropy_schedule=sched)
@@ -101,7 +103,9 @@ def test_trust_region_loss(kind, form, contextual):
         elif kind == "kl":
             expect = expect + 2.0 * R.kl_cov(dense(kind, form, cov), dense(kind, form, cov_t.detach())).mean()
         else:
-            q, qt = (torch.diag_embed(cov), torch.diag_embed(cov_t.detach())) if form == "diag" else (cov, cov_t.detach())
+            q, qt = (
+                (torch.diag_embed(cov), torch.diag_embed(cov_t.detach())) if form == "diag" else (cov, cov_t.detach())
+            )
             expect = expect + 2.0 * R.w2_distance(q, qt).mean()
     assert_close(loss, expect, 1e-10, "loss")
     g_mean, g_cov = torch.autograd.grad(loss, [mean, cov], allow_unused=True)
@@ -128,8 +132,7 @@ def test_metrics(kind, form):
         assert m["nonconverged_states"] == 0.0
     assert m["constraint_cov_max"] <= 0.05 * (1 + 1e-9)
     assert m["entropy_mean"] == pytest.approx(R.entropy(s_t).mean().item(), rel=1e-9)
-    violated = (R.mean_distance(kind, mean, old_mean, so) > 0.1) | (
-        D.cov_part(kind, form, cov, old_cov) > 0.05)
+    violated = (R.mean_distance(kind, mean, old_mean, so) > 0.1) | (D.cov_part(kind, form, cov, old_cov) > 0.05)
     assert m["fraction_projected"] == pytest.approx(violated.double().mean().item())
     assert 0.0 < m["fraction_projected"] < 1.0
     assert all(isinstance(v, float) and math.isfinite(v) for v in m.values())

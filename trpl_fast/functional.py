@@ -11,14 +11,29 @@ from .ops.validation import check_kind, split_bound, validate_values
 __all__ = ["project_diag", "project_full", "project"]
 
 
-def project(form: str, mean: Tensor, cov: Tensor, old_mean: Tensor, old_cov: Tensor, *, kind: str,
-            mean_bound, cov_bound, check_values: bool = True, return_aux: bool = False):
+def project(
+    form: str,
+    mean: Tensor,
+    cov: Tensor,
+    old_mean: Tensor,
+    old_cov: Tensor,
+    *,
+    kind: str,
+    mean_bound,
+    cov_bound,
+    check_values: bool = True,
+    return_aux: bool = False,
+):
     """Shared body of :func:`project_diag` / :func:`project_full` (``form`` 'diag' / 'full')."""
     kind = check_kind(kind)
     if (kind, form) not in OPS:
         raise NotImplementedError(f"kind={kind!r} with {form} covariance is not implemented yet")
-    for name, t in (("mean", mean), ("old_mean", old_mean), ("std" if form == "diag" else "factor", cov),
-                    ("old_std" if form == "diag" else "old_factor", old_cov)):
+    for name, t in (
+        ("mean", mean),
+        ("old_mean", old_mean),
+        ("std" if form == "diag" else "factor", cov),
+        ("old_std" if form == "diag" else "old_factor", old_cov),
+    ):
         if not isinstance(t, Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     # The old policy is a constant of the projection (MATH.md): no gradient flows to it.
@@ -34,8 +49,17 @@ def project(form: str, mean: Tensor, cov: Tensor, old_mean: Tensor, old_cov: Ten
     return tuple(out) if return_aux else (out[0], out[1])
 
 
-def project_diag(mean: Tensor, std: Tensor, old_mean: Tensor, old_std: Tensor, *, kind: str,
-                 mean_bound, cov_bound, check_values: bool = True):
+def project_diag(
+    mean: Tensor,
+    std: Tensor,
+    old_mean: Tensor,
+    old_std: Tensor,
+    *,
+    kind: str,
+    mean_bound,
+    cov_bound,
+    check_values: bool = True,
+):
     """Project a diagonal Gaussian onto the trust region around the old one.
 
     Args:
@@ -52,12 +76,30 @@ def project_diag(mean: Tensor, std: Tensor, old_mean: Tensor, old_std: Tensor, *
         ``(mean_t, std_t)`` of the input dtype (float16 / bfloat16 computed in float32).
         Rows inside the region are returned unchanged.
     """
-    return project("diag", mean, std, old_mean, old_std, kind=kind, mean_bound=mean_bound,
-                   cov_bound=cov_bound, check_values=check_values)
+    return project(
+        "diag",
+        mean,
+        std,
+        old_mean,
+        old_std,
+        kind=kind,
+        mean_bound=mean_bound,
+        cov_bound=cov_bound,
+        check_values=check_values,
+    )
 
 
-def project_full(mean: Tensor, factor: Tensor, old_mean: Tensor, old_factor: Tensor, *, kind: str,
-                 mean_bound, cov_bound, check_values: bool = True):
+def project_full(
+    mean: Tensor,
+    factor: Tensor,
+    old_mean: Tensor,
+    old_factor: Tensor,
+    *,
+    kind: str,
+    mean_bound,
+    cov_bound,
+    check_values: bool = True,
+):
     """Project a full-covariance Gaussian onto the trust region around the old one.
 
     ``factor`` (..., d, d) is the lower Cholesky factor of the covariance for ``"frob"``
@@ -65,5 +107,14 @@ def project_full(mean: Tensor, factor: Tensor, old_mean: Tensor, old_factor: Ten
     ``"w2"`` (``S = Q Q``); the returned factor is of the same type. Everything else as in
     :func:`project_diag`.
     """
-    return project("full", mean, factor, old_mean, old_factor, kind=kind, mean_bound=mean_bound,
-                   cov_bound=cov_bound, check_values=check_values)
+    return project(
+        "full",
+        mean,
+        factor,
+        old_mean,
+        old_factor,
+        kind=kind,
+        mean_bound=mean_bound,
+        cov_bound=cov_bound,
+        check_values=check_values,
+    )

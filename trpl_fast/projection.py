@@ -86,10 +86,19 @@ class TrustRegionProjection(nn.Module):
         check_values: run the value checks of the functional API (one host sync per call).
     """
 
-    def __init__(self, kind: str, mean_bound: float, cov_bound: float, cov_form: str = "diag", *,
-                 entropy_control: str | None = None, entropy_schedule: EntropySchedule | None = None,
-                 contextual_cov: bool = False, regression_weight: float = 1.0,
-                 check_values: bool = True):
+    def __init__(
+        self,
+        kind: str,
+        mean_bound: float,
+        cov_bound: float,
+        cov_form: str = "diag",
+        *,
+        entropy_control: str | None = None,
+        entropy_schedule: EntropySchedule | None = None,
+        contextual_cov: bool = False,
+        regression_weight: float = 1.0,
+        check_values: bool = True,
+    ):
         super().__init__()
         self.kind = check_kind(kind)
         if cov_form not in FORMS:
@@ -99,8 +108,10 @@ class TrustRegionProjection(nn.Module):
         if entropy_control is not None and entropy_schedule is None:
             raise ValueError("entropy_schedule is required when entropy_control is set")
         if entropy_schedule is not None and (isinstance(entropy_schedule, str) or not callable(entropy_schedule)):
-            raise ValueError(f"entropy_schedule must be an EntropySchedule (or a callable (step, d) -> "
-                             f"target entropy), got {entropy_schedule!r}")
+            raise ValueError(
+                f"entropy_schedule must be an EntropySchedule (or a callable (step, d) -> "
+                f"target entropy), got {entropy_schedule!r}"
+            )
         for name, b in (("mean_bound", mean_bound), ("cov_bound", cov_bound)):
             if not (isinstance(b, (int, float)) and not isinstance(b, bool) and 0 < b < math.inf):
                 raise ValueError(f"{name} must be a finite float > 0, got {b!r}")
@@ -119,22 +130,41 @@ class TrustRegionProjection(nn.Module):
         self._last_outputs: tuple | None = None
 
     def extra_repr(self) -> str:
-        return (f"kind={self.kind!r}, mean_bound={self.mean_bound}, cov_bound={self.cov_bound}, "
-                f"cov_form={self.cov_form!r}, entropy_control={self.entropy_control!r}")
+        return (
+            f"kind={self.kind!r}, mean_bound={self.mean_bound}, cov_bound={self.cov_bound}, "
+            f"cov_form={self.cov_form!r}, entropy_control={self.entropy_control!r}"
+        )
 
     # -- projection ---------------------------------------------------------------------
-    def forward(self, mean: Tensor, cov: Tensor, old_mean: Tensor, old_cov: Tensor, *,
-                step: int | None = None, mean_bound=None, cov_bound=None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self,
+        mean: Tensor,
+        cov: Tensor,
+        old_mean: Tensor,
+        old_cov: Tensor,
+        *,
+        step: int | None = None,
+        mean_bound=None,
+        cov_bound=None,
+    ) -> tuple[Tensor, Tensor]:
         """Project ``(mean, cov)`` onto the trust region around ``(old_mean, old_cov)``.
 
         Shapes: mean (..., d); cov (..., d) or (..., d, d) per ``cov_form``. ``step`` is
         the training step for the entropy schedule; per-state bounds (tensors of the batch
         shape) override the constructor's floats.
         """
-        out = project(self.cov_form, mean, cov, old_mean, old_cov, kind=self.kind,
-                      mean_bound=self.mean_bound if mean_bound is None else mean_bound,
-                      cov_bound=self.cov_bound if cov_bound is None else cov_bound,
-                      check_values=self.check_values, return_aux=True)
+        out = project(
+            self.cov_form,
+            mean,
+            cov,
+            old_mean,
+            old_cov,
+            kind=self.kind,
+            mean_bound=self.mean_bound if mean_bound is None else mean_bound,
+            cov_bound=self.cov_bound if cov_bound is None else cov_bound,
+            check_values=self.check_values,
+            return_aux=True,
+        )
         mean_t, cov_t = out[0], out[1]
         if self.kind == "kl":
             self.last_converged = out[3]
@@ -155,9 +185,18 @@ class TrustRegionProjection(nn.Module):
             return self.last_converged
         if mean is None or cov is None:
             return None
-        return project(self.cov_form, mean, cov, old_mean, old_cov, kind=self.kind,
-                       mean_bound=mean_bound, cov_bound=cov_bound, check_values=False,
-                       return_aux=True)[3]
+        return project(
+            self.cov_form,
+            mean,
+            cov,
+            old_mean,
+            old_cov,
+            kind=self.kind,
+            mean_bound=mean_bound,
+            cov_bound=cov_bound,
+            check_values=False,
+            return_aux=True,
+        )[3]
 
     def control_entropy(self, cov: Tensor, target: float) -> Tensor:
         """Scale the std / factor by ``exp((beta - H) / d)`` where ``H < beta`` (``ineq``)
@@ -171,8 +210,9 @@ class TrustRegionProjection(nn.Module):
         return cov * (scale.unsqueeze(-1) if self.cov_form == "diag" else scale[..., None, None])
 
     # -- loss ---------------------------------------------------------------------------
-    def trust_region_loss(self, mean: Tensor, cov: Tensor, mean_t: Tensor, cov_t: Tensor,
-                          weight: Tensor | None = None) -> Tensor:
+    def trust_region_loss(
+        self, mean: Tensor, cov: Tensor, mean_t: Tensor, cov_t: Tensor, weight: Tensor | None = None
+    ) -> Tensor:
         """``alpha * mean(d(p, stopgrad(p_t)))`` (paper Eq. 12): pulls the network output
         towards its projection so that the unprojected policy stays in the region too.
 
@@ -203,9 +243,19 @@ class TrustRegionProjection(nn.Module):
 
     # -- metrics ------------------------------------------------------------------------
     @torch.no_grad()
-    def metrics(self, mean_t: Tensor, cov_t: Tensor, old_mean: Tensor, old_cov: Tensor,
-                mean: Tensor | None = None, cov: Tensor | None = None, *, mean_bound=None,
-                cov_bound=None, converged: Tensor | None = None) -> dict[str, float]:
+    def metrics(
+        self,
+        mean_t: Tensor,
+        cov_t: Tensor,
+        old_mean: Tensor,
+        old_cov: Tensor,
+        mean: Tensor | None = None,
+        cov: Tensor | None = None,
+        *,
+        mean_bound=None,
+        cov_bound=None,
+        converged: Tensor | None = None,
+    ) -> dict[str, float]:
         """Per-batch constraint metrics (paper Figure 2), as Python floats (one host sync).
 
         Shapes as in ``forward``: ``mean_t`` (..., d), ``cov_t`` (..., d) or (..., d, d), the
@@ -231,8 +281,15 @@ class TrustRegionProjection(nn.Module):
         cb = self.cov_bound if cov_bound is None else cov_bound
         if k == "kl" and converged is None:
             converged = self._converged_for(mean_t, cov_t, old_mean, old_cov, mean, cov, mb, cb)
-        names = ["kl_mean", "kl_max", "constraint_mean_mean", "constraint_mean_max",
-                 "constraint_cov_mean", "constraint_cov_max", "entropy_mean"]
+        names = [
+            "kl_mean",
+            "kl_max",
+            "constraint_mean_mean",
+            "constraint_mean_max",
+            "constraint_cov_mean",
+            "constraint_cov_max",
+            "entropy_mean",
+        ]
         if mean is not None and cov is not None:
             names.append("fraction_projected")
         batch_empty = mean_t.shape[:-1].numel() == 0
@@ -248,16 +305,21 @@ class TrustRegionProjection(nn.Module):
         values = [kl.mean(), kl.max(), mpart.mean(), mpart.max(), cpart.mean(), cpart.max(), ent.mean()]
         if mean is not None and cov is not None:
             violated = (D.mean_part(k, f, mean, old_mean, old_cov) > _as_bound(mb, kl)) | (
-                D.cov_part(k, f, cov, old_cov) > _as_bound(cb, kl))
+                D.cov_part(k, f, cov, old_cov) > _as_bound(cb, kl)
+            )
             values.append(violated.to(kl.dtype).mean())
         if converged is not None:
             names.append("nonconverged_states")
             values.append((~converged).sum())
         out = dict(zip(names, torch.stack([v.to(torch.float64) for v in values]).tolist()))
         if out.get("nonconverged_states", 0) > 0:
-            warnings.warn(f"KL projection: the Newton solve did not converge for "
-                          f"{int(out['nonconverged_states'])} states (they are returned inside the "
-                          f"trust region, but not on its bound)", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"KL projection: the Newton solve did not converge for "
+                f"{int(out['nonconverged_states'])} states (they are returned inside the "
+                f"trust region, but not on its bound)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return out
 
 

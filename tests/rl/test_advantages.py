@@ -48,8 +48,10 @@ def test_several_envs_are_independent():
     trunc = torch.rand(6, 3, generator=gen) < 0.2
     adv, _ = gae(r, v, nv, term, trunc, 0.99, 0.95)
     for n in range(3):
-        a_n, _ = gae(r[:, n:n + 1], v[:, n:n + 1], nv[:, n:n + 1], term[:, n:n + 1], trunc[:, n:n + 1], 0.99, 0.95)
-        assert torch.allclose(adv[:, n:n + 1], a_n)
+        a_n, _ = gae(
+            r[:, n : n + 1], v[:, n : n + 1], nv[:, n : n + 1], term[:, n : n + 1], trunc[:, n : n + 1], 0.99, 0.95
+        )
+        assert torch.allclose(adv[:, n : n + 1], a_n)
 
 
 def test_bad_input():

@@ -41,8 +41,11 @@ BAD_CHECKPOINTS = {
 @pytest.mark.parametrize("kind", sorted(BAD_CHECKPOINTS))
 def test_bad_checkpoint(kind, command, tmp_path, capsys):
     BAD_CHECKPOINTS[kind](tmp_path / "checkpoint.pt")
-    argv = ["train", "--resume", str(tmp_path), "--no-progress"] if command == "train" else \
-        ["eval", str(tmp_path), "--device", "cpu"]
+    argv = (
+        ["train", "--resume", str(tmp_path), "--no-progress"]
+        if command == "train"
+        else ["eval", str(tmp_path), "--device", "cpu"]
+    )
     assert main(argv) == 2
     assert str(tmp_path / "checkpoint.pt") in error_line(capsys)
 
@@ -118,9 +121,15 @@ def _run_dir(d: Path):
     return d
 
 
-@pytest.mark.parametrize("name,content", [("config.json", "{not json"), ("config.json", "[]"),
-                                          ("progress.csv", "iteration,global_step\n0,abc\n"),
-                                          ("progress.csv", "iteration,global_step\n0\n")])
+@pytest.mark.parametrize(
+    "name,content",
+    [
+        ("config.json", "{not json"),
+        ("config.json", "[]"),
+        ("progress.csv", "iteration,global_step\n0,abc\n"),
+        ("progress.csv", "iteration,global_step\n0\n"),
+    ],
+)
 def test_plot_names_the_bad_file(name, content, tmp_path, capsys):
     d = _run_dir(tmp_path / "run")
     (d / name).write_text(content)
@@ -132,8 +141,20 @@ def test_resume_names_a_bad_progress_csv(tmp_path, capsys):
     from trpl_fast.rl.config import preset
     from trpl_fast.rl.train import train
 
-    cfg = preset("mujoco", "ppo-m", env_id="Pendulum-v1", total_steps=256, rollout_steps=256, num_envs=2, epochs=1,
-                 epochs_vf=1, minibatch_size=128, eval_episodes=0, device="cpu", env_backend="gymnasium")
+    cfg = preset(
+        "mujoco",
+        "ppo-m",
+        env_id="Pendulum-v1",
+        total_steps=256,
+        rollout_steps=256,
+        num_envs=2,
+        epochs=1,
+        epochs_vf=1,
+        minibatch_size=128,
+        eval_episodes=0,
+        device="cpu",
+        env_backend="gymnasium",
+    )
     train(cfg, tmp_path, progress=False, log_tensorboard=False)
     (tmp_path / "progress.csv").write_text("iteration,global_step\n0,abc\n")
     assert main(["train", "--resume", str(tmp_path), "--no-progress"]) == 2
@@ -145,6 +166,7 @@ def test_mujoco_log_is_not_tracked():
     if not (root / ".git").exists():
         pytest.skip("not a git checkout")
     ignored = subprocess.run(["git", "-C", str(root), "check-ignore", "-q", "--no-index", "MUJOCO_LOG.TXT"])
-    tracked = subprocess.run(["git", "-C", str(root), "ls-files", "--error-unmatch", "MUJOCO_LOG.TXT"],
-                             capture_output=True)
+    tracked = subprocess.run(
+        ["git", "-C", str(root), "ls-files", "--error-unmatch", "MUJOCO_LOG.TXT"], capture_output=True
+    )
     assert ignored.returncode == 0 and tracked.returncode != 0

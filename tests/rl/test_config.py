@@ -23,49 +23,85 @@ def per_proj(frob, w2, kl):
 # Paper appendix D, table 2 (Hopper, Walker2d, HalfCheetah, Ant), written cell by cell.
 # "eps_mu 0.03 | 0.015 | n.a.": 0.03 for all three projections, 0.015 is PAPI's column.
 TABLE_2 = {
-    "rollout_steps": row(2048, 2048, 2048), "gae_lambda": row(0.95, 0.95, 0.95), "gamma": row(0.99, 0.99, 0.99),
-    "mean_bound": per_proj(0.03, 0.03, 0.03), "cov_bound": per_proj(0.001, 0.001, 0.001),
-    "target_entropy": per_proj(0.0, 0.0, 0.0), "temperature": per_proj(0.5, 0.5, 0.5),
-    "epochs_vf": row(10, 10, 10), "epochs": row(20, 10, 10), "lr": row(5e-5, 3e-4, 3e-4),
-    "lr_vf": row(4.5e-4, 2.5e-4, 2.5e-4), "minibatch_size": row(32, 64, 64),
-    "regression_weight": per_proj(8.0, 8.0, 8.0), "normalize_obs": row(True, True, True),
-    "normalize_rewards": row(False, True, False), "obs_clip": row(None, 10.0, None),
-    "reward_clip": row(None, 10.0, None), "vf_clip": row(None, 0.2, None),
-    "ratio_clip": {"ppo": 0.2, "ppo-m": 0.2}, "contextual_cov": row(False, False, False),
-    "hidden": row((64, 64), (64, 64), (64, 64)), "hidden_vf": row((64, 64), (64, 64), (64, 64)),
+    "rollout_steps": row(2048, 2048, 2048),
+    "gae_lambda": row(0.95, 0.95, 0.95),
+    "gamma": row(0.99, 0.99, 0.99),
+    "mean_bound": per_proj(0.03, 0.03, 0.03),
+    "cov_bound": per_proj(0.001, 0.001, 0.001),
+    "target_entropy": per_proj(0.0, 0.0, 0.0),
+    "temperature": per_proj(0.5, 0.5, 0.5),
+    "epochs_vf": row(10, 10, 10),
+    "epochs": row(20, 10, 10),
+    "lr": row(5e-5, 3e-4, 3e-4),
+    "lr_vf": row(4.5e-4, 2.5e-4, 2.5e-4),
+    "minibatch_size": row(32, 64, 64),
+    "regression_weight": per_proj(8.0, 8.0, 8.0),
+    "normalize_obs": row(True, True, True),
+    "normalize_rewards": row(False, True, False),
+    "obs_clip": row(None, 10.0, None),
+    "reward_clip": row(None, 10.0, None),
+    "vf_clip": row(None, 0.2, None),
+    "ratio_clip": {"ppo": 0.2, "ppo-m": 0.2},
+    "contextual_cov": row(False, False, False),
+    "hidden": row((64, 64), (64, 64), (64, 64)),
+    "hidden_vf": row((64, 64), (64, 64), (64, 64)),
 }
 # table 3 (Humanoid): "Sigma 1e-4 | 0.01 | 1e-4" for Frobenius | W2 | KL
 TABLE_3 = {
-    "rollout_steps": row(16384, 16384, 16384), "gae_lambda": row(0.95, 0.95, 0.95), "gamma": row(0.99, 0.99, 0.99),
-    "mean_bound": per_proj(0.05, 0.05, 0.05), "cov_bound": per_proj(1e-4, 0.01, 1e-4),
-    "target_entropy": per_proj(0.0, 0.0, 0.0), "temperature": per_proj(0.2, 0.2, 0.2),
-    "epochs_vf": row(10, 10, 10), "epochs": row(10, 10, 10), "lr": row(1e-4, 1e-4, 1e-4),
-    "lr_vf": row(4.5e-4, 1e-4, 1e-4), "minibatch_size": row(256, 512, 512),
-    "regression_weight": per_proj(8.0, 8.0, 8.0), "normalize_obs": row(True, True, True),
-    "normalize_rewards": row(False, True, False), "obs_clip": row(None, 10.0, None),
-    "reward_clip": row(None, 10.0, None), "vf_clip": row(None, 0.2, None),
-    "ratio_clip": {"ppo": 0.2, "ppo-m": 0.2}, "contextual_cov": row(False, False, False),
-    "hidden": row((64, 64), (64, 64), (64, 64)), "hidden_vf": row((64, 64), (64, 64), (64, 64)),
+    "rollout_steps": row(16384, 16384, 16384),
+    "gae_lambda": row(0.95, 0.95, 0.95),
+    "gamma": row(0.99, 0.99, 0.99),
+    "mean_bound": per_proj(0.05, 0.05, 0.05),
+    "cov_bound": per_proj(1e-4, 0.01, 1e-4),
+    "target_entropy": per_proj(0.0, 0.0, 0.0),
+    "temperature": per_proj(0.2, 0.2, 0.2),
+    "epochs_vf": row(10, 10, 10),
+    "epochs": row(10, 10, 10),
+    "lr": row(1e-4, 1e-4, 1e-4),
+    "lr_vf": row(4.5e-4, 1e-4, 1e-4),
+    "minibatch_size": row(256, 512, 512),
+    "regression_weight": per_proj(8.0, 8.0, 8.0),
+    "normalize_obs": row(True, True, True),
+    "normalize_rewards": row(False, True, False),
+    "obs_clip": row(None, 10.0, None),
+    "reward_clip": row(None, 10.0, None),
+    "vf_clip": row(None, 0.2, None),
+    "ratio_clip": {"ppo": 0.2, "ppo-m": 0.2},
+    "contextual_cov": row(False, False, False),
+    "hidden": row((64, 64), (64, 64), (64, 64)),
+    "hidden_vf": row((64, 64), (64, 64), (64, 64)),
 }
 # table 4 (5-link sparse Reacher): "Sigma 5e-5 | 1e-3 | 5e-5 (global) / 1e-3 (contextual)"
 TABLE_4 = {
-    "rollout_steps": row(16384, 16384, 16384), "gae_lambda": row(0.95, 0.95, 0.95), "gamma": row(0.99, 0.99, 0.99),
-    "mean_bound": per_proj(0.03, 0.03, 0.03), "cov_bound": per_proj(5e-5, 1e-3, 5e-5),
-    "epochs_vf": row(10, 10, 10), "epochs": row(20, 20, 20), "lr": row(3e-4, 1e-4, 1e-4),
-    "lr_vf": row(4.5e-4, 1e-4, 1e-4), "minibatch_size": row(256, 512, 512),
-    "regression_weight": per_proj(8.0, 8.0, 8.0), "normalize_obs": row(True, True, True),
-    "normalize_rewards": row(False, True, False), "obs_clip": row(None, 10.0, None),
-    "reward_clip": row(None, 10.0, None), "vf_clip": row(None, 0.2, None),
+    "rollout_steps": row(16384, 16384, 16384),
+    "gae_lambda": row(0.95, 0.95, 0.95),
+    "gamma": row(0.99, 0.99, 0.99),
+    "mean_bound": per_proj(0.03, 0.03, 0.03),
+    "cov_bound": per_proj(5e-5, 1e-3, 5e-5),
+    "epochs_vf": row(10, 10, 10),
+    "epochs": row(20, 20, 20),
+    "lr": row(3e-4, 1e-4, 1e-4),
+    "lr_vf": row(4.5e-4, 1e-4, 1e-4),
+    "minibatch_size": row(256, 512, 512),
+    "regression_weight": per_proj(8.0, 8.0, 8.0),
+    "normalize_obs": row(True, True, True),
+    "normalize_rewards": row(False, True, False),
+    "obs_clip": row(None, 10.0, None),
+    "reward_clip": row(None, 10.0, None),
+    "vf_clip": row(None, 0.2, None),
     "ratio_clip": {"ppo": 0.2, "ppo-m": 0.2},
-    "hidden": row((64, 64), (64, 64), (64, 64)), "hidden_vf": row((64, 64), (64, 64), (64, 64)),
+    "hidden": row((64, 64), (64, 64), (64, 64)),
+    "hidden_vf": row((64, 64), (64, 64), (64, 64)),
 }
-CELLS = [(name, table, field, algo, value) for name, table in (("mujoco", TABLE_2), ("humanoid", TABLE_3),
-                                                                 ("reacher", TABLE_4))
-         for field, cells in table.items() for algo, value in cells.items()]
+CELLS = [
+    (name, table, field, algo, value)
+    for name, table in (("mujoco", TABLE_2), ("humanoid", TABLE_3), ("reacher", TABLE_4))
+    for field, cells in table.items()
+    for algo, value in cells.items()
+]
 
 
-@pytest.mark.parametrize("preset_name,table,field,algo,value", CELLS,
-                         ids=[f"{c[0]}-{c[2]}-{c[3]}" for c in CELLS])
+@pytest.mark.parametrize("preset_name,table,field,algo,value", CELLS, ids=[f"{c[0]}-{c[2]}-{c[3]}" for c in CELLS])
 def test_preset_cell(preset_name, table, field, algo, value):
     assert getattr(preset(preset_name, algo), field) == value
 
@@ -105,38 +141,67 @@ def test_round_trip_and_errors(tmp_path):
         preset("atari", "kl")
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("lr=1e-4", {"lr": 1e-4}), ("epochs=5", {"epochs": 5}), ("clip_actions=true", {"clip_actions": True}),
-    ("normalize-rewards=no", {"normalize_rewards": False}), ("max_grad_norm=none", {"max_grad_norm": None}),
-    ("max_grad_norm=0.5", {"max_grad_norm": 0.5}), ("hidden=128,128", {"hidden": (128, 128)}),
-    ("hidden=[256]", {"hidden": (256,)}), ("entropy_control=ineq", {"entropy_control": "ineq"}),
-    ("total_steps=1_000_000", {"total_steps": 1_000_000}), ('extra={"tag": "x"}', {"extra": {"tag": "x"}}),
-], ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("lr=1e-4", {"lr": 1e-4}),
+        ("epochs=5", {"epochs": 5}),
+        ("clip_actions=true", {"clip_actions": True}),
+        ("normalize-rewards=no", {"normalize_rewards": False}),
+        ("max_grad_norm=none", {"max_grad_norm": None}),
+        ("max_grad_norm=0.5", {"max_grad_norm": 0.5}),
+        ("hidden=128,128", {"hidden": (128, 128)}),
+        ("hidden=[256]", {"hidden": (256,)}),
+        ("entropy_control=ineq", {"entropy_control": "ineq"}),
+        ("total_steps=1_000_000", {"total_steps": 1_000_000}),
+        ('extra={"tag": "x"}', {"extra": {"tag": "x"}}),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
 def test_set_parses_typed_values(text, expected):
     assert parse_overrides([text]) == expected
     key = next(iter(expected))
     assert getattr(preset("mujoco", "kl", **expected), key) == expected[key]
 
 
-@pytest.mark.parametrize("text,message", [
-    ("learning_rat=1e-4", r"--set learning_rat: unknown config field \(did you mean learning|--set learning_rat: unknown"), ("lrr=1e-4", r"--set lrr: unknown config field \(did you mean lr\?\)"),
-    ("lr=fast", "--set lr: expected a number"), ("epochs=2.5", "--set epochs: expected an integer"),
-    ("clip_actions=maybe", "--set clip_actions: expected true or false"), ("lr", "--set expects KEY=VALUE"),
-    ("extra=[1]", "--set extra: expected a JSON object"),
-], ids=["unknown-key", "near-miss", "not-a-number", "not-an-int", "not-a-bool", "no-equals", "not-a-dict"])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        (
+            "learning_rat=1e-4",
+            r"--set learning_rat: unknown config field \(did you mean learning|--set learning_rat: unknown",
+        ),
+        ("lrr=1e-4", r"--set lrr: unknown config field \(did you mean lr\?\)"),
+        ("lr=fast", "--set lr: expected a number"),
+        ("epochs=2.5", "--set epochs: expected an integer"),
+        ("clip_actions=maybe", "--set clip_actions: expected true or false"),
+        ("lr", "--set expects KEY=VALUE"),
+        ("extra=[1]", "--set extra: expected a JSON object"),
+    ],
+    ids=["unknown-key", "near-miss", "not-a-number", "not-an-int", "not-a-bool", "no-equals", "not-a-dict"],
+)
 def test_set_rejects_bad_keys_and_values(text, message):
     with pytest.raises(ValueError, match=message):
         parse_overrides([text])
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("lr", -1e-4, "lr: must be a finite number > 0"), ("lr", float("nan"), "lr: must be a finite number > 0"),
-    ("gamma", 1.5, r"gamma: must be in \[0, 1\]"), ("minibatch_size", 0, "minibatch_size: must be"),
-    ("eval_every", 0, "eval_every: must be"), ("advantage_normalization", "epoch", "advantage_normalization: must be one of"),
-    ("cov_form", "tril", "cov_form: must be one of"), ("epochs", 2.5, "epochs: expected int"),
-    ("clip_actions", "yes", "clip_actions: expected bool"), ("hidden", (), "hidden: must be one or more"),
-    ("num_envs", 3, "rollout_steps: .* must be a multiple of num_envs"),
-], ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("lr", -1e-4, "lr: must be a finite number > 0"),
+        ("lr", float("nan"), "lr: must be a finite number > 0"),
+        ("gamma", 1.5, r"gamma: must be in \[0, 1\]"),
+        ("minibatch_size", 0, "minibatch_size: must be"),
+        ("eval_every", 0, "eval_every: must be"),
+        ("advantage_normalization", "epoch", "advantage_normalization: must be one of"),
+        ("cov_form", "tril", "cov_form: must be one of"),
+        ("epochs", 2.5, "epochs: expected int"),
+        ("clip_actions", "yes", "clip_actions: expected bool"),
+        ("hidden", (), "hidden: must be one or more"),
+        ("num_envs", 3, "rollout_steps: .* must be a multiple of num_envs"),
+    ],
+    ids=lambda v: str(v),
+)
 def test_config_values_are_validated(field, value, message):
     with pytest.raises(ValueError, match=message):
         preset("mujoco", "kl", **{field: value})

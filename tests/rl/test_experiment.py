@@ -29,7 +29,9 @@ def test_mujoco_experiment_writes_table1_and_curves_and_skips_finished_runs(tmp_
     with open(tmp_path / "table1.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["env"], r["method"], r["seeds"], r["finished"], r["steps"]) for r in rows] == [
-        ("Hopper-v5", "kl", "2", "2", "512"), ("Hopper-v5", "ppo", "2", "2", "512")]
+        ("Hopper-v5", "kl", "2", "2", "512"),
+        ("Hopper-v5", "ppo", "2", "2", "512"),
+    ]
     for r in rows:  # every iteration evaluated: both runs have "final" and "20%"
         assert math.isfinite(float(r["final_mean"])) and math.isfinite(float(r["early_mean"]))
         assert float(r["kl_max"]) >= float(r["kl_mean"]) > 0
@@ -48,16 +50,30 @@ def test_fresh_seeds_of_a_config_become_one_batched_job(tmp_path):
     def job(algo, seed, **kw):
         cfg = preset("mujoco", algo, env_id="Hopper-v5", seed=seed, **kw)
         return {"config": cfg.to_dict(), "tensorboard": False, "dir": str(tmp_path / f"{algo}{seed}{len(kw)}")}
+
     started = job("kl", 0)
     (tmp_path / "kl00").mkdir()
     (tmp_path / "kl00" / "checkpoint.pt").write_bytes(b"")
-    batch = [started, job("kl", 1), job("kl", 2), job("ppo", 0), job("ppo", 1), job("trpo", 0), job("trpo", 1),
-             job("kl", 3, lr=1e-4)]
+    batch = [
+        started,
+        job("kl", 1),
+        job("kl", 2),
+        job("ppo", 0),
+        job("ppo", 1),
+        job("trpo", 0),
+        job("trpo", 1),
+        job("kl", 3, lr=1e-4),
+    ]
     planned = plan_jobs(batch, batch_seeds=True)
     batched = sorted((j["config"]["algo"], j["seeds"]) for j in planned if "seeds" in j)
     assert batched == [("kl", [1, 2]), ("ppo", [0, 1])]
     singles = sorted((j["config"]["algo"], j["config"]["seed"], j["config"]["lr"]) for j in planned if "seeds" not in j)
-    assert singles == [("kl", 0, 5e-5), ("kl", 3, 1e-4), ("trpo", 0, 3e-4), ("trpo", 1, 3e-4)]  # started, alone, unbatchable
+    assert singles == [
+        ("kl", 0, 5e-5),
+        ("kl", 3, 1e-4),
+        ("trpo", 0, 3e-4),
+        ("trpo", 1, 3e-4),
+    ]  # started, alone, unbatchable
     assert plan_jobs(batch, batch_seeds=False) == batch
 
 
@@ -71,8 +87,10 @@ def test_batched_and_single_experiments_log_the_same_runs(tmp_path):
         rows = {}
         for mode in ("batched", "single"):
             with open(tmp_path / mode / f"Pendulum_kl_s{seed}" / "progress.csv") as f:
-                rows[mode] = [{k: float(v) for k, v in r.items() if k not in timing and not k.startswith("time_")}
-                              for r in csv.DictReader(f)]
+                rows[mode] = [
+                    {k: float(v) for k, v in r.items() if k not in timing and not k.startswith("time_")}
+                    for r in csv.DictReader(f)
+                ]
         for a, b in zip(rows["batched"], rows["single"]):
             assert a == pytest.approx(b, rel=1e-4, abs=1e-6, nan_ok=True)
 
@@ -97,6 +115,8 @@ def test_run_summary_windows():
     sparse = np.where(it % 2 == 1, it, np.nan)  # every 2nd iteration evaluated
     s = run_summary(it, sparse, 100)
     assert s["early"] == np.mean(np.arange(21, 60, 2)) and s["final"] == np.mean(np.arange(61, 100, 2))
+    legacy = run_summary(it[:99], it[:99].astype(float), 100, finished_after=99)  # budget rounded down
+    assert legacy["final"] == np.mean(np.arange(79, 99))
     short = run_summary(np.arange(5), np.arange(5.0), 5)  # fewer than 20 evaluations: all of them
     assert short["final"] == 2.0 and short["early"] == np.mean([1.0, 2, 3, 4])
 
@@ -110,8 +130,18 @@ def test_ci95_is_students_t():
 
 def fake_run(d, algo, seed, evals, total=2048 * 30):
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"env_id": "Hopper-v5", "algo": algo, "seed": seed, "contextual_cov": False,
-                                               "total_steps": total, "rollout_steps": 2048}))
+    (d / "config.json").write_text(
+        json.dumps(
+            {
+                "env_id": "Hopper-v5",
+                "algo": algo,
+                "seed": seed,
+                "contextual_cov": False,
+                "total_steps": total,
+                "rollout_steps": 2048,
+            }
+        )
+    )
     with open(d / "progress.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["iteration", "global_step", "eval_return_mean", "kl_mean", "kl_max", "wall_time"])
@@ -143,8 +173,26 @@ def test_experiment_cli_bad_input_and_options(tmp_path, monkeypatch, capsys):
     seen = {}
     monkeypatch.setattr("trpl_fast.rl.experiment.mujoco_experiment", lambda out, **kw: seen.update(kw, out=out))
     monkeypatch.setattr("trpl_fast.rl.experiment.reacher_experiment", lambda out, **kw: seen.update(kw, out=out))
-    assert main(["experiment", "mujoco", "--envs", "Walker2d-v5", "--algos", "kl", "w2", "--seeds", "5",
-                 "--set", "eval_episodes=3", "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "experiment",
+                "mujoco",
+                "--envs",
+                "Walker2d-v5",
+                "--algos",
+                "kl",
+                "w2",
+                "--seeds",
+                "5",
+                "--set",
+                "eval_episodes=3",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     assert (seen["envs"], seen["algos"], seen["seeds"], seen["eval_episodes"]) == (["Walker2d-v5"], ["kl", "w2"], 5, 3)
     seen.clear()
     assert main(["experiment", "reacher", "--out", str(tmp_path), "--normalize-rewards"]) == 0
@@ -167,12 +215,47 @@ def test_ctrl_c_stops_every_worker_after_its_checkpoint(tmp_path):
     import torch
 
     out = tmp_path / "exp"
-    cmd = [sys.executable, "-m", "trpl_fast.cli", "experiment", "mujoco", "--envs", "Pendulum-v1", "--algos", "ppo",
-           "--seeds", "3", "--jobs", "2", "--steps", "200000", "--out", str(out), "--no-batch-seeds", "--set", "rollout_steps=256",
-           "--set", "num_envs=2", "--set", "epochs=1", "--set", "epochs_vf=1", "--set", "eval_episodes=0",
-           "--set", "env_backend=gymnasium", "--set", "checkpoint_seconds=0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    cmd = [
+        sys.executable,
+        "-m",
+        "trpl_fast.cli",
+        "experiment",
+        "mujoco",
+        "--envs",
+        "Pendulum-v1",
+        "--algos",
+        "ppo",
+        "--seeds",
+        "3",
+        "--jobs",
+        "2",
+        "--steps",
+        "200000",
+        "--out",
+        str(out),
+        "--no-batch-seeds",
+        "--set",
+        "rollout_steps=256",
+        "--set",
+        "num_envs=2",
+        "--set",
+        "epochs=1",
+        "--set",
+        "epochs_vf=1",
+        "--set",
+        "eval_episodes=0",
+        "--set",
+        "env_backend=gymnasium",
+        "--set",
+        "checkpoint_seconds=0",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + 120
     runs = [out / f"Pendulum_ppo_s{s}" for s in (0, 1)]
     while time.time() < deadline:

@@ -15,8 +15,18 @@ pytest.importorskip("gymnasium")
 
 
 def small(algo, **kw):
-    args = dict(env_id="Pendulum-v1", total_steps=512, rollout_steps=256, num_envs=2, epochs=2, epochs_vf=1,
-                minibatch_size=64, eval_episodes=0, device="cpu", env_backend="gymnasium")
+    args = dict(
+        env_id="Pendulum-v1",
+        total_steps=512,
+        rollout_steps=256,
+        num_envs=2,
+        epochs=2,
+        epochs_vf=1,
+        minibatch_size=64,
+        eval_episodes=0,
+        device="cpu",
+        env_backend="gymnasium",
+    )
     args.update(kw)
     return preset("mujoco", algo, **args)
 

@@ -28,8 +28,19 @@ SEEDS = [0, 3]
 
 def small(algo, **kw):
     # bounds small and lr large enough that the layer projects within one iteration
-    args = dict(env_id="Pendulum-v1", total_steps=256, rollout_steps=256, num_envs=2, epochs=2, epochs_vf=1,
-                minibatch_size=64, eval_episodes=1, device="cpu", env_backend="gymnasium", checkpoint_every=1)
+    args = dict(
+        env_id="Pendulum-v1",
+        total_steps=256,
+        rollout_steps=256,
+        num_envs=2,
+        epochs=2,
+        epochs_vf=1,
+        minibatch_size=64,
+        eval_episodes=1,
+        device="cpu",
+        env_backend="gymnasium",
+        checkpoint_every=1,
+    )
     if algo in ("kl", "w2", "frob"):
         args.update(lr=3e-3, mean_bound=1e-3, cov_bound=1e-4)
     args.update(kw)
@@ -66,21 +77,25 @@ def assert_close_tree(a, b, path="", rtol=1e-5):
         assert a == b, path
 
 
-@pytest.mark.parametrize("algo,extra", [
-    ("kl", {}),
-    ("ppo", {}),  # reward normalization, value clipping, lr decay
-    ("w2", {"contextual_cov": True}),
-    ("frob", {"max_grad_norm": 0.05, "entropy_control": "eq", "target_entropy": -0.5}),
-    ("ppo-m", {"advantage_normalization": "batch"}),
-    ("kl", {"env_id": "Hopper-v5", "num_envs": 1}),  # MuJoCo: its environment states compared too
-])
+@pytest.mark.parametrize(
+    "algo,extra",
+    [
+        ("kl", {}),
+        ("ppo", {}),  # reward normalization, value clipping, lr decay
+        ("w2", {"contextual_cov": True}),
+        ("frob", {"max_grad_norm": 0.05, "entropy_control": "eq", "target_entropy": -0.5}),
+        ("ppo-m", {"advantage_normalization": "batch"}),
+        ("kl", {"env_id": "Hopper-v5", "num_envs": 1}),  # MuJoCo: its environment states compared too
+    ],
+)
 def test_each_seed_equals_its_single_run(algo, extra, tmp_path):
     cfg = small(algo, **extra)
     rows = train_seeds(cfg, SEEDS, tmp_path / "batch", progress=False, log_tensorboard=False)
     assert find_seed_dirs(tmp_path / "batch") == SEEDS
     for seed in SEEDS:
-        single = train(dataclasses.replace(cfg, seed=seed), tmp_path / f"s{seed}", progress=False,
-                       log_tensorboard=False)
+        single = train(
+            dataclasses.replace(cfg, seed=seed), tmp_path / f"s{seed}", progress=False, log_tensorboard=False
+        )
         a, b = read_checkpoint(tmp_path / "batch" / f"seed{seed}"), read_checkpoint(tmp_path / f"s{seed}")
         assert a["config"] == b["config"] and a["config"]["seed"] == seed
         wall_a, wall_b = a["loop"].pop("wall_time"), b["loop"].pop("wall_time")
@@ -132,15 +147,31 @@ def test_seeds_are_independent():
         old_mean, old_cov = old_mean + 0.1 * torch.randn_like(old_mean), old_cov * 1.1
     weight = torch.ones(S, B)
     weight[:, -2:] = 0
-    b = Batch(obs=obs, actions=actions, advantages=torch.randn(S, B), returns=torch.randn(S, B),
-              values=torch.randn(S, B), weight=weight, old_mean=old_mean, old_cov=old_cov,
-              old_logp=pol.log_prob(old_mean, old_cov, actions))
+    b = Batch(
+        obs=obs,
+        actions=actions,
+        advantages=torch.randn(S, B),
+        returns=torch.randn(S, B),
+        values=torch.randn(S, B),
+        weight=weight,
+        old_mean=old_mean,
+        old_cov=old_cov,
+        old_logp=pol.log_prob(old_mean, old_cov, actions),
+    )
 
     def grads(batch):
         pol.zero_grad()
         val.zero_grad()
-        loss = up.policy_losses(batch.obs, batch.actions, batch.advantages, batch.weight, batch.old_mean,
-                                batch.old_cov, batch.old_logp, None).sum()
+        loss = up.policy_losses(
+            batch.obs,
+            batch.actions,
+            batch.advantages,
+            batch.weight,
+            batch.old_mean,
+            batch.old_cov,
+            batch.old_logp,
+            None,
+        ).sum()
         loss = loss + up.value_losses(batch.obs, batch.returns, batch.values, batch.weight).sum()
         loss.backward()
         return [p.grad.clone() for p in (*pol.parameters(), *val.parameters())]
@@ -221,9 +252,26 @@ def test_ctrl_c_checkpoints_every_seed_and_the_batch_resumes_exactly(tmp_path, m
 
 def test_cli_seeds_train_resume_and_errors(tmp_path, capsys):
     out = tmp_path / "b"
-    base = ["train", "--env", "Pendulum-v1", "--env-backend", "gymnasium", "--device", "cpu", "--no-progress",
-            "--set", "rollout_steps=128", "--set", "epochs=1", "--set", "epochs_vf=1", "--set", "minibatch_size=64",
-            "--set", "eval_episodes=1"]
+    base = [
+        "train",
+        "--env",
+        "Pendulum-v1",
+        "--env-backend",
+        "gymnasium",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--set",
+        "rollout_steps=128",
+        "--set",
+        "epochs=1",
+        "--set",
+        "epochs_vf=1",
+        "--set",
+        "minibatch_size=64",
+        "--set",
+        "eval_episodes=1",
+    ]
     assert main([*base, "--steps", "128", "--seeds", "1", "2", "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["seed1", "seed2"]
     assert main(["train", "--resume", str(out), "--steps", "256", "--no-progress"]) == 0

@@ -59,6 +59,8 @@ def test_losses():
     # clipped: V_old + clip(V - V_old, 0.2): [0.2, 2.7] -> max((1,9),(0.04,7.29)) = (1, 9)
     assert value_loss(v, ret, old, 0.2).item() == pytest.approx(0.5 * (1 + 9) / 2)
     # V moved from 3 towards R = 0 by more than the clip: the clipped term (2 - 0)^2 wins
-    assert value_loss(torch.tensor([0.9]), torch.tensor([0.0]), torch.tensor([3.0]), 1.0).item() == pytest.approx(0.5 * 4.0)
+    assert value_loss(torch.tensor([0.9]), torch.tensor([0.0]), torch.tensor([3.0]), 1.0).item() == pytest.approx(
+        0.5 * 4.0
+    )
     with pytest.raises(ValueError, match="clip must be > 0"):
         ppo_clip_loss(logp, logp_old, adv, 0.0)

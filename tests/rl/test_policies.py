@@ -27,8 +27,9 @@ def test_policy_outputs_are_valid_projection_inputs(kind, form, cov_type):
     s = D.cholesky_of(kind, form, cov) if form == "full" else torch.diag_embed(cov)
     dense = s @ s.mT
     # (a contextual head adds its small initial weights times the features)
-    assert torch.allclose(dense.diagonal(dim1=-2, dim2=-1), torch.full((11, 3), 0.49),
-                          rtol=1e-3 if cov_type == "global" else 0.05)
+    assert torch.allclose(
+        dense.diagonal(dim1=-2, dim2=-1), torch.full((11, 3), 0.49), rtol=1e-3 if cov_type == "global" else 0.05
+    )
     assert mean.abs().max() < 0.5
     api = trpl_fast.project_diag if form == "diag" else trpl_fast.project_full
     with torch.no_grad():
@@ -52,12 +53,18 @@ def test_log_prob_matches_torch_distributions(kind, form):
     assert torch.allclose(D.log_prob(kind, form, mean, cov, a), ref)
     # the policy's own distribution methods agree with torch.distributions too
     assert torch.allclose(pol.log_prob(mean, cov, a), ref)
-    dist = (torch.distributions.Normal(mean, cov) if form == "diag"
-            else torch.distributions.MultivariateNormal(mean, scale_tril=D.cholesky_of(kind, form, cov)))
+    dist = (
+        torch.distributions.Normal(mean, cov)
+        if form == "diag"
+        else torch.distributions.MultivariateNormal(mean, scale_tril=D.cholesky_of(kind, form, cov))
+    )
     assert torch.allclose(pol.entropy(cov), dist.entropy().sum(-1) if form == "diag" else dist.entropy())
     other = (mean + 0.1, cov * 1.2)
-    odist = (torch.distributions.Normal(*other) if form == "diag"
-             else torch.distributions.MultivariateNormal(other[0], scale_tril=D.cholesky_of(kind, form, other[1])))
+    odist = (
+        torch.distributions.Normal(*other)
+        if form == "diag"
+        else torch.distributions.MultivariateNormal(other[0], scale_tril=D.cholesky_of(kind, form, other[1]))
+    )
     kl_ref = torch.distributions.kl_divergence(dist, odist)
     assert torch.allclose(pol.kl(mean, cov, *other), kl_ref.sum(-1) if form == "diag" else kl_ref)
     torch.manual_seed(3)

@@ -22,8 +22,19 @@ pytest.importorskip("mujoco")
 
 
 def small(algo, **kw):
-    args = dict(env_id="Pendulum-v1", total_steps=1024, rollout_steps=512, num_envs=2, epochs=2, epochs_vf=1,
-                minibatch_size=100, eval_episodes=2, checkpoint_every=1, device="cpu", env_backend="gymnasium")
+    args = dict(
+        env_id="Pendulum-v1",
+        total_steps=1024,
+        rollout_steps=512,
+        num_envs=2,
+        epochs=2,
+        epochs_vf=1,
+        minibatch_size=100,
+        eval_episodes=2,
+        checkpoint_every=1,
+        device="cpu",
+        env_backend="gymnasium",
+    )
     args.update(kw)
     return preset("mujoco", algo, **args)
 
@@ -42,6 +53,7 @@ def test_advantages_normalized_per_minibatch(algo, loss, mode, tmp_path, monkeyp
     def spy(logp, logp_old, adv, *args):
         seen.append((adv.detach().clone(), args[-1].clone()))  # the last argument: the row weights
         return real(logp, logp_old, adv, *args)
+
     monkeypatch.setattr(T, loss, spy)
     run(small(algo, advantage_normalization=mode, total_steps=512), tmp_path)
     # fixed-size minibatches over all 512 steps; the 2 reset steps (Pendulum truncates at 200)
@@ -52,6 +64,7 @@ def test_advantages_normalized_per_minibatch(algo, loss, mode, tmp_path, monkeyp
     def stats(a, w):
         a = a[w > 0]
         return float(a.mean()), float(a.std())
+
     per_minibatch = [stats(a, w) for a, w in seen]
     if mode == "minibatch":
         assert all(abs(m) < 1e-5 and abs(s - 1.0) < 1e-4 for m, s in per_minibatch)
@@ -83,7 +96,8 @@ def test_masked_losses_equal_the_losses_of_the_valid_rows():
     layer = TrustRegionProjection("kl", 0.03, 0.001, regression_weight=8.0)
     mean, mean_t, std = torch.randn(9, 3, generator=g), torch.randn(9, 3, generator=g), torch.ones(9, 3)
     assert layer.trust_region_loss(mean, std, mean_t, std, w) == pytest.approx(
-        float(layer.trust_region_loss(mean[k], std[k], mean_t[k], std[k])))
+        float(layer.trust_region_loss(mean[k], std[k], mean_t[k], std[k]))
+    )
 
 
 @pytest.mark.parametrize("clip", [False, True])
@@ -95,6 +109,7 @@ def test_clip_actions_flag_reaches_the_simulator(clip, tmp_path, monkeypatch):
     def spy(self, actions, clip=True):
         sent.append((np.array(actions), clip))
         return real(self, actions, clip=clip)
+
     monkeypatch.setattr(E.VecEnv, "step", spy)
     cfg = small("kl", env_id="Hopper-v5", clip_actions=clip, total_steps=512, eval_episodes=0)
     run(cfg, tmp_path)
@@ -157,7 +172,7 @@ def test_evaluation_start_states_vary_and_differ_from_training(backend):
 
 def test_eval_seeds_are_distinct_and_above_training_seeds():
     seeds = {eval_seed(s, it, 5) for s in range(3) for it in range(2000)}
-    assert len(seeds) == 3 * 2000 and min(seeds) >= EVAL_SEED_OFFSET and max(seeds) + 5 < 2 ** 31
+    assert len(seeds) == 3 * 2000 and min(seeds) >= EVAL_SEED_OFFSET and max(seeds) + 5 < 2**31
 
 
 def test_evaluation_is_deterministic_given_the_iteration(tmp_path):
@@ -175,20 +190,40 @@ def test_evaluation_is_deterministic_given_the_iteration(tmp_path):
 
 # -- configurable runs ------------------------------------------------------------------
 
+
 def capture_train(monkeypatch):
     seen = {}
 
     def fake(cfg, out, **kw):
         seen.update(cfg=cfg, out=out)
         return [{"global_step": 1, "eval_return_mean": 0.0, "steps_per_second": 1.0}]
+
     monkeypatch.setattr("trpl_fast.rl.train.train", fake)
     return seen
 
 
 def test_cli_set_and_config(tmp_path, monkeypatch):
     seen = capture_train(monkeypatch)
-    assert main(["train", "--algo", "ppo", "--set", "lr=1e-4", "--set", "hidden=32,32", "--set", "clip_actions=true",
-                 "--set", "max_grad_norm=none", "--out", str(tmp_path / "a")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--algo",
+                "ppo",
+                "--set",
+                "lr=1e-4",
+                "--set",
+                "hidden=32,32",
+                "--set",
+                "clip_actions=true",
+                "--set",
+                "max_grad_norm=none",
+                "--out",
+                str(tmp_path / "a"),
+            ]
+        )
+        == 0
+    )
     cfg = seen["cfg"]
     assert (cfg.algo, cfg.lr, cfg.hidden, cfg.clip_actions, cfg.max_grad_norm) == ("ppo", 1e-4, (32, 32), True, None)
     assert cfg.epochs == 10  # the rest is PPO's preset
@@ -199,23 +234,49 @@ def test_cli_set_and_config(tmp_path, monkeypatch):
     assert seen["cfg"] == full
     # a partial file changes the preset; named options and --set come after it
     (tmp_path / "part.json").write_text(json.dumps({"lr": 1e-5, "seed": 3, "epochs": 4}))
-    assert main(["train", "--config", str(tmp_path / "part.json"), "--seed", "4", "--set", "epochs=6",
-                 "--out", str(tmp_path / "c")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(tmp_path / "part.json"),
+                "--seed",
+                "4",
+                "--set",
+                "epochs=6",
+                "--out",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 0
+    )
     cfg = seen["cfg"]
     assert (cfg.algo, cfg.lr, cfg.seed, cfg.epochs, cfg.minibatch_size) == ("kl", 1e-5, 4, 6, 32)
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--set", "learning_rate=1"], "--set learning_rate: unknown config field"),
-    (["--set", "lr=fast"], "--set lr: expected a number, got 'fast'"),
-    (["--set", "gamma=2"], r"config field gamma: must be in \[0, 1\]"),
-    (["--set", "epochs"], "--set expects KEY=VALUE"),
-    (["--config", "missing.json"], "--config missing.json: cannot read it"),
-    (["--config", "BAD"], "--config .*BAD.json: not valid JSON"),
-    (["--config", "UNKNOWN"], r"--config .*UNKNOWN.json: unknown config keys: \['learning_rate'\]"),
-    (["--config", "BADVALUE"], "--config .*BADVALUE.json: config field epochs: expected int"),
-], ids=["unknown-key", "bad-number", "out-of-range", "no-value", "missing-file", "bad-json", "unknown-file-key",
-        "bad-file-value"])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--set", "learning_rate=1"], "--set learning_rate: unknown config field"),
+        (["--set", "lr=fast"], "--set lr: expected a number, got 'fast'"),
+        (["--set", "gamma=2"], r"config field gamma: must be in \[0, 1\]"),
+        (["--set", "epochs"], "--set expects KEY=VALUE"),
+        (["--config", "missing.json"], "--config missing.json: cannot read it"),
+        (["--config", "BAD"], "--config .*BAD.json: not valid JSON"),
+        (["--config", "UNKNOWN"], r"--config .*UNKNOWN.json: unknown config keys: \['learning_rate'\]"),
+        (["--config", "BADVALUE"], "--config .*BADVALUE.json: config field epochs: expected int"),
+    ],
+    ids=[
+        "unknown-key",
+        "bad-number",
+        "out-of-range",
+        "no-value",
+        "missing-file",
+        "bad-json",
+        "unknown-file-key",
+        "bad-file-value",
+    ],
+)
 def test_cli_configuration_errors_name_the_key(argv, message, tmp_path, monkeypatch, capsys):
     seen = capture_train(monkeypatch)
     (tmp_path / "BAD.json").write_text("{lr: 1")
@@ -226,6 +287,7 @@ def test_cli_configuration_errors_name_the_key(argv, message, tmp_path, monkeypa
     err = capsys.readouterr().err
     assert "error:" in err and "Traceback" not in err
     import re
+
     assert re.search(message, err), err
     assert "cfg" not in seen and not (tmp_path / "run").exists()
 
@@ -235,8 +297,21 @@ def test_resume_accepts_only_resumable_set(tmp_path, capsys):
     run(cfg, tmp_path / "r")
     assert main(["train", "--resume", str(tmp_path / "r"), "--set", "lr=1e-3", "--no-progress"]) == 2
     assert "lr: checkpoint has" in capsys.readouterr().err
-    assert main(["train", "--resume", str(tmp_path / "r"), "--set", "eval_every=2", "--set", "total_steps=1024",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--resume",
+                str(tmp_path / "r"),
+                "--set",
+                "eval_every=2",
+                "--set",
+                "total_steps=1024",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     with open(tmp_path / "r" / "progress.csv") as f:
         assert len(list(csv.DictReader(f))) == 2
     assert TrainConfig.from_json_file(tmp_path / "r" / "config.json").total_steps in (512, 1024)

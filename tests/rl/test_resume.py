@@ -23,8 +23,19 @@ TIMING = set(TIMING_COLUMNS)
 
 
 def small(algo, **kw):
-    args = dict(env_id="Pendulum-v1", total_steps=1024, rollout_steps=256, num_envs=2, epochs=2, epochs_vf=1,
-                minibatch_size=64, eval_episodes=1, checkpoint_every=1, device="cpu", env_backend="gymnasium")
+    args = dict(
+        env_id="Pendulum-v1",
+        total_steps=1024,
+        rollout_steps=256,
+        num_envs=2,
+        epochs=2,
+        epochs_vf=1,
+        minibatch_size=64,
+        eval_episodes=1,
+        checkpoint_every=1,
+        device="cpu",
+        env_backend="gymnasium",
+    )
     args.update(kw)
     return preset("mujoco", algo, **args)
 
@@ -67,13 +78,15 @@ def interrupt_in_iteration(monkeypatch, n):
         if calls["n"] == n + 1:
             raise KeyboardInterrupt
         return real(*args, **kw)
+
     monkeypatch.setattr(T, "gae", gae)
 
 
 # kl with entropy control (the schedule's initial entropy must survive the resume), ppo with
 # reward normalization, clipping and learning-rate decay (every normalizer and schedule)
-@pytest.mark.parametrize("algo,extra", [("kl", {"entropy_control": "ineq", "target_entropy": -1.0}), ("ppo", {})],
-                         ids=["kl-entropy", "ppo"])
+@pytest.mark.parametrize(
+    "algo,extra", [("kl", {"entropy_control": "ineq", "target_entropy": -1.0}), ("ppo", {})], ids=["kl-entropy", "ppo"]
+)
 def test_ctrl_c_then_resume_is_bit_for_bit(algo, extra, tmp_path, monkeypatch):
     cfg = small(algo, checkpoint_every=3, **extra)
     full, cut = tmp_path / "full", tmp_path / "cut"
@@ -125,14 +138,38 @@ def test_cli_ctrl_c_checkpoints_and_resumes(tmp_path):
     """A real SIGINT to `trpl-fast train`: exit code 130, a checkpoint marked interrupted,
     then `--resume` finishes the run."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "trpl_fast.cli", "train", "--env", "Pendulum-v1", "--algo", "ppo-m",
-           "--steps", "40960", "--device", "cpu", "--env-backend", "gymnasium", "--out", str(out), "--no-progress",
-           "--threads", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "trpl_fast.cli",
+        "train",
+        "--env",
+        "Pendulum-v1",
+        "--algo",
+        "ppo-m",
+        "--steps",
+        "40960",
+        "--device",
+        "cpu",
+        "--env-backend",
+        "gymnasium",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # a child inherits an ignored SIGINT (e.g. from a shell's background job), and Python then
     # installs no KeyboardInterrupt handler: give the child the default disposition
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         # two logged rows: the row of iteration k is written just before iteration k's
@@ -149,12 +186,18 @@ def test_cli_ctrl_c_checkpoints_and_resumes(tmp_path):
     assert ckpt["interrupted"] and ckpt["iteration"] >= 1
     assert ckpt["global_step"] == 2048 * ckpt["iteration"]
 
-    done = subprocess.run([*cmd[:3], "train", "--resume", str(out), "--steps", str(2048 * (ckpt["iteration"] + 1)),
-                           "--no-progress"], env=env, capture_output=True, text=True, timeout=240)
+    done = subprocess.run(
+        [*cmd[:3], "train", "--resume", str(out), "--steps", str(2048 * (ckpt["iteration"] + 1)), "--no-progress"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stderr
     final = torch.load(out / "checkpoint.pt", weights_only=False)
     assert not final["interrupted"] and final["iteration"] == ckpt["iteration"] + 1
 
-    bad = subprocess.run([*cmd[:3], "train", "--resume", str(out), "--algo", "kl"], env=env,
-                         capture_output=True, text=True, timeout=240)
+    bad = subprocess.run(
+        [*cmd[:3], "train", "--resume", str(out), "--algo", "kl"], env=env, capture_output=True, text=True, timeout=240
+    )
     assert bad.returncode == 2 and "another config (algo: checkpoint has 'ppo-m', requested 'kl'" in bad.stderr

@@ -20,8 +20,19 @@ pytest.importorskip("gymnasium")
 
 
 def small(algo="ppo-m", **kw):
-    args = dict(env_id="Pendulum-v1", total_steps=512, rollout_steps=256, num_envs=2, epochs=1, epochs_vf=1,
-                minibatch_size=128, eval_episodes=0, checkpoint_every=1, device="cpu", env_backend="gymnasium")
+    args = dict(
+        env_id="Pendulum-v1",
+        total_steps=512,
+        rollout_steps=256,
+        num_envs=2,
+        epochs=1,
+        epochs_vf=1,
+        minibatch_size=128,
+        eval_episodes=0,
+        checkpoint_every=1,
+        device="cpu",
+        env_backend="gymnasium",
+    )
     args.update(kw)
     return preset("mujoco", algo, **args)
 
@@ -36,6 +47,7 @@ def events(d):
 
 
 # -- item 5: wall-time checkpoints, SIGTERM, SIGKILL, no silent restart ------------------------
+
 
 def test_checkpoints_by_wall_time_as_well_as_iterations(tmp_path, monkeypatch):
     import trpl_fast.rl.train as T
@@ -60,6 +72,7 @@ def test_sigterm_in_process_writes_the_last_completed_iteration_and_restores_the
 
     def ours(signum, frame):  # what was installed before train(): must be back afterwards
         raise _Sentinel
+
     previous = signal.signal(signal.SIGTERM, ours)
     real, calls = T.gae, {"n": 0}
 
@@ -68,6 +81,7 @@ def test_sigterm_in_process_writes_the_last_completed_iteration_and_restores_the
         if calls["n"] == 3:  # in iteration 2, after its rollout
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kw)
+
     monkeypatch.setattr(T, "gae", gae)
     try:
         with pytest.raises(KeyboardInterrupt) as info:
@@ -84,9 +98,28 @@ def test_sigterm_in_process_writes_the_last_completed_iteration_and_restores_the
 
 
 def _cli(out, *extra):
-    return [sys.executable, "-m", "trpl_fast.cli", "train", "--env", "Pendulum-v1", "--algo", "ppo-m",
-            "--steps", "40960", "--device", "cpu", "--env-backend", "gymnasium", "--out", str(out), "--no-progress",
-            "--threads", "1", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "trpl_fast.cli",
+        "train",
+        "--env",
+        "Pendulum-v1",
+        "--algo",
+        "ppo-m",
+        "--steps",
+        "40960",
+        "--device",
+        "cpu",
+        "--env-backend",
+        "gymnasium",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--threads",
+        "1",
+        *extra,
+    ]
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -95,8 +128,14 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 def _start_and_wait(cmd, out, ready):
     """Start ``cmd`` with default signal dispositions (a shell's background job would pass
     on an ignored SIGINT) and wait until ``ready()``."""
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT, signal.SIGTERM)])
+    proc = subprocess.Popen(
+        cmd,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT, signal.SIGTERM)],
+    )
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not ready():
         time.sleep(0.2)
@@ -111,9 +150,25 @@ def _rows(out):
 
 def _resume_to_the_end(out, iteration):
     """``--resume`` continues from ``iteration`` and finishes one more iteration."""
-    done = subprocess.run([sys.executable, "-m", "trpl_fast.cli", "train", "--resume", str(out),
-                           "--steps", str(2048 * (iteration + 1)), "--no-progress", "--threads", "1"],
-                          env=ENV, capture_output=True, text=True, timeout=240)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trpl_fast.cli",
+            "train",
+            "--resume",
+            str(out),
+            "--steps",
+            str(2048 * (iteration + 1)),
+            "--no-progress",
+            "--threads",
+            "1",
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stderr
     final = read_checkpoint(out)
     assert not final["interrupted"] and final["iteration"] == iteration + 1
@@ -136,8 +191,9 @@ def test_cli_sigterm_checkpoints_and_resumes(tmp_path):
 def test_cli_sigkill_loses_at_most_the_time_since_the_last_checkpoint(tmp_path):
     out = tmp_path / "run"
     # checkpoint_every is 10 iterations; a tiny checkpoint_seconds checkpoints every iteration
-    proc = _start_and_wait(_cli(out, "--checkpoint-seconds", "0.01"), out,
-                           lambda: _rows(out) >= 2 and (out / "checkpoint.pt").exists())
+    proc = _start_and_wait(
+        _cli(out, "--checkpoint-seconds", "0.01"), out, lambda: _rows(out) >= 2 and (out / "checkpoint.pt").exists()
+    )
     proc.kill()
     proc.communicate(timeout=60)
     ckpt = read_checkpoint(out)
@@ -156,6 +212,7 @@ def test_a_run_without_checkpoint_is_not_silently_restarted(tmp_path):
 
 
 # -- item 6: --steps ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("steps", [-5, 0])
 def test_non_positive_steps_are_refused(steps, tmp_path):
@@ -177,12 +234,15 @@ def test_a_budget_is_rounded_up_to_whole_iterations(tmp_path, capsys):
 
 # -- item 7: disk full during a checkpoint ----------------------------------------------------
 
+
 def _enospc_save(*args, **kw):
     try:
         raise OSError(errno.ENOSPC, "No space left on device")
     except OSError as exc:
-        raise RuntimeError("[enforce fail at inline_container.cc:858] . PytorchStreamWriter failed writing "
-                           "file data/0: file write failed") from exc
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:858] . PytorchStreamWriter failed writing "
+            "file data/0: file write failed"
+        ) from exc
 
 
 def test_disk_full_is_a_clear_error_and_leaves_no_temporary(tmp_path, monkeypatch):
@@ -202,8 +262,27 @@ def test_cli_disk_full_prints_an_error_line(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(torch, "save", _enospc_save)
     out = tmp_path / "run"
-    assert main(["train", "--env", "Pendulum-v1", "--algo", "ppo-m", "--steps", "2048", "--device", "cpu",
-                 "--env-backend", "gymnasium", "--out", str(out), "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--env",
+                "Pendulum-v1",
+                "--algo",
+                "ppo-m",
+                "--steps",
+                "2048",
+                "--device",
+                "cpu",
+                "--env-backend",
+                "gymnasium",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "error: no space left on device" in err and str(out / "checkpoint.pt") in err
     assert not (out / "checkpoint.pt.tmp").exists()
@@ -229,6 +308,7 @@ def test_disk_full_on_a_real_tmpfs(tiny_tmpfs):
 
 
 # -- item 9: nothing created by a failed start, TensorBoard events, EnvPool ---------------------
+
 
 def test_a_failed_start_creates_nothing(tmp_path):
     with pytest.raises(ValueError, match="unknown environment id"):

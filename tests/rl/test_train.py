@@ -15,8 +15,18 @@ pytest.importorskip("gymnasium")
 
 
 def small(algo, **kw):
-    args = dict(env_id="Pendulum-v1", total_steps=1024, rollout_steps=512, num_envs=2, epochs=2, epochs_vf=1,
-                minibatch_size=128, eval_episodes=1, checkpoint_every=1, device="cpu")
+    args = dict(
+        env_id="Pendulum-v1",
+        total_steps=1024,
+        rollout_steps=512,
+        num_envs=2,
+        epochs=2,
+        epochs_vf=1,
+        minibatch_size=128,
+        eval_episodes=1,
+        checkpoint_every=1,
+        device="cpu",
+    )
     args.update(kw)
     return preset("mujoco", algo, **args)
 
@@ -79,6 +89,7 @@ def test_nan_loss_keeps_last_good_checkpoint(tmp_path, monkeypatch):
         calls["n"] += 1
         loss = real(*args, **kw)
         return loss * float("nan") if calls["n"] > 8 else loss  # iteration 0 has 8 minibatch steps
+
     monkeypatch.setattr(T, "ppo_clip_loss", poisoned)
     with pytest.raises(TrainingDiverged, match="policy loss is nan"):
         train(cfg, tmp_path, progress=False, log_tensorboard=False)

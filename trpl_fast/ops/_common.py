@@ -124,9 +124,16 @@ class ProjectionOp:
     contiguous, in the input dtype: the kernels upcast half precision themselves).
     """
 
-    def __init__(self, name: str, cov_event_dims: int, impl: Callable, impl_backward: Callable,
-                 launch: Callable | None = None, launch_backward: Callable | None = None,
-                 aux: tuple[Aux, ...] = ()):
+    def __init__(
+        self,
+        name: str,
+        cov_event_dims: int,
+        impl: Callable,
+        impl_backward: Callable,
+        launch: Callable | None = None,
+        launch_backward: Callable | None = None,
+        aux: tuple[Aux, ...] = (),
+    ):
         self.name = name
         self.cov_name = "std" if cov_event_dims == 1 else "factor"
         self.cov_event_dims = cov_event_dims
@@ -144,8 +151,9 @@ class ProjectionOp:
     def check(self, mean, cov, old_mean, old_cov, mean_bound, cov_bound):
         names = ("mean", self.cov_name, "old_mean", f"old_{self.cov_name}")
         ev = (1, self.cov_event_dims, 1, self.cov_event_dims)
-        return check_metadata(names, (mean, cov, old_mean, old_cov), ev,
-                              [("mean_bound", mean_bound), ("cov_bound", cov_bound)])
+        return check_metadata(
+            names, (mean, cov, old_mean, old_cov), ev, [("mean_bound", mean_bound), ("cov_bound", cov_bound)]
+        )
 
     def uses_kernel(self, mean: Tensor, allow_kernel: bool, backward: bool) -> bool:
         """The backend, chosen here only: the Triton launcher for CUDA tensors when the op
@@ -158,8 +166,19 @@ class ProjectionOp:
         ev = [1 if i % 2 == 0 else self.cov_event_dims for i in range(len(tensors))]
         return [_rows(t, d, e, None if use_kernel else cdt, use_kernel) for t, e in zip(tensors, ev)]
 
-    def run_forward(self, mean, cov, old_mean, old_cov, mean_bound, cov_bound, mbv, cbv,
-                    allow_kernel: bool, early_exit: bool = False):
+    def run_forward(
+        self,
+        mean,
+        cov,
+        old_mean,
+        old_cov,
+        mean_bound,
+        cov_bound,
+        mbv,
+        cbv,
+        allow_kernel: bool,
+        early_exit: bool = False,
+    ):
         """``allow_kernel``: use the Triton launcher for CUDA tensors. ``early_exit``: the
         tensors are real CPU tensors, so iterative solves may stop on a host check."""
         batch, d = self.check(mean, cov, old_mean, old_cov, mean_bound, cov_bound)
@@ -176,8 +195,11 @@ class ProjectionOp:
             outs = self.impl(*rows, mb, cb, float(mbv), float(cbv), **kw)
         # contiguous, as the fake kernel allocates them (a QR-built factor comes out transposed)
         aux = [a.reshape(tuple(batch) + tuple(a.shape[1:])).contiguous() for a in outs[2:]]
-        return (outs[0].to(mean.dtype).reshape(mean.shape).contiguous(),
-                outs[1].to(mean.dtype).reshape(cov.shape).contiguous(), *aux)
+        return (
+            outs[0].to(mean.dtype).reshape(mean.shape).contiguous(),
+            outs[1].to(mean.dtype).reshape(cov.shape).contiguous(),
+            *aux,
+        )
 
     def fake_forward(self, mean, cov, old_mean, old_cov, mean_bound, cov_bound, mbv, cbv):
         """The forward's outputs as allocations only (metadata checks, no data)."""
@@ -188,15 +210,29 @@ class ProjectionOp:
         self.check(mean, cov, old_mean, old_cov, mean_bound, cov_bound)
         return _empty(mean), _empty(cov)
 
-    def run_backward(self, grad_mean, grad_cov, mean, cov, old_mean, old_cov, aux, mean_bound,
-                     cov_bound, mbv, cbv, allow_kernel: bool):
+    def run_backward(
+        self,
+        grad_mean,
+        grad_cov,
+        mean,
+        cov,
+        old_mean,
+        old_cov,
+        aux,
+        mean_bound,
+        cov_bound,
+        mbv,
+        cbv,
+        allow_kernel: bool,
+    ):
         batch, d = self.check(mean, cov, old_mean, old_cov, mean_bound, cov_bound)
         if grad_mean.shape != mean.shape or grad_cov.shape != cov.shape:
             raise ValueError("grad_mean / grad_cov must have the shapes of mean / cov")
         cdt = compute_dtype(mean.dtype)
         use_kernel = self.uses_kernel(mean, allow_kernel, backward=True)
-        rows = self._to_rows([grad_mean.to(mean.dtype), grad_cov.to(mean.dtype), mean, cov,
-                              old_mean, old_cov], d, use_kernel, cdt)
+        rows = self._to_rows(
+            [grad_mean.to(mean.dtype), grad_cov.to(mean.dtype), mean, cov, old_mean, old_cov], d, use_kernel, cdt
+        )
         n_batch = len(mean.shape) - 1
         aux_rows = [a.reshape((-1,) + tuple(a.shape[n_batch:])).contiguous() for a in aux]
         mb, cb = flat_bound(mean_bound, batch, cdt), flat_bound(cov_bound, batch, cdt)
@@ -206,8 +242,10 @@ class ProjectionOp:
             outs = self.launch_backward(*rows, *aux_rows, mb, cb, float(mbv), float(cbv))
         else:
             outs = self.impl_backward(*rows, *aux_rows, mb, cb, float(mbv), float(cbv))
-        return (outs[0].to(mean.dtype).reshape(mean.shape).contiguous(),
-                outs[1].to(mean.dtype).reshape(cov.shape).contiguous())
+        return (
+            outs[0].to(mean.dtype).reshape(mean.shape).contiguous(),
+            outs[1].to(mean.dtype).reshape(cov.shape).contiguous(),
+        )
 
     def _make_op(self, qualname, body, fake):
         """A ``triton_op`` when there is a Triton launcher (its body traces under
@@ -223,15 +261,31 @@ class ProjectionOp:
     def _define_forward(self):
         spec = self
 
-        def forward(mean: Tensor, cov: Tensor, old_mean: Tensor, old_cov: Tensor,
-                    mean_bound: Tensor | None, cov_bound: Tensor | None,
-                    mean_bound_value: float, cov_bound_value: float):
+        def forward(
+            mean: Tensor,
+            cov: Tensor,
+            old_mean: Tensor,
+            old_cov: Tensor,
+            mean_bound: Tensor | None,
+            cov_bound: Tensor | None,
+            mean_bound_value: float,
+            cov_bound_value: float,
+        ):
             # a triton_op body may be traced (torch.compile): no host checks there; an
             # opaque custom_op body always runs on real tensors
             eager_cpu = spec.launch is None and mean.device.type == "cpu"
-            return spec.run_forward(mean, cov, old_mean, old_cov, mean_bound, cov_bound,
-                                    mean_bound_value, cov_bound_value, allow_kernel=True,
-                                    early_exit=eager_cpu)
+            return spec.run_forward(
+                mean,
+                cov,
+                old_mean,
+                old_cov,
+                mean_bound,
+                cov_bound,
+                mean_bound_value,
+                cov_bound_value,
+                allow_kernel=True,
+                early_exit=eager_cpu,
+            )
 
         # the schema's fixed output tuple: mean_t, cov_t and the declared aux outputs
         forward.__annotations__["return"] = tuple.__class_getitem__((Tensor,) * (2 + len(self.aux)))
@@ -239,29 +293,61 @@ class ProjectionOp:
 
         @op.register_kernel("cpu")
         def _(mean, cov, old_mean, old_cov, mean_bound, cov_bound, mbv, cbv):
-            return spec.run_forward(mean, cov, old_mean, old_cov, mean_bound, cov_bound, mbv,
-                                    cbv, allow_kernel=False, early_exit=True)
+            return spec.run_forward(
+                mean, cov, old_mean, old_cov, mean_bound, cov_bound, mbv, cbv, allow_kernel=False, early_exit=True
+            )
 
         return op
 
     def _define_backward(self):
         spec = self
 
-        def backward(grad_mean: Tensor, grad_cov: Tensor, mean: Tensor, cov: Tensor,
-                     old_mean: Tensor, old_cov: Tensor, aux: list[Tensor],
-                     mean_bound: Tensor | None, cov_bound: Tensor | None,
-                     mean_bound_value: float, cov_bound_value: float) -> tuple[Tensor, Tensor]:
-            return spec.run_backward(grad_mean, grad_cov, mean, cov, old_mean, old_cov, aux,
-                                     mean_bound, cov_bound, mean_bound_value, cov_bound_value,
-                                     allow_kernel=True)
+        def backward(
+            grad_mean: Tensor,
+            grad_cov: Tensor,
+            mean: Tensor,
+            cov: Tensor,
+            old_mean: Tensor,
+            old_cov: Tensor,
+            aux: list[Tensor],
+            mean_bound: Tensor | None,
+            cov_bound: Tensor | None,
+            mean_bound_value: float,
+            cov_bound_value: float,
+        ) -> tuple[Tensor, Tensor]:
+            return spec.run_backward(
+                grad_mean,
+                grad_cov,
+                mean,
+                cov,
+                old_mean,
+                old_cov,
+                aux,
+                mean_bound,
+                cov_bound,
+                mean_bound_value,
+                cov_bound_value,
+                allow_kernel=True,
+            )
 
         op = self._make_op(f"trpl::{self.name}_backward", backward, spec.fake_backward)
 
         @op.register_kernel("cpu")
-        def _(grad_mean, grad_cov, mean, cov, old_mean, old_cov, aux, mean_bound, cov_bound,
-              mbv, cbv):
-            return spec.run_backward(grad_mean, grad_cov, mean, cov, old_mean, old_cov, aux,
-                                     mean_bound, cov_bound, mbv, cbv, allow_kernel=False)
+        def _(grad_mean, grad_cov, mean, cov, old_mean, old_cov, aux, mean_bound, cov_bound, mbv, cbv):
+            return spec.run_backward(
+                grad_mean,
+                grad_cov,
+                mean,
+                cov,
+                old_mean,
+                old_cov,
+                aux,
+                mean_bound,
+                cov_bound,
+                mbv,
+                cbv,
+                allow_kernel=False,
+            )
 
         return op
 
@@ -281,8 +367,9 @@ class ProjectionOp:
                 grad_mean = torch.zeros_like(mean)
             if grad_cov is None:
                 grad_cov = torch.zeros_like(cov)
-            gm, gc = spec.backward_op(grad_mean, grad_cov, mean, cov, old_mean, old_cov, aux,
-                                      mean_bound, cov_bound, *ctx.bound_values)
+            gm, gc = spec.backward_op(
+                grad_mean, grad_cov, mean, cov, old_mean, old_cov, aux, mean_bound, cov_bound, *ctx.bound_values
+            )
             return gm, gc, None, None, None, None, None, None
 
         self.forward_op.register_autograd(backward, setup_context=setup_context)

@@ -28,6 +28,6 @@ def cholesky_backward(chol: Tensor, grad_chol: Tensor) -> Tensor:
     taking the lower triangle and halving the diagonal."""
     phi = chol.mT @ grad_chol.tril()
     phi = phi.tril() - 0.5 * torch.diag_embed(phi.diagonal(dim1=-2, dim2=-1))
-    x = torch.linalg.solve_triangular(chol.mT, phi, upper=True)           # L^-T phi
-    x = torch.linalg.solve_triangular(chol.mT, x.mT, upper=True).mT       # (.) L^-1
+    x = torch.linalg.solve_triangular(chol.mT, phi, upper=True)  # L^-T phi
+    x = torch.linalg.solve_triangular(chol.mT, x.mT, upper=True).mT  # (.) L^-1
     return 0.5 * (x + x.mT)

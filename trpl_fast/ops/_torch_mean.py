@@ -23,8 +23,7 @@ def mean_project(mean: Tensor, old_mean: Tensor, prec_delta: Tensor, eps) -> Ten
     return torch.where(active.unsqueeze(-1), old_mean + scale.unsqueeze(-1) * delta, mean)
 
 
-def mean_project_backward(grad: Tensor, mean: Tensor, old_mean: Tensor, prec_delta: Tensor,
-                          eps) -> Tensor:
+def mean_project_backward(grad: Tensor, mean: Tensor, old_mean: Tensor, prec_delta: Tensor, eps) -> Tensor:
     """``b g - (b / m) <g, delta> L_o delta`` on active rows, ``g`` elsewhere."""
     delta = mean - old_mean
     active, m_safe, scale = _scale((delta * prec_delta).sum(-1), eps)
@@ -61,7 +60,7 @@ def interpolation_direction(x: Tensor, dims, eps):
     / ||x||`` where ``||x||^2 > eps`` (1 elsewhere) and ``unit = x / ||x||``, so that the
     backward's ``(a / dist) <g, x> x`` is ``a <g, unit> unit`` (nothing squared to overflow)."""
     norm = scaled_norm(x, dims)
-    root_eps = torch.sqrt(eps) if isinstance(eps, Tensor) else eps ** 0.5
+    root_eps = torch.sqrt(eps) if isinstance(eps, Tensor) else eps**0.5
     active = norm > root_eps
     norm_safe = torch.where(active, norm, root_eps)
     shape = norm.shape + (1,) * (x.dim() - norm.dim())

@@ -22,7 +22,8 @@ def frob_diag(mean, std, old_mean, old_std, mean_bound, cov_bound, mbv, cbv):
     variances overflow are refused by the value checks."""
     dtype = mean.dtype
     mean, std, old_mean, old_std, mean_bound, cov_bound = to_float64(
-        mean, std, old_mean, old_std, mean_bound, cov_bound)
+        mean, std, old_mean, old_std, mean_bound, cov_bound
+    )
     old_var = old_std * old_std
     mean_t = mean_project(mean, old_mean, (mean - old_mean) / old_var, bound_or_value(mean_bound, mbv))
     diff = std * std - old_var
@@ -34,10 +35,10 @@ def frob_diag(mean, std, old_mean, old_std, mean_bound, cov_bound, mbv, cbv):
 def frob_diag_backward(g_mean, g_std, mean, std, old_mean, old_std, mean_bound, cov_bound, mbv, cbv):
     dtype = mean.dtype
     g_mean, g_std, mean, std, old_mean, old_std, mean_bound, cov_bound = to_float64(
-        g_mean, g_std, mean, std, old_mean, old_std, mean_bound, cov_bound)
+        g_mean, g_std, mean, std, old_mean, old_std, mean_bound, cov_bound
+    )
     old_var = old_std * old_std
-    g_mean = mean_project_backward(g_mean, mean, old_mean, (mean - old_mean) / old_var,
-                                   bound_or_value(mean_bound, mbv))
+    g_mean = mean_project_backward(g_mean, mean, old_mean, (mean - old_mean) / old_var, bound_or_value(mean_bound, mbv))
     diff = std * std - old_var
     active, a, unit = interpolation_direction(diff, -1, bound_or_value(cov_bound, cbv))
     g_var_t = g_std / (2.0 * torch.sqrt(old_var + a * diff))
@@ -67,20 +68,23 @@ def frob_full(mean, factor, old_mean, old_factor, mean_bound, cov_bound, mbv, cb
     float64 (float32 loses the positive definiteness of ill-conditioned covariances)."""
     dtype = mean.dtype
     mean, factor, old_mean, old_factor, mean_bound, cov_bound = to_float64(
-        mean, factor, old_mean, old_factor, mean_bound, cov_bound)
+        mean, factor, old_mean, old_factor, mean_bound, cov_bound
+    )
     chol, prec_delta, _, active, _, chol_t = _frob_full_common(
-        mean, factor, old_mean, old_factor, mean_bound, cov_bound, mbv, cbv)
+        mean, factor, old_mean, old_factor, mean_bound, cov_bound, mbv, cbv
+    )
     mean_t = mean_project(mean, old_mean, prec_delta, bound_or_value(mean_bound, mbv))
     return mean_t.to(dtype), torch.where(active[..., None, None], chol_t, chol).to(dtype)
 
 
-def frob_full_backward(g_mean, g_factor, mean, factor, old_mean, old_factor, mean_bound,
-                       cov_bound, mbv, cbv):
+def frob_full_backward(g_mean, g_factor, mean, factor, old_mean, old_factor, mean_bound, cov_bound, mbv, cbv):
     dtype = mean.dtype
     g_mean, g_factor, mean, factor, old_mean, old_factor, mean_bound, cov_bound = to_float64(
-        g_mean, g_factor, mean, factor, old_mean, old_factor, mean_bound, cov_bound)
+        g_mean, g_factor, mean, factor, old_mean, old_factor, mean_bound, cov_bound
+    )
     chol, prec_delta, unit, active, a, chol_t = _frob_full_common(
-        mean, factor, old_mean, old_factor, mean_bound, cov_bound, mbv, cbv)
+        mean, factor, old_mean, old_factor, mean_bound, cov_bound, mbv, cbv
+    )
     g_mean = mean_project_backward(g_mean, mean, old_mean, prec_delta, bound_or_value(mean_bound, mbv))
     g_cov_t = cholesky_backward(chol_t, g_factor)
     # S_t = S_o + a (S - S_o), a = sqrt(eps / f): dL/dS = a (G - <G, U> U), U = D / ||D||
@@ -89,6 +93,7 @@ def frob_full_backward(g_mean, g_factor, mean, factor, old_mean, old_factor, mea
     return g_mean.to(dtype), torch.where(active[..., None, None], g_chol, g_factor.tril()).to(dtype)
 
 
-FROB_DIAG = ProjectionOp("project_frob_diag", 1, frob_diag, frob_diag_backward,
-                         launch_frob_diag_fwd, launch_frob_diag_bwd)
+FROB_DIAG = ProjectionOp(
+    "project_frob_diag", 1, frob_diag, frob_diag_backward, launch_frob_diag_fwd, launch_frob_diag_bwd
+)
 FROB_FULL = ProjectionOp("project_frob_full", 2, frob_full, frob_full_backward)

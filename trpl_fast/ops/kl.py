@@ -21,8 +21,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..kernels.kl import (MAX_ITER, TOL_F32, TOL_F64, launch_kl_diag_bwd, launch_kl_diag_fwd,
-                          launch_kl_newton)
+from ..kernels.kl import MAX_ITER, TOL_F32, TOL_F64, launch_kl_diag_bwd, launch_kl_diag_fwd, launch_kl_newton
 from ..kernels.kl_full import MAX_D, launch_kl_full_bwd, launch_kl_full_fwd
 from ._common import Aux, ProjectionOp, to_float64
 from ._linalg import cholesky_backward, solve_lower, solve_lower_t
@@ -160,8 +159,9 @@ def kl_diag_backward(g_mean, g_std, mean, std, old_mean, old_std, t, conv, mean_
         c = -sum(sd_t G x / g) / sum((x / g)^2),   t q^3 = (t + x) q
     """
     old_var = old_std * old_std
-    g_mean = mean_project_backward(g_mean, mean, old_mean, (mean - old_mean) / old_var,
-                                   2.0 * bound_or_value(mean_bound, mbv))
+    g_mean = mean_project_backward(
+        g_mean, mean, old_mean, (mean - old_mean) / old_var, 2.0 * bound_or_value(mean_bound, mbv)
+    )
     r = _ratio_minus_one(std, old_std)
     active = kl_at_one(r) > bound_or_value(cov_bound, cbv)
     t = t.to(r.dtype).unsqueeze(-1)
@@ -236,7 +236,8 @@ def kl_full(mean, factor, old_mean, old_factor, mean_bound, cov_bound, mbv, cbv,
         return launch_kl_full_fwd(mean, factor, old_mean, old_factor, mean_bound, cov_bound, mbv, cbv)
     dtype = mean.dtype
     mean, factor, old_mean, old_factor, mean_bound, cov_bound = _float64(
-        mean, factor, old_mean, old_factor, mean_bound, cov_bound)
+        mean, factor, old_mean, old_factor, mean_bound, cov_bound
+    )
     chol, old_chol, m, u = _whiten(factor, old_factor)
     prec_delta = solve_lower_t(old_chol, solve_lower(old_chol, mean - old_mean))
     mean_t = mean_project(mean, old_mean, prec_delta, 2.0 * bound_or_value(mean_bound, mbv))
@@ -248,8 +249,9 @@ def kl_full(mean, factor, old_mean, old_factor, mean_bound, cov_bound, mbv, cbv,
     return mean_t.to(dtype), torch.where(active[..., None, None], chol_t, chol).to(dtype), t, conv, m, u
 
 
-def kl_full_backward(g_mean, g_factor, mean, factor, old_mean, old_factor, t, conv, m, u, mean_bound,
-                     cov_bound, mbv, cbv):
+def kl_full_backward(
+    g_mean, g_factor, mean, factor, old_mean, old_factor, t, conv, m, u, mean_bound, cov_bound, mbv, cbv
+):
     """Implicit gradient in the whitened eigenbasis. With ``P = C_o^-T U`` (so that
     ``L = P diag(m) P^T``, ``L_o = P P^T``), ``H = W^T dL/dS_t W`` and ``D = diag(m / g)``:
 
@@ -259,11 +261,13 @@ def kl_full_backward(g_mean, g_factor, mean, factor, old_mean, old_factor, t, co
     (On the fused path ``u`` is the factor ``U`` of the kernel's forward; see the module.)
     """
     if uses_fused_kernel(mean):
-        return launch_kl_full_bwd(g_mean, g_factor, mean, factor, old_mean, old_factor, t, m, u,
-                                  mean_bound, cov_bound, mbv, cbv)
+        return launch_kl_full_bwd(
+            g_mean, g_factor, mean, factor, old_mean, old_factor, t, m, u, mean_bound, cov_bound, mbv, cbv
+        )
     dtype = mean.dtype
     g_mean, g_factor, mean, factor, old_mean, old_factor, t, mean_bound, cov_bound = _float64(
-        g_mean, g_factor, mean, factor, old_mean, old_factor, t, mean_bound, cov_bound)
+        g_mean, g_factor, mean, factor, old_mean, old_factor, t, mean_bound, cov_bound
+    )
     chol, old_chol = factor.tril(), old_factor.tril()
     prec_delta = solve_lower_t(old_chol, solve_lower(old_chol, mean - old_mean))
     g_mean = mean_project_backward(g_mean, mean, old_mean, prec_delta, 2.0 * bound_or_value(mean_bound, mbv))
@@ -277,13 +281,16 @@ def kl_full_backward(g_mean, g_factor, mean, factor, old_mean, old_factor, t, co
     h = w.mT @ cholesky_backward(chol_t, g_factor) @ w
     # c = <G, L - L_o> / <K, L - L_o> in x = t r (t k r = (x / g)^2: no r^2 to overflow)
     xg2 = ((x / g) ** 2).sum(-1, keepdim=True)
-    c = -2.0 * (x * h.diagonal(dim1=-2, dim2=-1) / (g * g)).sum(-1, keepdim=True) / torch.where(
-        active.unsqueeze(-1) & (xg2 > 0), xg2, 1.0)
+    c = (
+        -2.0
+        * (x * h.diagonal(dim1=-2, dim2=-1) / (g * g)).sum(-1, keepdim=True)
+        / torch.where(active.unsqueeze(-1) & (xg2 > 0), xg2, 1.0)
+    )
     dm = m.clamp_min(0.0) / g
     # 0.5 c m^2 k with m^2 k = (m / g)^2 x
     y = dm.unsqueeze(-1) * h * dm.unsqueeze(-2) + torch.diag_embed(0.5 * c * dm * dm * x)
-    p = torch.linalg.solve_triangular(old_chol.mT, u, upper=True)                 # C_o^-T U
-    pt_c = u.mT @ torch.linalg.solve_triangular(old_chol, chol, upper=False)       # U^T C_o^-1 C
+    p = torch.linalg.solve_triangular(old_chol.mT, u, upper=True)  # C_o^-T U
+    pt_c = u.mT @ torch.linalg.solve_triangular(old_chol, chol, upper=False)  # U^T C_o^-1 C
     g_chol = (2.0 * tt.unsqueeze(-1) * (p @ y @ pt_c)).tril()
     return g_mean.to(dtype), torch.where(active[..., None, None], g_chol, g_factor.tril()).to(dtype)
 
@@ -292,9 +299,25 @@ def _launch_kl_diag_bwd(g_mean, g_std, mean, std, old_mean, old_std, t, conv, me
     return launch_kl_diag_bwd(g_mean, g_std, mean, std, old_mean, old_std, t, mean_bound, cov_bound, mbv, cbv)
 
 
-KL_DIAG = ProjectionOp("project_kl_diag", 1, kl_diag, kl_diag_backward, launch_kl_diag_fwd,
-                       _launch_kl_diag_bwd, aux=(Aux("t", 0, "compute"), Aux("converged", 0, torch.bool)))
+KL_DIAG = ProjectionOp(
+    "project_kl_diag",
+    1,
+    kl_diag,
+    kl_diag_backward,
+    launch_kl_diag_fwd,
+    _launch_kl_diag_bwd,
+    aux=(Aux("t", 0, "compute"), Aux("converged", 0, torch.bool)),
+)
 # full covariance: computed in float64 inside (module docstring), its aux outputs too
-KL_FULL = ProjectionOp("project_kl_full", 2, kl_full, kl_full_backward,
-                       aux=(Aux("t", 0, torch.float64), Aux("converged", 0, torch.bool),
-                            Aux("eigvals", 1, torch.float64), Aux("eigvecs", 2, torch.float64)))
+KL_FULL = ProjectionOp(
+    "project_kl_full",
+    2,
+    kl_full,
+    kl_full_backward,
+    aux=(
+        Aux("t", 0, torch.float64),
+        Aux("converged", 0, torch.bool),
+        Aux("eigvals", 1, torch.float64),
+        Aux("eigvecs", 2, torch.float64),
+    ),
+)

@@ -42,8 +42,16 @@ def split_bound(name: str, bound, like: Tensor):
     raise ValueError(f"{name} must be a positive float or a tensor of the batch shape, got {type(bound).__name__}")
 
 
-def validate_values(form: str, kind: str, mean: Tensor, cov: Tensor, old_mean: Tensor,
-                    old_cov: Tensor, mean_bound: Tensor | None, cov_bound: Tensor | None) -> None:
+def validate_values(
+    form: str,
+    kind: str,
+    mean: Tensor,
+    cov: Tensor,
+    old_mean: Tensor,
+    old_cov: Tensor,
+    mean_bound: Tensor | None,
+    cov_bound: Tensor | None,
+) -> None:
     """Raise ``ValueError`` naming the first bad argument. ``cov`` is std (diag) or the
     factor (full): a lower Cholesky factor (frob, kl) or a symmetric root (w2)."""
     cov_name = "std" if form == "diag" else "factor"
@@ -61,14 +69,22 @@ def validate_values(form: str, kind: str, mean: Tensor, cov: Tensor, old_mean: T
             scale = q.abs().amax((-2, -1), keepdim=True).clamp_min(torch.finfo(q.dtype).tiny)
             sym = ((q - q.mT).abs() <= 1e-5 * scale).all()
             checks.append((f"{name} must be symmetric (kind='w2' takes the symmetric square root)", sym))
-            pd = torch.linalg.cholesky_ex(q.to(torch.float64) if q.dtype in (torch.float16, torch.bfloat16) else q).info == 0
+            pd = (
+                torch.linalg.cholesky_ex(q.to(torch.float64) if q.dtype in (torch.float16, torch.bfloat16) else q).info
+                == 0
+            )
             checks.append((f"{name} must be positive definite (kind='w2' takes the symmetric square root)", pd.all()))
     else:
         for name, c in (("factor", cov), ("old_factor", old_cov)):
-            checks.append((f"{name} must be lower triangular (a Cholesky factor; the strict upper triangle must be 0)",
-                           (c.triu(1) == 0).all()))
-            checks.append((f"{name} must have a positive diagonal (a Cholesky factor)",
-                           (c.diagonal(dim1=-2, dim2=-1) > 0).all()))
+            checks.append(
+                (
+                    f"{name} must be lower triangular (a Cholesky factor; the strict upper triangle must be 0)",
+                    (c.triu(1) == 0).all(),
+                )
+            )
+            checks.append(
+                (f"{name} must have a positive diagonal (a Cholesky factor)", (c.diagonal(dim1=-2, dim2=-1) > 0).all())
+            )
     checks += _range_checks(form, kind, cov, old_cov, cov_name)
     ok = torch.stack([c for _, c in checks]).tolist()  # the one host sync
     for (message, _), good in zip(checks, ok):
@@ -85,9 +101,18 @@ def _range_checks(form: str, kind: str, cov: Tensor, old_cov: Tensor, cov_name: 
     if kind == "frob" and cov.dtype == torch.float64:
         for name, c in ((cov_name, cov), (f"old_{cov_name}", old_cov)):
             sq = c * c if form == "diag" else (c * c).sum(-1)
-            out.append((f"{name} is too large for kind='frob' in float64: its variances (std**2, "
-                        f"or the row norms of the factor squared) overflow", torch.isfinite(2.0 * sq).all()))
+            out.append(
+                (
+                    f"{name} is too large for kind='frob' in float64: its variances (std**2, "
+                    f"or the row norms of the factor squared) overflow",
+                    torch.isfinite(2.0 * sq).all(),
+                )
+            )
     if kind == "w2" and form == "diag":
-        out.append((f"std / old_std overflows {cov.dtype} (kind='w2' works with the std ratio)",
-                    torch.isfinite(cov / old_cov).all()))
+        out.append(
+            (
+                f"std / old_std overflows {cov.dtype} (kind='w2' works with the std ratio)",
+                torch.isfinite(cov / old_cov).all(),
+            )
+        )
     return out

@@ -12,8 +12,15 @@ import torch
 from torch import Tensor
 
 
-def gae(rewards: Tensor, values: Tensor, next_values: Tensor, terminated: Tensor, truncated: Tensor,
-        gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+def gae(
+    rewards: Tensor,
+    values: Tensor,
+    next_values: Tensor,
+    terminated: Tensor,
+    truncated: Tensor,
+    gamma: float,
+    lam: float,
+) -> tuple[Tensor, Tensor]:
     """Advantages and value targets, shapes (T, N) for T steps of N environments.
 
     Args:
@@ -29,8 +36,10 @@ def gae(rewards: Tensor, values: Tensor, next_values: Tensor, terminated: Tensor
     Returns ``(advantages, returns = advantages + values)``.
     """
     if not (rewards.shape == values.shape == next_values.shape == terminated.shape == truncated.shape):
-        raise ValueError("rewards, values, next_values, terminated and truncated must share the shape (T, N), "
-                         f"got {[tuple(t.shape) for t in (rewards, values, next_values, terminated, truncated)]}")
+        raise ValueError(
+            "rewards, values, next_values, terminated and truncated must share the shape (T, N), "
+            f"got {[tuple(t.shape) for t in (rewards, values, next_values, terminated, truncated)]}"
+        )
     if not 0.0 <= gamma <= 1.0 or not 0.0 <= lam <= 1.0:
         raise ValueError(f"gamma and lam must be in [0, 1], got gamma={gamma}, lam={lam}")
     not_terminal = (~terminated.bool()).to(values.dtype)

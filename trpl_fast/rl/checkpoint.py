@@ -20,8 +20,15 @@ import torch
 from .config import TrainConfig
 
 # fields a resumed run may change: they do not alter what is learned up to the checkpoint
-RESUMABLE_CHANGES = ("total_steps", "device", "eval_episodes", "eval_every", "checkpoint_every", "checkpoint_seconds",
-                     "compile_update")
+RESUMABLE_CHANGES = (
+    "total_steps",
+    "device",
+    "eval_episodes",
+    "eval_every",
+    "checkpoint_every",
+    "checkpoint_seconds",
+    "compile_update",
+)
 
 # what train() needs to continue a run besides the networks
 _LOOP_KEYS = ("iteration", "global_step", "value", "opt_pi", "opt_vf", "torch_rng", "gen_rng", "numpy_rng", "loop")
@@ -62,8 +69,10 @@ def save_checkpoint(path: Path, state: dict) -> None:
         # a partial temporary file would keep filling the disk (or hold a signal's half write)
         tmp.unlink(missing_ok=True)
         if isinstance(exc, Exception) and _no_space(exc):
-            err = CheckpointWriteError(f"no space left on device while writing the checkpoint {path} "
-                                       "(the previous checkpoint is kept; free some space and resume with --resume)")
+            err = CheckpointWriteError(
+                f"no space left on device while writing the checkpoint {path} "
+                "(the previous checkpoint is kept; free some space and resume with --resume)"
+            )
             err.errno = errno.ENOSPC
             raise err from exc
         raise
@@ -80,8 +89,9 @@ def read_checkpoint(path: str | Path, device="cpu") -> dict:
         state = torch.load(path, map_location=device, weights_only=False)
     except Exception as exc:  # truncated, empty or some other file: torch's errors do not name it
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{path} is not a readable checkpoint (truncated, empty or not a trpl-fast "
-                         f"checkpoint: {reason})") from exc
+        raise ValueError(
+            f"{path} is not a readable checkpoint (truncated, empty or not a trpl-fast checkpoint: {reason})"
+        ) from exc
     if not isinstance(state, dict) or not isinstance(state.get("config"), dict) or "policy" not in state:
         raise ValueError(f"{path} is not a trpl-fast training checkpoint")
     try:
@@ -94,11 +104,16 @@ def read_checkpoint(path: str | Path, device="cpu") -> dict:
 def check_resume_config(saved: dict, cfg: TrainConfig) -> None:
     """Raise if ``cfg`` differs from the checkpoint's config in anything but :data:`RESUMABLE_CHANGES`."""
     saved_cfg = TrainConfig.from_dict(saved).to_dict()
-    diff = [f"{k}: checkpoint has {saved_cfg[k]!r}, requested {v!r}" for k, v in cfg.to_dict().items()
-            if k not in RESUMABLE_CHANGES and saved_cfg[k] != v]
+    diff = [
+        f"{k}: checkpoint has {saved_cfg[k]!r}, requested {v!r}"
+        for k, v in cfg.to_dict().items()
+        if k not in RESUMABLE_CHANGES and saved_cfg[k] != v
+    ]
     if diff:
-        raise ValueError("the checkpoint comes from another config (" + "; ".join(diff) + "); resume with the "
-                         f"run's own config (only {', '.join(RESUMABLE_CHANGES)} may change) or train into a new --out")
+        raise ValueError(
+            "the checkpoint comes from another config (" + "; ".join(diff) + "); resume with the "
+            f"run's own config (only {', '.join(RESUMABLE_CHANGES)} may change) or train into a new --out"
+        )
 
 
 def check_resumable(state: dict, path: Path) -> None:

@@ -35,11 +35,11 @@ class TrainConfig:
     """Everything a run needs; saved as ``config.json`` in the run directory."""
 
     env_id: str = "HalfCheetah-v5"
-    algo: str = "kl"                   # kl | w2 | frob | ppo | ppo-m | trpo
-    total_steps: int = 1_000_000       # environment steps
+    algo: str = "kl"  # kl | w2 | frob | ppo | ppo-m | trpo
+    total_steps: int = 1_000_000  # environment steps
     seed: int = 0
     num_envs: int = 1
-    rollout_steps: int = 2048          # per iteration, over all envs
+    rollout_steps: int = 2048  # per iteration, over all envs
     gamma: float = 0.99
     gae_lambda: float = 0.95
     # the time limit ends the task (time is observed, e.g. the sparse Reacher): no bootstrap
@@ -49,7 +49,7 @@ class TrainConfig:
     epochs: int = 20
     minibatch_size: int = 32
     lr: float = 5e-5
-    lr_decay: bool = False             # anneal both learning rates (policy and value) linearly to 0
+    lr_decay: bool = False  # anneal both learning rates (policy and value) linearly to 0
     # "minibatch" (the original: inside the surrogate loss), "batch" (once per iteration) or "none"
     advantage_normalization: str = "minibatch"
     max_grad_norm: float | None = None
@@ -61,12 +61,12 @@ class TrainConfig:
     # the first iterations pay the compilation
     compile_update: bool = False
     # trust-region layer (kl / w2 / frob)
-    mean_bound: float = 0.03            # eps_mu, on each layer's own mean part (MATH.md)
+    mean_bound: float = 0.03  # eps_mu, on each layer's own mean part (MATH.md)
     cov_bound: float = 0.001
-    regression_weight: float = 8.0     # alpha of paper Eq. 12
-    projection: bool = True            # False bypasses the layer (throughput baseline only: no trust region)
+    regression_weight: float = 8.0  # alpha of paper Eq. 12
+    projection: bool = True  # False bypasses the layer (throughput baseline only: no trust region)
     entropy_control: str | None = None  # None | ineq | eq
-    target_entropy: float = 0.0        # per action dimension (kappa)
+    target_entropy: float = 0.0  # per action dimension (kappa)
     temperature: float = 0.5
     # ppo
     ratio_clip: float = 0.2
@@ -83,15 +83,15 @@ class TrainConfig:
     hidden: tuple[int, ...] = (64, 64)
     hidden_vf: tuple[int, ...] = (64, 64)
     init_std: float = 1.0
-    min_std: float = 1e-5              # std = softplus(param) + min_std (the original's minimal_std)
+    min_std: float = 1e-5  # std = softplus(param) + min_std (the original's minimal_std)
     # False: the sampled action goes to the environment as it is (the original; MuJoCo clamps
     # the control, the control cost sees the raw action); True: clipped to the action box first
     clip_actions: bool = False
     device: str = "auto"
-    env_backend: str = "auto"          # auto (EnvPool where it has the task) | envpool | gymnasium
-    eval_episodes: int = 5             # deterministic episodes per evaluation (paper: 5)
-    eval_every: int = 1                # iterations between evaluations (paper: every iteration)
-    checkpoint_every: int = 10         # iterations
+    env_backend: str = "auto"  # auto (EnvPool where it has the task) | envpool | gymnasium
+    eval_episodes: int = 5  # deterministic episodes per evaluation (paper: 5)
+    eval_every: int = 1  # iterations between evaluations (paper: every iteration)
+    checkpoint_every: int = 10  # iterations
     # also checkpoint after this much wall time: with the paper presets 10 iterations are
     # 20,480 to 163,840 steps, too much to lose to a SIGKILL early in a run
     checkpoint_seconds: float = 60.0
@@ -108,15 +108,37 @@ class TrainConfig:
             value = getattr(self, f.name)
             if not _is_instance(value, hints[f.name]):
                 raise ValueError(f"config field {f.name}: expected {_type_name(hints[f.name])}, got {value!r}")
-        choices = {"algo": ALGOS, "cov_form": ("diag", "full"), "entropy_control": (None, "ineq", "eq"),
-                   "env_backend": ("auto", "envpool", "gymnasium"),
-                   "advantage_normalization": ADVANTAGE_NORMALIZATIONS}
+        choices = {
+            "algo": ALGOS,
+            "cov_form": ("diag", "full"),
+            "entropy_control": (None, "ineq", "eq"),
+            "env_backend": ("auto", "envpool", "gymnasium"),
+            "advantage_normalization": ADVANTAGE_NORMALIZATIONS,
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"config field {name}: must be one of {allowed}, got {getattr(self, name)!r}")
-        positive = ("total_steps", "num_envs", "rollout_steps", "minibatch_size", "lr", "lr_vf", "mean_bound",
-                    "cov_bound", "temperature", "ratio_clip", "trpo_max_kl", "init_std", "min_std", "eval_every",
-                    "checkpoint_every", "max_grad_norm", "vf_clip", "obs_clip", "reward_clip")
+        positive = (
+            "total_steps",
+            "num_envs",
+            "rollout_steps",
+            "minibatch_size",
+            "lr",
+            "lr_vf",
+            "mean_bound",
+            "cov_bound",
+            "temperature",
+            "ratio_clip",
+            "trpo_max_kl",
+            "init_std",
+            "min_std",
+            "eval_every",
+            "checkpoint_every",
+            "max_grad_norm",
+            "vf_clip",
+            "obs_clip",
+            "reward_clip",
+        )
         for name in positive:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
@@ -132,12 +154,15 @@ class TrainConfig:
             raise ValueError(f"config field target_entropy: must be finite, got {self.target_entropy!r}")
         for name in ("hidden", "hidden_vf"):
             if not getattr(self, name) or any(h < 1 for h in getattr(self, name)):
-                raise ValueError(f"config field {name}: must be one or more layer widths >= 1, got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"config field {name}: must be one or more layer widths >= 1, got {getattr(self, name)!r}"
+                )
         if not self.init_std > self.min_std:
             raise ValueError(f"config field init_std: must be > min_std ({self.min_std}), got {self.init_std!r}")
         if self.rollout_steps % self.num_envs:
-            raise ValueError(f"config field rollout_steps: ({self.rollout_steps}) must be a multiple of "
-                             f"num_envs ({self.num_envs})")
+            raise ValueError(
+                f"config field rollout_steps: ({self.rollout_steps}) must be a multiple of num_envs ({self.num_envs})"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -274,8 +299,10 @@ def parse_overrides(items) -> dict:
         if key not in hints:
             close = difflib.get_close_matches(key, hints, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ValueError(f"--set {key}: unknown config field{hint}; see the fields of TrainConfig in "
-                             "trpl_fast/rl/config.py or a run's config.json")
+            raise ValueError(
+                f"--set {key}: unknown config field{hint}; see the fields of TrainConfig in "
+                "trpl_fast/rl/config.py or a run's config.json"
+            )
         out[key] = _parse_value(key, text, hints[key])
     return out
 
@@ -292,36 +319,71 @@ def preset(name: str, algo: str, **overrides) -> TrainConfig:
     proj = algo in PROJECTIONS
     if name in ("mujoco", "throughput"):
         cfg = TrainConfig(
-            algo=algo, rollout_steps=2048, epochs=20 if proj else 10, minibatch_size=32 if proj else 64,
-            lr=5e-5 if proj else 3e-4, lr_vf=4.5e-4 if proj else 2.5e-4,
-            mean_bound=0.03, cov_bound=0.001,
-            temperature=0.5, normalize_rewards=(algo == "ppo"),
-            obs_clip=10.0 if algo == "ppo" else None, reward_clip=10.0 if algo == "ppo" else None,
-            vf_clip=0.2 if algo == "ppo" else None, lr_decay=(algo == "ppo"))
+            algo=algo,
+            rollout_steps=2048,
+            epochs=20 if proj else 10,
+            minibatch_size=32 if proj else 64,
+            lr=5e-5 if proj else 3e-4,
+            lr_vf=4.5e-4 if proj else 2.5e-4,
+            mean_bound=0.03,
+            cov_bound=0.001,
+            temperature=0.5,
+            normalize_rewards=(algo == "ppo"),
+            obs_clip=10.0 if algo == "ppo" else None,
+            reward_clip=10.0 if algo == "ppo" else None,
+            vf_clip=0.2 if algo == "ppo" else None,
+            lr_decay=(algo == "ppo"),
+        )
         if name == "throughput":
-            cfg = dataclasses.replace(cfg, num_envs=64, rollout_steps=16384, epochs=5 if proj else 4,
-                                      minibatch_size=4096, epochs_vf=5,
-                                      lr=3e-4 if proj else 3e-4)
+            cfg = dataclasses.replace(
+                cfg,
+                num_envs=64,
+                rollout_steps=16384,
+                epochs=5 if proj else 4,
+                minibatch_size=4096,
+                epochs_vf=5,
+                lr=3e-4 if proj else 3e-4,
+            )
     elif name == "reacher":  # table 4: trpl_fast/ReacherSparse5-v0 (paper Figure 2, right)
         contextual = overrides.get("contextual_cov", False)
         cfg = TrainConfig(
-            algo=algo, env_id="trpl_fast/ReacherSparse5-v0", num_envs=64, rollout_steps=16384, epochs=20,
-            epochs_vf=10, minibatch_size=256 if proj else 512, lr=3e-4 if proj else 1e-4,
+            algo=algo,
+            env_id="trpl_fast/ReacherSparse5-v0",
+            num_envs=64,
+            rollout_steps=16384,
+            epochs=20,
+            epochs_vf=10,
+            minibatch_size=256 if proj else 512,
+            lr=3e-4 if proj else 1e-4,
             lr_vf=4.5e-4 if proj else 1e-4,
             mean_bound=0.03,
             # KL: 5e-5 with a global covariance, 1e-3 with a contextual one (table 4)
             cov_bound={"frob": 5e-5, "w2": 1e-3, "kl": 1e-3 if contextual else 5e-5}.get(algo, 1e-3),
-            normalize_rewards=(algo == "ppo"), obs_clip=10.0 if algo == "ppo" else None,
-            reward_clip=10.0 if algo == "ppo" else None, vf_clip=0.2 if algo == "ppo" else None,
-            lr_decay=(algo == "ppo"), time_limit_terminal=True, eval_episodes=64, checkpoint_every=5)
+            normalize_rewards=(algo == "ppo"),
+            obs_clip=10.0 if algo == "ppo" else None,
+            reward_clip=10.0 if algo == "ppo" else None,
+            vf_clip=0.2 if algo == "ppo" else None,
+            lr_decay=(algo == "ppo"),
+            time_limit_terminal=True,
+            eval_episodes=64,
+            checkpoint_every=5,
+        )
     else:  # humanoid, table 3
         cfg = TrainConfig(
-            algo=algo, env_id="Humanoid-v5", rollout_steps=16384, epochs=10,
-            minibatch_size=256 if proj else 512, lr=1e-4, lr_vf=4.5e-4 if proj else 1e-4,
+            algo=algo,
+            env_id="Humanoid-v5",
+            rollout_steps=16384,
+            epochs=10,
+            minibatch_size=256 if proj else 512,
+            lr=1e-4,
+            lr_vf=4.5e-4 if proj else 1e-4,
             mean_bound=0.05,
             cov_bound={"frob": 1e-4, "w2": 0.01, "kl": 1e-4}.get(algo, 1e-4),
             temperature=0.2,
-            normalize_rewards=(algo == "ppo"), obs_clip=10.0 if algo == "ppo" else None,
-            reward_clip=10.0 if algo == "ppo" else None, vf_clip=0.2 if algo == "ppo" else None,
-            lr_decay=(algo == "ppo"))
+            normalize_rewards=(algo == "ppo"),
+            obs_clip=10.0 if algo == "ppo" else None,
+            reward_clip=10.0 if algo == "ppo" else None,
+            vf_clip=0.2 if algo == "ppo" else None,
+            lr_decay=(algo == "ppo"),
+        )
     return dataclasses.replace(cfg, **overrides)

@@ -13,8 +13,19 @@ import zlib
 
 import numpy as np
 
-ENVPOOL_TASKS = ("HalfCheetah", "Hopper", "Walker2d", "Ant", "Humanoid", "Reacher",
-                 "Swimmer", "InvertedPendulum", "InvertedDoublePendulum", "Pusher", "HumanoidStandup")
+ENVPOOL_TASKS = (
+    "HalfCheetah",
+    "Hopper",
+    "Walker2d",
+    "Ant",
+    "Humanoid",
+    "Reacher",
+    "Swimmer",
+    "InvertedPendulum",
+    "InvertedDoublePendulum",
+    "Pusher",
+    "HumanoidStandup",
+)
 
 
 class VecEnv:
@@ -42,8 +53,12 @@ class VecEnv:
             actions = np.clip(actions, self.action_low, self.action_high)
         actions = actions.astype(self.action_dtype)
         obs, rew, term, trunc, _ = self.env.step(actions)
-        return (np.asarray(obs, dtype=np.float64).reshape(self.num_envs, -1), np.asarray(rew, dtype=np.float64),
-                np.asarray(term, dtype=bool), np.asarray(trunc, dtype=bool))
+        return (
+            np.asarray(obs, dtype=np.float64).reshape(self.num_envs, -1),
+            np.asarray(rew, dtype=np.float64),
+            np.asarray(term, dtype=bool),
+            np.asarray(trunc, dtype=bool),
+        )
 
     def close(self) -> None:
         self.env.close()
@@ -62,8 +77,10 @@ class VecEnv:
             raise NotImplementedError(f"the {self.backend} backend cannot save its environments' state")
         if _has_own_state(self.env):  # a batched env (e.g. the sparse Reacher) saves itself
             return {"own": self.env.get_state()}
-        return {"vector": _plain_attrs(self.env),
-                "envs": [[_layer_state(layer) for layer in _layers(sub)] for sub in self.env.envs]}
+        return {
+            "vector": _plain_attrs(self.env),
+            "envs": [[_layer_state(layer) for layer in _layers(sub)] for sub in self.env.envs],
+        }
 
     def set_state(self, state: dict) -> None:
         """Restore :meth:`get_state`'s result into environments made with the same id and count."""
@@ -73,7 +90,9 @@ class VecEnv:
             self.env.set_state(state["own"])
             return
         if len(state["envs"]) != self.num_envs:
-            raise ValueError(f"environment state holds {len(state['envs'])} environments, this vector env has {self.num_envs}")
+            raise ValueError(
+                f"environment state holds {len(state['envs'])} environments, this vector env has {self.num_envs}"
+            )
         _set_plain_attrs(self.env, state["vector"])
         for sub, layers in zip(self.env.envs, state["envs"]):
             own = _layers(sub)
@@ -147,8 +166,10 @@ def _check_box(space, env_id: str) -> None:
     import gymnasium as gym
 
     if not isinstance(space, gym.spaces.Box):
-        raise ValueError(f"{env_id}: the action space must be continuous (gymnasium.spaces.Box) for a "
-                         f"Gaussian policy, got {type(space).__name__}")
+        raise ValueError(
+            f"{env_id}: the action space must be continuous (gymnasium.spaces.Box) for a "
+            f"Gaussian policy, got {type(space).__name__}"
+        )
 
 
 def make_vec_env(env_id: str, num_envs: int, seed: int, backend: str = "auto") -> VecEnv:
@@ -163,8 +184,10 @@ def make_vec_env(env_id: str, num_envs: int, seed: int, backend: str = "auto") -
     name = env_id.split("-")[0]
     if backend == "envpool" and name not in ENVPOOL_TASKS:
         # falling back to Gymnasium here would leave config.json saying envpool
-        raise ValueError(f"--env-backend envpool: EnvPool has no {env_id!r} (it has the MuJoCo tasks "
-                         f"{', '.join(ENVPOOL_TASKS)}); use --env-backend gymnasium or auto")
+        raise ValueError(
+            f"--env-backend envpool: EnvPool has no {env_id!r} (it has the MuJoCo tasks "
+            f"{', '.join(ENVPOOL_TASKS)}); use --env-backend gymnasium or auto"
+        )
     if backend in ("auto", "envpool") and name in ENVPOOL_TASKS:
         try:
             import envpool
@@ -174,8 +197,10 @@ def make_vec_env(env_id: str, num_envs: int, seed: int, backend: str = "auto") -
             return VecEnv(env, num_envs, "envpool")
         except ImportError as exc:
             if backend == "envpool":
-                raise ValueError("--env-backend envpool: EnvPool is not installed (pip install envpool, "
-                                 "or use --env-backend gymnasium)") from exc
+                raise ValueError(
+                    "--env-backend envpool: EnvPool is not installed (pip install envpool, "
+                    "or use --env-backend gymnasium)"
+                ) from exc
         except Exception as exc:  # unknown id in EnvPool: fall back below
             if backend == "envpool":
                 raise ValueError(f"EnvPool cannot make {env_id!r}: {exc}") from exc
@@ -189,8 +214,9 @@ def make_vec_env(env_id: str, num_envs: int, seed: int, backend: str = "auto") -
             env.close()
             raise ValueError(f"{env_id}: its vector env autoresets with {mode}, the training loop needs NEXT_STEP")
     else:
-        env = gym.vector.SyncVectorEnv([lambda: gym.make(env_id) for _ in range(num_envs)],
-                                       autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+        env = gym.vector.SyncVectorEnv(
+            [lambda: gym.make(env_id) for _ in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP
+        )
     _check_box(env.single_action_space, env_id)
     env.reset(seed=seed)
     return VecEnv(env, num_envs, "gymnasium")

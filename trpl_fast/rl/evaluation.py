@@ -42,8 +42,17 @@ class Evaluator:
     """Mean undiscounted return of the deterministic policy (its mean action) over
     ``episodes`` parallel episodes; ``__call__(policy, obs_norm, iteration) -> float``."""
 
-    def __init__(self, env_id: str, episodes: int, seed: int, *, backend: str = "auto", clip_actions: bool = False,
-                 first_iteration: int = 0, max_steps: int = 100_000):
+    def __init__(
+        self,
+        env_id: str,
+        episodes: int,
+        seed: int,
+        *,
+        backend: str = "auto",
+        clip_actions: bool = False,
+        first_iteration: int = 0,
+        max_steps: int = 100_000,
+    ):
         if episodes < 1:
             raise ValueError(f"eval episodes must be >= 1, got {episodes}")
         self.env_id, self.episodes, self.seed = env_id, episodes, seed
@@ -79,8 +88,12 @@ def _numpy_mean_action(policy, obs_norm):
     ops = []
     for m in [*policy.body, policy.mean_head]:
         if isinstance(m, torch.nn.Linear):
-            ops.append((m.weight.detach().cpu().numpy().T.astype(np.float32).copy(),
-                        m.bias.detach().cpu().numpy().astype(np.float32).copy()))
+            ops.append(
+                (
+                    m.weight.detach().cpu().numpy().T.astype(np.float32).copy(),
+                    m.bias.detach().cpu().numpy().astype(np.float32).copy(),
+                )
+            )
         elif isinstance(m, torch.nn.Tanh):
             ops.append(np.tanh)
         elif isinstance(m, torch.nn.ReLU):
@@ -101,6 +114,7 @@ def _numpy_mean_action(policy, obs_norm):
         for op in ops:
             x = x @ op[0] + op[1] if isinstance(op, tuple) else op(x)
         return x.astype(np.float64)
+
     return act
 
 
@@ -113,11 +127,21 @@ def _torch_mean_action(policy, obs_norm):
         if obs_norm is not None:
             x = obs_norm(x)
         return policy.mean_action(x).cpu().double().numpy()
+
     return act
 
 
-def evaluate(policy, obs_norm, env_id: str, episodes: int, seed: int, device=None, *, backend: str = "auto",
-             clip_actions: bool = False) -> float:
+def evaluate(
+    policy,
+    obs_norm,
+    env_id: str,
+    episodes: int,
+    seed: int,
+    device=None,
+    *,
+    backend: str = "auto",
+    clip_actions: bool = False,
+) -> float:
     """One evaluation of ``episodes`` deterministic episodes (``trpl-fast eval``)."""
     ev = Evaluator(env_id, episodes, seed, backend=backend, clip_actions=clip_actions)
     try:
@@ -126,19 +150,30 @@ def evaluate(policy, obs_norm, env_id: str, episodes: int, seed: int, device=Non
         ev.close()
 
 
-def run_summary(iterations: np.ndarray, evals: np.ndarray, n_iterations: int) -> dict:
+def run_summary(
+    iterations: np.ndarray, evals: np.ndarray, n_iterations: int, finished_after: int | None = None
+) -> dict:
     """``{"early": mean return of the "20%" window, "final": of the last 20 evaluations,
     "evaluations": how many were logged}`` from a run's ``progress.csv`` columns
     ``iteration`` and ``eval_return_mean`` (NaN where an iteration was not evaluated);
-    NaN where the run has not reached a window yet."""
+    NaN where the run has not reached a window yet. ``n_iterations``: the run's planned
+    iterations; ``finished_after`` (default: the same): how many count as finished (runs
+    of versions before 2026-11-29 rounded their budget down to whole iterations)."""
+    if finished_after is not None:
+        n_done = min(n_iterations, finished_after)
+    else:
+        n_done = n_iterations
     iterations = np.asarray(iterations, dtype=np.int64)
     evals = np.asarray(evals, dtype=np.float64)
     have = {int(i): float(v) for i, v in zip(iterations, evals) if v == v}
     start = int(math.floor(EARLY_FRACTION * n_iterations))
     early_its = sorted(i for i in have if i >= start)[:SUMMARY_WINDOW]
     done = max(have) + 1 if have else 0
-    early = float(np.mean([have[i] for i in early_its])) if len(early_its) == SUMMARY_WINDOW or (
-        early_its and done >= n_iterations) else math.nan
+    early = (
+        float(np.mean([have[i] for i in early_its]))
+        if len(early_its) == SUMMARY_WINDOW or (early_its and done >= n_done)
+        else math.nan
+    )
     final_its = sorted(have)[-SUMMARY_WINDOW:]
-    final = float(np.mean([have[i] for i in final_its])) if final_its and done >= n_iterations else math.nan
+    final = float(np.mean([have[i] for i in final_its])) if final_its and done >= n_done else math.nan
     return {"early": early, "final": final, "evaluations": len(have)}

@@ -31,8 +31,20 @@ from .checkpoint import catch_sigterm
 
 REACHER_ALGOS = ("ppo", "w2", "kl", "frob")
 MUJOCO_ALGOS = ("kl", "w2", "frob", "ppo", "ppo-m", "trpo")
-TABLE_COLUMNS = ["env", "method", "seeds", "steps", "early_mean", "early_ci95", "final_mean", "final_ci95",
-                 "kl_mean", "kl_max", "wall_time_min", "steps_per_second"]
+TABLE_COLUMNS = [
+    "env",
+    "method",
+    "seeds",
+    "steps",
+    "early_mean",
+    "early_ci95",
+    "final_mean",
+    "final_ci95",
+    "kl_mean",
+    "kl_max",
+    "wall_time_min",
+    "steps_per_second",
+]
 
 
 def run_name(algo: str, contextual: bool, seed: int, env_id: str | None = None) -> str:
@@ -58,15 +70,18 @@ def _train_one(job: dict) -> str:
             return f"{run_dir.name}: already finished"
     # without a checkpoint (killed before its first) there is nothing to keep: start it over
     try:
-        rows = train(cfg, run_dir, resume=resume, overwrite=not resume, progress=False,
-                     log_tensorboard=job["tensorboard"])
+        rows = train(
+            cfg, run_dir, resume=resume, overwrite=not resume, progress=False, log_tensorboard=job["tensorboard"]
+        )
     except KeyboardInterrupt:
         if job.get("in_worker"):  # stopped by the parent: checkpointed; take no further job
             os._exit(143)
         raise
     last = rows[-1]
-    return (f"{run_dir.name}: {int(last['global_step'])} steps, eval return {last['eval_return_mean']:.2f}, "
-            f"{last['steps_per_second']:.0f} steps/s")
+    return (
+        f"{run_dir.name}: {int(last['global_step'])} steps, eval return {last['eval_return_mean']:.2f}, "
+        f"{last['steps_per_second']:.0f} steps/s"
+    )
 
 
 def _train_batch(job: dict) -> str:
@@ -81,14 +96,24 @@ def _train_batch(job: dict) -> str:
     cfg = TrainConfig.from_dict(job["config"])
     dirs = [Path(d) for d in job["dirs"]]
     try:
-        per_seed = train_seeds(cfg, job["seeds"], dirs[0].parent, overwrite=True, progress=False,
-                               log_tensorboard=job["tensorboard"], dirs=dirs)
+        per_seed = train_seeds(
+            cfg,
+            job["seeds"],
+            dirs[0].parent,
+            overwrite=True,
+            progress=False,
+            log_tensorboard=job["tensorboard"],
+            dirs=dirs,
+        )
     except KeyboardInterrupt:
         if job.get("in_worker"):  # stopped by the parent: every seed checkpointed
             os._exit(143)
         raise
-    return "\n".join(f"{d.name}: {int(rows[-1]['global_step'])} steps, eval return {rows[-1]['eval_return_mean']:.2f}, "
-                     f"{rows[-1]['steps_per_second']:.0f} steps/s (batched)" for d, rows in zip(dirs, per_seed.values()))
+    return "\n".join(
+        f"{d.name}: {int(rows[-1]['global_step'])} steps, eval return {rows[-1]['eval_return_mean']:.2f}, "
+        f"{rows[-1]['steps_per_second']:.0f} steps/s (batched)"
+        for d, rows in zip(dirs, per_seed.values())
+    )
 
 
 def plan_jobs(batch: list[dict], batch_seeds: bool) -> list[dict]:
@@ -119,8 +144,14 @@ def plan_jobs(batch: list[dict], batch_seeds: bool) -> list[dict]:
         if len(jobs) == 1:
             planned.append(jobs[0])
         else:
-            planned.append({"config": jobs[0]["config"], "tensorboard": jobs[0]["tensorboard"],
-                            "seeds": [j["config"]["seed"] for j in jobs], "dirs": [j["dir"] for j in jobs]})
+            planned.append(
+                {
+                    "config": jobs[0]["config"],
+                    "tensorboard": jobs[0]["tensorboard"],
+                    "seeds": [j["config"]["seed"] for j in jobs],
+                    "dirs": [j["dir"] for j in jobs],
+                }
+            )
     return planned
 
 
@@ -175,14 +206,25 @@ def summarize_run(run_dir) -> dict | None:
     cfg, cols = load_run(run_dir)
     if not cols:
         return None
-    n_iterations = -(-int(cfg["total_steps"]) // int(cfg["rollout_steps"]))  # config.planned_iterations
-    summary = run_summary(cols["iteration"], cols["eval_return_mean"], n_iterations)
+    total, rollout = int(cfg["total_steps"]), int(cfg["rollout_steps"])
+    n_iterations = -(-total // rollout)  # config.planned_iterations: the budget rounded up
+    legacy = max(1, total // rollout)  # what runs before 2026-11-29 trained: rounded down
+    summary = run_summary(cols["iteration"], cols["eval_return_mean"], n_iterations, finished_after=legacy)
     wall = float(cols["wall_time"][-1])
     steps = int(cols["global_step"][-1])
-    return {"env": cfg["env_id"], "algo": cfg["algo"], "contextual": bool(cfg.get("contextual_cov")),
-            "seed": cfg["seed"], "steps": steps, "early": summary["early"], "final": summary["final"],
-            "kl_mean": float(np.nanmean(cols["kl_mean"])), "kl_max": float(np.nanmax(cols["kl_max"])),
-            "wall_time": wall, "steps_per_second": steps / wall if wall > 0 else math.nan}
+    return {
+        "env": cfg["env_id"],
+        "algo": cfg["algo"],
+        "contextual": bool(cfg.get("contextual_cov")),
+        "seed": cfg["seed"],
+        "steps": steps,
+        "early": summary["early"],
+        "final": summary["final"],
+        "kl_mean": float(np.nanmean(cols["kl_mean"])),
+        "kl_max": float(np.nanmax(cols["kl_max"])),
+        "wall_time": wall,
+        "steps_per_second": steps / wall if wall > 0 else math.nan,
+    }
 
 
 def method_label(algo: str, contextual: bool, reacher: bool) -> str:
@@ -207,13 +249,23 @@ def summary_table(run_dirs, *, reacher: bool = False) -> list[dict]:
     for (env, method), runs in sorted(groups.items()):
         early, early_half, _ = ci95([r["early"] for r in runs])
         final, final_half, n_final = ci95([r["final"] for r in runs])
-        rows.append({"env": env, "method": method, "seeds": len(runs), "finished": n_final,
-                     "steps": int(np.median([r["steps"] for r in runs])), "early_mean": early, "early_ci95": early_half,
-                     "final_mean": final, "final_ci95": final_half,
-                     "kl_mean": float(np.mean([r["kl_mean"] for r in runs])),
-                     "kl_max": float(np.max([r["kl_max"] for r in runs])),
-                     "wall_time_min": float(np.mean([r["wall_time"] for r in runs])) / 60.0,
-                     "steps_per_second": float(np.mean([r["steps_per_second"] for r in runs]))})
+        rows.append(
+            {
+                "env": env,
+                "method": method,
+                "seeds": len(runs),
+                "finished": n_final,
+                "steps": int(np.median([r["steps"] for r in runs])),
+                "early_mean": early,
+                "early_ci95": early_half,
+                "final_mean": final,
+                "final_ci95": final_half,
+                "kl_mean": float(np.mean([r["kl_mean"] for r in runs])),
+                "kl_max": float(np.max([r["kl_max"] for r in runs])),
+                "wall_time_min": float(np.mean([r["wall_time"] for r in runs])) / 60.0,
+                "steps_per_second": float(np.mean([r["steps_per_second"] for r in runs])),
+            }
+        )
     return rows
 
 
@@ -224,13 +276,18 @@ def _pm(mean: float, half: float) -> str:
 
 
 def table_markdown(rows: list[dict], title: str) -> str:
-    lines = [title, "",
-             "| env | method | seeds (finished) | steps | 20% | final | mean KL | max KL | wall time (min) | steps/s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        title,
+        "",
+        "| env | method | seeds (finished) | steps | 20% | final | mean KL | max KL | wall time (min) | steps/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['env']} | {r['method']} | {r['seeds']} ({r['finished']}) | {r['steps']:,} | "
-                     f"{_pm(r['early_mean'], r['early_ci95'])} | {_pm(r['final_mean'], r['final_ci95'])} | "
-                     f"{r['kl_mean']:.4f} | {r['kl_max']:.4f} | {r['wall_time_min']:.1f} | {r['steps_per_second']:.0f} |")
+        lines.append(
+            f"| {r['env']} | {r['method']} | {r['seeds']} ({r['finished']}) | {r['steps']:,} | "
+            f"{_pm(r['early_mean'], r['early_ci95'])} | {_pm(r['final_mean'], r['final_ci95'])} | "
+            f"{r['kl_mean']:.4f} | {r['kl_max']:.4f} | {r['wall_time_min']:.1f} | {r['steps_per_second']:.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -245,9 +302,11 @@ def write_tables(rows: list[dict], out: Path, stem: str, title: str) -> str:
     return md
 
 
-PROTOCOL = ("mean ± 95% interval over seeds (Student's t) of each run's mean deterministic return over "
-            "5 episodes per evaluation, one evaluation per iteration; \"20%\": the 20 evaluations after 20% of "
-            "training, \"final\": the last 20; KL: per-state KL(new || old) over all iterations")
+PROTOCOL = (
+    "mean ± 95% interval over seeds (Student's t) of each run's mean deterministic return over "
+    '5 episodes per evaluation, one evaluation per iteration; "20%": the 20 evaluations after 20% of '
+    'training, "final": the last 20; KL: per-state KL(new || old) over all iterations'
+)
 
 
 def _check(seeds: int, steps: int, algos, allowed) -> None:
@@ -258,10 +317,19 @@ def _check(seeds: int, steps: int, algos, allowed) -> None:
         raise ValueError(f"seeds and steps must be >= 1, got seeds={seeds}, steps={steps}")
 
 
-def mujoco_experiment(out: str | Path, envs=("Hopper-v5", "HalfCheetah-v5"), algos=("kl", "ppo"), seeds: int = 3,
-                      steps: int = 1_000_000, preset_name: str = "mujoco", device: str = "cpu",
-                      jobs: int | None = None, tensorboard: bool = False, batch_seeds: bool = True,
-                      **overrides) -> str:
+def mujoco_experiment(
+    out: str | Path,
+    envs=("Hopper-v5", "HalfCheetah-v5"),
+    algos=("kl", "ppo"),
+    seeds: int = 3,
+    steps: int = 1_000_000,
+    preset_name: str = "mujoco",
+    device: str = "cpu",
+    jobs: int | None = None,
+    tensorboard: bool = False,
+    batch_seeds: bool = True,
+    **overrides,
+) -> str:
     """The paper's Table 1 protocol (module docstring); returns ``table1.md``'s text.
     ``overrides`` change the preset of every run (any TrainConfig field); ``batch_seeds``:
     the fresh seeds of each env x algorithm train as one batched job (:mod:`.multiseed`)."""
@@ -272,17 +340,24 @@ def mujoco_experiment(out: str | Path, envs=("Hopper-v5", "HalfCheetah-v5"), alg
     if not envs:
         raise ValueError("envs: give at least one environment id")
     # seed-major order: an interrupted experiment has whole seeds of every cell, not one cell
-    configs = [preset(preset_name, a, env_id=e, seed=s, total_steps=steps, device=device, **overrides)
-               for s in range(seeds) for e in envs for a in algos]  # validates before anything runs
+    configs = [
+        preset(preset_name, a, env_id=e, seed=s, total_steps=steps, device=device, **overrides)
+        for s in range(seeds)
+        for e in envs
+        for a in algos
+    ]  # validates before anything runs
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    batch = [{"config": c.to_dict(), "tensorboard": tensorboard,
-              "dir": str(out / run_name(c.algo, False, c.seed, c.env_id))} for c in configs]
+    batch = [
+        {"config": c.to_dict(), "tensorboard": tensorboard, "dir": str(out / run_name(c.algo, False, c.seed, c.env_id))}
+        for c in configs
+    ]
     run_jobs(batch, jobs, batch_seeds)
     for env in envs:
         dirs = [j["dir"] for j in batch if j["config"]["env_id"] == env]
-        for path in plot_runs(dirs, out / f"curves_{env.replace('/', '_').split('-')[0]}.png", figures=("returns",),
-                              exact_path=True):
+        for path in plot_runs(
+            dirs, out / f"curves_{env.replace('/', '_').split('-')[0]}.png", figures=("returns",), exact_path=True
+        ):
             print(f"wrote {path}")
     rows = summary_table([j["dir"] for j in batch])
     md = write_tables(rows, out, "table1", f"Paper Table 1 protocol, {steps:,} env steps per run: {PROTOCOL}.")
@@ -290,9 +365,17 @@ def mujoco_experiment(out: str | Path, envs=("Hopper-v5", "HalfCheetah-v5"), alg
     return md
 
 
-def reacher_experiment(out: str | Path, steps: int = 2_000_000, seeds: int = 3, algos=REACHER_ALGOS,
-                       device: str = "cpu", jobs: int | None = None, tensorboard: bool = False,
-                       batch_seeds: bool = True, **overrides) -> str:
+def reacher_experiment(
+    out: str | Path,
+    steps: int = 2_000_000,
+    seeds: int = 3,
+    algos=REACHER_ALGOS,
+    device: str = "cpu",
+    jobs: int | None = None,
+    tensorboard: bool = False,
+    batch_seeds: bool = True,
+    **overrides,
+) -> str:
     """Figure 2 (right): every algo with a global and a contextual covariance on the sparse
     Reacher (table 4); returns ``results.md``'s text. ``overrides`` change the table-4
     config of every run (e.g. ``num_envs``, ``rollout_steps``, ``normalize_rewards``)."""
@@ -300,12 +383,22 @@ def reacher_experiment(out: str | Path, steps: int = 2_000_000, seeds: int = 3, 
     from .plotting import plot_runs
 
     _check(seeds, steps, algos, REACHER_ALGOS)
-    configs = [preset("reacher", a, contextual_cov=c, seed=s, total_steps=steps, device=device, **overrides)
-               for s in range(seeds) for a in algos for c in (False, True)]
+    configs = [
+        preset("reacher", a, contextual_cov=c, seed=s, total_steps=steps, device=device, **overrides)
+        for s in range(seeds)
+        for a in algos
+        for c in (False, True)
+    ]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    batch = [{"config": c.to_dict(), "tensorboard": tensorboard,
-              "dir": str(out / run_name(c.algo, c.contextual_cov, c.seed))} for c in configs]
+    batch = [
+        {
+            "config": c.to_dict(),
+            "tensorboard": tensorboard,
+            "dir": str(out / run_name(c.algo, c.contextual_cov, c.seed)),
+        }
+        for c in configs
+    ]
     run_jobs(batch, jobs, batch_seeds)
     dirs = [job["dir"] for job in batch]
     for path in plot_runs(dirs, out / "figure2_right.png"):
@@ -318,5 +411,6 @@ def reacher_experiment(out: str | Path, steps: int = 2_000_000, seeds: int = 3, 
 def reacher_table(run_dirs, out: str | Path, steps: int) -> str:
     """``results.md`` / ``results.csv`` of the Reacher experiment from its run directories."""
     rows = summary_table(run_dirs, reacher=True)
-    return write_tables(rows, Path(out), "results", f"Figure 2 (right), sparse 5-link Reacher, {steps:,} env steps "
-                        f"per run: {PROTOCOL}.")
+    return write_tables(
+        rows, Path(out), "results", f"Figure 2 (right), sparse 5-link Reacher, {steps:,} env steps per run: {PROTOCOL}."
+    )

@@ -24,8 +24,9 @@ def surrogate_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, weight: T
     return -weighted_mean(importance_ratio(logp, logp_old) * advantages, weight)
 
 
-def ppo_clip_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, clip: float,
-                  weight: Tensor | None = None) -> Tensor:
+def ppo_clip_loss(
+    logp: Tensor, logp_old: Tensor, advantages: Tensor, clip: float, weight: Tensor | None = None
+) -> Tensor:
     """PPO's clipped surrogate ``-mean(min(ratio A, clip(ratio, 1 - eps, 1 + eps) A))``."""
     if not clip > 0:
         raise ValueError(f"clip must be > 0, got {clip}")
@@ -33,8 +34,13 @@ def ppo_clip_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, clip: floa
     return -weighted_mean(torch.minimum(ratio * advantages, ratio.clamp(1.0 - clip, 1.0 + clip) * advantages), weight)
 
 
-def value_loss(values: Tensor, returns: Tensor, old_values: Tensor | None = None,
-               clip: float | None = None, weight: Tensor | None = None) -> Tensor:
+def value_loss(
+    values: Tensor,
+    returns: Tensor,
+    old_values: Tensor | None = None,
+    clip: float | None = None,
+    weight: Tensor | None = None,
+) -> Tensor:
     """``0.5 mean((V - R)^2)``; with ``clip`` PPO's clipped variant
     ``0.5 mean(max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2))``."""
     unclipped = (values - returns) ** 2

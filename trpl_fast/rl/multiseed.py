@@ -90,18 +90,23 @@ def check_batchable(cfg: TrainConfig, seeds) -> list[int]:
         raise ValueError(f"--seeds: seeds must be integers, got {seeds}")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds: each seed at most once, got {seeds}")
-    if any(not 0 <= s < 2 ** 28 for s in seeds):  # evaluation seeds live above 2^28 (evaluation.py)
+    if any(not 0 <= s < 2**28 for s in seeds):  # evaluation seeds live above 2^28 (evaluation.py)
         raise ValueError(f"--seeds: seeds must be in [0, 2^28), got {seeds}")
     if cfg.algo not in BATCHED_ALGOS:
-        raise ValueError(f"--seeds: algo {cfg.algo!r} is not supported batched (supported: {', '.join(BATCHED_ALGOS)}); "
-                         "train its seeds one by one (--seed) or with `trpl-fast experiment`")
+        raise ValueError(
+            f"--seeds: algo {cfg.algo!r} is not supported batched (supported: {', '.join(BATCHED_ALGOS)}); "
+            "train its seeds one by one (--seed) or with `trpl-fast experiment`"
+        )
     if cfg.cov_form != "diag":
-        raise ValueError("--seeds: cov_form 'full' is not supported batched (diagonal covariances only); train its "
-                         "seeds one by one (--seed) or with `trpl-fast experiment`")
+        raise ValueError(
+            "--seeds: cov_form 'full' is not supported batched (diagonal covariances only); train its "
+            "seeds one by one (--seed) or with `trpl-fast experiment`"
+        )
     return seeds
 
 
 # -- stacked networks ---------------------------------------------------------------------
+
 
 class StackedLinear(nn.Module):
     """S linear layers applied to S batches at once: ``(S, B, in) -> (S, B, out)``.
@@ -171,8 +176,10 @@ class StackedPolicy(_SeedSlices, GaussianPolicy):
     def _raw_cov(self, features: Tensor) -> tuple[Tensor, Tensor]:
         if self.cov_type == "global":
             shape = features.shape[:-1]  # (S, B)
-            return (self.cov_diag.unsqueeze(1).expand(*shape, self.n_diag),
-                    self.cov_off.unsqueeze(1).expand(*shape, self.n_off))
+            return (
+                self.cov_diag.unsqueeze(1).expand(*shape, self.n_diag),
+                self.cov_off.unsqueeze(1).expand(*shape, self.n_off),
+            )
         return super()._raw_cov(features)
 
 
@@ -196,8 +203,10 @@ _PER_ELEMENT = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 def seed_optimizer_state(sd: dict, k: int) -> dict:
     """Seed k's part of the state dict ``sd`` of an Adam over stacked parameters, in the
     format of a single run's Adam (its moments sliced; the step count is shared)."""
-    state = {i: {name: (v[k].clone() if name in _PER_ELEMENT else v.clone()) for name, v in s.items()}
-             for i, s in sd["state"].items()}
+    state = {
+        i: {name: (v[k].clone() if name in _PER_ELEMENT else v.clone()) for name, v in s.items()}
+        for i, s in sd["state"].items()
+    }
     return {"state": state, "param_groups": copy.deepcopy(sd["param_groups"])}
 
 
@@ -208,8 +217,10 @@ def load_seed_optimizer_states(opt: torch.optim.Optimizer, states: list[dict]) -
     first = states[0]
     stacked = {}
     for i, s in first["state"].items():
-        stacked[i] = {name: (torch.stack([st["state"][i][name] for st in states]) if name in _PER_ELEMENT else v.clone())
-                      for name, v in s.items()}
+        stacked[i] = {
+            name: (torch.stack([st["state"][i][name] for st in states]) if name in _PER_ELEMENT else v.clone())
+            for name, v in s.items()
+        }
     lr_like = [g["lr"] for g in opt.param_groups]
     opt.load_state_dict({"state": stacked, "param_groups": copy.deepcopy(first["param_groups"])})
     for g, lr in zip(opt.param_groups, lr_like):  # keep a tensor lr a tensor (compiled steps)
@@ -256,6 +267,7 @@ class _SeedSchedules:
 
 # -- collection ---------------------------------------------------------------------------
 
+
 class StackedRewardNormalizer(RewardNormalizer):
     """:class:`RewardNormalizer` per seed: rewards and done flags (S, N)."""
 
@@ -273,8 +285,10 @@ class StackedRewardNormalizer(RewardNormalizer):
 
     def seed_state_dict(self, k: int) -> dict:
         s = self.stats
-        return {"stats": {"mean": s.mean[k].clone(), "var": s.var[k].clone(), "count": s.count.clone()},
-                "ret": self.ret[k].clone()}
+        return {
+            "stats": {"mean": s.mean[k].clone(), "var": s.var[k].clone(), "count": s.count.clone()},
+            "ret": self.ret[k].clone(),
+        }
 
     def load_seed_state_dicts(self, states: list[dict]) -> None:
         self.stats.mean = torch.stack([s["stats"]["mean"] for s in states]).to(torch.float64)
@@ -387,8 +401,15 @@ class StackedCollector:
     """:class:`~trpl_fast.rl.rollout.Collector` for S seeds in lockstep (:class:`SeedEnvs`);
     buffers (T, S, N, ...)."""
 
-    def __init__(self, envs: SeedEnvs, *, obs_norm=None, rew_norm=None, clip_actions: bool = False,
-                 time_limit_terminal: bool = False):
+    def __init__(
+        self,
+        envs: SeedEnvs,
+        *,
+        obs_norm=None,
+        rew_norm=None,
+        clip_actions: bool = False,
+        time_limit_terminal: bool = False,
+    ):
         self.envs, self.obs_norm, self.rew_norm = envs, obs_norm, rew_norm
         self.clip_actions, self.time_limit_terminal = clip_actions, time_limit_terminal
         S, N = envs.num_seeds, envs.num_envs
@@ -400,10 +421,15 @@ class StackedCollector:
     def collect(self, actor: StackedActor, steps_per_env: int) -> Rollout:
         T, S, N = steps_per_env, self.envs.num_seeds, self.envs.num_envs
         obs_dim, act_dim = self.envs.obs_dim, self.envs.act_dim
-        buf = Rollout(obs=torch.zeros(T, S, N, obs_dim), next_obs=torch.zeros(T, S, N, obs_dim),
-                      actions=torch.zeros(T, S, N, act_dim), rewards=torch.zeros(T, S, N),
-                      terminated=torch.zeros(T, S, N, dtype=torch.bool),
-                      truncated=torch.zeros(T, S, N, dtype=torch.bool), valid=torch.zeros(T, S, N, dtype=torch.bool))
+        buf = Rollout(
+            obs=torch.zeros(T, S, N, obs_dim),
+            next_obs=torch.zeros(T, S, N, obs_dim),
+            actions=torch.zeros(T, S, N, act_dim),
+            rewards=torch.zeros(T, S, N),
+            terminated=torch.zeros(T, S, N, dtype=torch.bool),
+            truncated=torch.zeros(T, S, N, dtype=torch.bool),
+            valid=torch.zeros(T, S, N, dtype=torch.bool),
+        )
         norm = self.obs_norm
         for t in range(T):
             x = torch.as_tensor(self.raw_obs, dtype=torch.float32)
@@ -434,8 +460,12 @@ class StackedCollector:
 
     def seed_loop_state(self, k: int) -> dict:
         """Seed k's part, in :meth:`Collector.loop_state`'s format."""
-        return {"raw_obs": self.raw_obs[k].copy(), "prev_done": self.prev_done[k].copy(),
-                "episode_return": self.episode_return[k].copy(), "finished_returns": list(self.finished_returns[k])}
+        return {
+            "raw_obs": self.raw_obs[k].copy(),
+            "prev_done": self.prev_done[k].copy(),
+            "episode_return": self.episode_return[k].copy(),
+            "finished_returns": list(self.finished_returns[k]),
+        }
 
     def load_seed_loop_states(self, loops: list[dict], restore_episodes: bool) -> None:
         self.finished_returns = [list(loop["finished_returns"]) for loop in loops]
@@ -447,6 +477,7 @@ class StackedCollector:
 
 # -- advantages, updates, metrics -----------------------------------------------------------
 
+
 def _by_seed(x: Tensor) -> Tensor:
     """(T, S, N, ...) -> (S, T * N, ...): each seed's rows in a single run's order (t * N + n)."""
     T, S, N = x.shape[:3]
@@ -456,28 +487,43 @@ def _by_seed(x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def stacked_advantages(rollout: Rollout, policy: StackedPolicy, value: StackedValue, cfg: TrainConfig,
-                       device) -> Batch:
+def stacked_advantages(rollout: Rollout, policy: StackedPolicy, value: StackedValue, cfg: TrainConfig, device) -> Batch:
     """:func:`~trpl_fast.rl.train.compute_advantages` per seed: a :class:`Batch` whose
     tensors are (S, T * N, ...)."""
     T, S, N = rollout.rewards.shape
     obs = _by_seed(rollout.obs).to(device)
     values = value(obs).cpu().reshape(S, T, N).transpose(0, 1)  # (T, S, N)
     next_values = value(_by_seed(rollout.next_obs).to(device)).cpu().reshape(S, T, N).transpose(0, 1)
+
     def flat(x):  # GAE runs down each column: one per seed's env
         return x.reshape(T, S * N)
 
-    adv, returns = gae(flat(rollout.rewards), flat(values), flat(next_values), flat(rollout.terminated),
-                       flat(rollout.truncated), cfg.gamma, cfg.gae_lambda)
+    adv, returns = gae(
+        flat(rollout.rewards),
+        flat(values),
+        flat(next_values),
+        flat(rollout.terminated),
+        flat(rollout.truncated),
+        cfg.gamma,
+        cfg.gae_lambda,
+    )
     adv, returns = _by_seed(adv.reshape(T, S, N)).to(device), _by_seed(returns.reshape(T, S, N)).to(device)
     actions = _by_seed(rollout.actions).to(device)
     weight = _by_seed(rollout.valid).to(device=device, dtype=torch.float32)
     if cfg.advantage_normalization == "batch":
         adv = normalize_per_seed(adv, weight)
     old_mean, old_cov = policy(obs)
-    return Batch(obs=obs, actions=actions, advantages=adv, returns=returns,
-                 values=_by_seed(values).to(device), weight=weight, old_mean=old_mean, old_cov=old_cov,
-                 old_logp=policy.log_prob(old_mean, old_cov, actions))
+    return Batch(
+        obs=obs,
+        actions=actions,
+        advantages=adv,
+        returns=returns,
+        values=_by_seed(values).to(device),
+        weight=weight,
+        old_mean=old_mean,
+        old_cov=old_cov,
+        old_logp=policy.log_prob(old_mean, old_cov, actions),
+    )
 
 
 def seed_minibatches(n: int, size: int, gens: list[torch.Generator], device):
@@ -486,7 +532,7 @@ def seed_minibatches(n: int, size: int, gens: list[torch.Generator], device):
     perm = torch.stack([torch.randperm(n, generator=g) for g in gens])
     perm = (perm + n * torch.arange(len(gens)).unsqueeze(1)).to(device)
     for start in range(0, n, size):
-        yield perm[:, start:start + size].reshape(-1)
+        yield perm[:, start : start + size].reshape(-1)
 
 
 def _finite_seed_losses(losses: list[Tensor], name: str, iteration: int, seeds: list[int]) -> list[list[float]]:
@@ -498,8 +544,9 @@ def _finite_seed_losses(losses: list[Tensor], name: str, iteration: int, seeds: 
     for k, per_seed in enumerate(values):
         for i, v in enumerate(per_seed):
             if not math.isfinite(v):
-                raise TrainingDiverged(f"seed {seeds[k]}: {name} loss is {v} at iteration {iteration} "
-                                       f"(minibatch step {i} of the epoch)")
+                raise TrainingDiverged(
+                    f"seed {seeds[k]}: {name} loss is {v} at iteration {iteration} (minibatch step {i} of the epoch)"
+                )
     return values
 
 
@@ -507,8 +554,17 @@ class StackedUpdater:
     """The policy's and value function's minibatch steps for all seeds at once: per-seed
     losses (S,), summed for one ``backward``; eager or compiled whole (``compile``)."""
 
-    def __init__(self, cfg: TrainConfig, seeds: list[int], policy: StackedPolicy, value: StackedValue, opt_pi, opt_vf,
-                 layer: TrustRegionProjection | None, compile: bool = False):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        seeds: list[int],
+        policy: StackedPolicy,
+        value: StackedValue,
+        opt_pi,
+        opt_vf,
+        layer: TrustRegionProjection | None,
+        compile: bool = False,
+    ):
         self.cfg, self.seeds, self.policy, self.value = cfg, seeds, policy, value
         self.opt_pi, self.opt_vf, self.layer = opt_pi, opt_vf, layer
         self.policy_step, self.value_step = self._policy_step, self._value_step
@@ -526,7 +582,8 @@ class StackedUpdater:
             mean_t, cov_t = self.layer(mean, cov, old_mean, old_cov, step=step) if cfg.projection else (mean, cov)
             ratio = importance_ratio(policy.log_prob(mean_t, cov_t, actions), old_logp)
             return -seed_mean(ratio * adv, weight) + self.layer.regression_weight * seed_mean(
-                self.layer.regression_distance(mean, cov, mean_t, cov_t), weight)
+                self.layer.regression_distance(mean, cov, mean_t, cov_t), weight
+            )
         ratio = importance_ratio(policy.log_prob(mean, cov, actions), old_logp)
         clipped = ratio.clamp(1.0 - cfg.ratio_clip, 1.0 + cfg.ratio_clip)
         return -seed_mean(torch.minimum(ratio * adv, clipped * adv), weight)
@@ -547,8 +604,9 @@ class StackedUpdater:
         return losses.detach()
 
     def _policy_step(self, obs, actions, adv, weight, old_mean, old_cov, old_logp, step) -> Tensor:
-        return self._step(self.policy_losses(obs, actions, adv, weight, old_mean, old_cov, old_logp, step),
-                          self.policy, self.opt_pi)
+        return self._step(
+            self.policy_losses(obs, actions, adv, weight, old_mean, old_cov, old_logp, step), self.policy, self.opt_pi
+        )
 
     def _value_step(self, obs, returns, old_values, weight) -> Tensor:
         return self._step(self.value_losses(obs, returns, old_values, weight), self.value, self.opt_vf)
@@ -571,8 +629,10 @@ class StackedUpdater:
         losses = [[] for _ in self.seeds]
         S, n = b.obs.shape[:2]
         for _ in range(cfg.epochs):
-            epoch = [self.policy_step(*self._rows(flat, S, idx), step)
-                     for idx in seed_minibatches(n, cfg.minibatch_size, gens, b.obs.device)]
+            epoch = [
+                self.policy_step(*self._rows(flat, S, idx), step)
+                for idx in seed_minibatches(n, cfg.minibatch_size, gens, b.obs.device)
+            ]
             for k, v in enumerate(_finite_seed_losses(epoch, "policy", iteration, self.seeds)):
                 losses[k] += v
         return losses
@@ -582,16 +642,19 @@ class StackedUpdater:
         losses = [[] for _ in self.seeds]
         S, n = b.obs.shape[:2]
         for _ in range(self.cfg.epochs_vf):
-            epoch = [self.value_step(*self._rows(flat, S, idx))
-                     for idx in seed_minibatches(n, self.cfg.minibatch_size, gens, b.obs.device)]
+            epoch = [
+                self.value_step(*self._rows(flat, S, idx))
+                for idx in seed_minibatches(n, self.cfg.minibatch_size, gens, b.obs.device)
+            ]
             for k, v in enumerate(_finite_seed_losses(epoch, "value", iteration, self.seeds)):
                 losses[k] += v
         return losses
 
 
 @torch.no_grad()
-def stacked_policy_metrics(policy: StackedPolicy, layer: TrustRegionProjection | None, b: Batch, cfg: TrainConfig,
-                           global_step: int) -> list[dict]:
+def stacked_policy_metrics(
+    policy: StackedPolicy, layer: TrustRegionProjection | None, b: Batch, cfg: TrainConfig, global_step: int
+) -> list[dict]:
     """:func:`~trpl_fast.rl.train.policy_metrics` per seed (over each seed's valid states);
     copies each seed's projected global covariance into its policy."""
     mean, cov = policy(b.obs)
@@ -601,8 +664,14 @@ def stacked_policy_metrics(policy: StackedPolicy, layer: TrustRegionProjection |
         for k in range(S):
             v = b.valid[k]
             kl = policy.kl(mean[k][v], cov[k][v], b.old_mean[k][v], b.old_cov[k][v])
-            out.append({"kl_mean": kl.mean().item(), "kl_max": kl.max().item(),
-                        "entropy_mean": policy.entropy(cov[k][v]).mean().item(), "fraction_projected": 0.0})
+            out.append(
+                {
+                    "kl_mean": kl.mean().item(),
+                    "kl_max": kl.max().item(),
+                    "entropy_mean": policy.entropy(cov[k][v]).mean().item(),
+                    "fraction_projected": 0.0,
+                }
+            )
         return out
     # one projection of all seeds (the entropy schedules are per seed), metrics per seed
     new_mean, new_cov = layer(mean, cov, b.old_mean, b.old_cov, step=global_step)
@@ -610,8 +679,17 @@ def stacked_policy_metrics(policy: StackedPolicy, layer: TrustRegionProjection |
     out = []
     for k in range(S):
         v = b.valid[k]
-        out.append(layer.metrics(new_mean[k][v], new_cov[k][v], b.old_mean[k][v], b.old_cov[k][v], mean[k][v],
-                                 cov[k][v], converged=None if converged is None else converged[k][v]))
+        out.append(
+            layer.metrics(
+                new_mean[k][v],
+                new_cov[k][v],
+                b.old_mean[k][v],
+                b.old_cov[k][v],
+                mean[k][v],
+                cov[k][v],
+                converged=None if converged is None else converged[k][v],
+            )
+        )
     if not cfg.contextual_cov:
         first = b.valid.to(torch.int8).argmax(1)  # each seed's first valid state (all states share the cov)
         policy.set_global_cov(new_cov[torch.arange(S, device=new_cov.device), first])
@@ -619,6 +697,7 @@ def stacked_policy_metrics(policy: StackedPolicy, layer: TrustRegionProjection |
 
 
 # -- evaluation -----------------------------------------------------------------------------
+
 
 class StackedEvaluator:
     """One :class:`Evaluator` per seed (its own environments and seed stream), stepped in
@@ -629,14 +708,24 @@ class StackedEvaluator:
         self.evaluators = []
         try:
             for s in seeds:
-                self.evaluators.append(Evaluator(cfg.env_id, cfg.eval_episodes, s, backend=cfg.env_backend,
-                                                 clip_actions=cfg.clip_actions, first_iteration=first_iteration))
+                self.evaluators.append(
+                    Evaluator(
+                        cfg.env_id,
+                        cfg.eval_episodes,
+                        s,
+                        backend=cfg.env_backend,
+                        clip_actions=cfg.clip_actions,
+                        first_iteration=first_iteration,
+                    )
+                )
         except BaseException:
             self.close()
             raise
 
     @torch.no_grad()
-    def __call__(self, policy: StackedPolicy, obs_norm: StackedObservationNormalizer | None, iteration: int) -> list[float]:
+    def __call__(
+        self, policy: StackedPolicy, obs_norm: StackedObservationNormalizer | None, iteration: int
+    ) -> list[float]:
         evs, device = self.evaluators, next(policy.parameters()).device
         E = evs[0].episodes
         for ev in evs:
@@ -673,14 +762,24 @@ class StackedEvaluator:
 
 # -- the loop -------------------------------------------------------------------------------
 
+
 def _seed_configs(cfg: TrainConfig, seeds: list[int]) -> list[TrainConfig]:
     import dataclasses
 
     return [dataclasses.replace(cfg, seed=s) for s in seeds]
 
 
-def train_seeds(cfg: TrainConfig, seeds, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
-                progress: bool = True, log_tensorboard: bool = True, dirs=None) -> dict[int, list[dict]]:
+def train_seeds(
+    cfg: TrainConfig,
+    seeds,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    log_tensorboard: bool = True,
+    dirs=None,
+) -> dict[int, list[dict]]:
     """Train ``cfg`` for every seed of ``seeds`` as one batched job into ``out_dir/seed<k>/``
     (each a single run's directory; ``cfg.seed`` is ignored), or into ``dirs`` (one per
     seed, e.g. the experiment runner's ``<env>_<algo>_s<seed>``). Returns the logged rows per
@@ -706,20 +805,26 @@ def train_seeds(cfg: TrainConfig, seeds, out_dir: str | Path, *, resume: bool = 
         for c, d in zip(cfgs, dirs):
             if not (d / "checkpoint.pt").exists():
                 what = "the run stopped before its first checkpoint" if run_files(d) else "no such run"
-                raise ValueError(f"no checkpoint at {d / 'checkpoint.pt'} ({what}); start the batch over with --overwrite")
+                raise ValueError(
+                    f"no checkpoint at {d / 'checkpoint.pt'} ({what}); start the batch over with --overwrite"
+                )
             state = read_checkpoint(d)
             check_resume_config(state["config"], c)
             check_resumable(state, d / "checkpoint.pt")
             saved.append(state)
         its = {s: st["iteration"] for s, st in zip(seeds, saved)}
         if len(set(its.values())) > 1:
-            raise ValueError(f"the seeds' checkpoints are at different iterations ({its}; a kill while they were "
-                             f"being written); resume them one by one: trpl-fast train --resume {dirs[0]}")
+            raise ValueError(
+                f"the seeds' checkpoints are at different iterations ({its}; a kill while they were "
+                f"being written); resume them one by one: trpl-fast train --resume {dirs[0]}"
+            )
     else:
         held = [str(d) for d in dirs if run_files(d)]
         if held and not overwrite:
-            raise ValueError(f"{', '.join(held)} already hold runs; resume the batch (--resume {out_dir}), start it "
-                             "over (--overwrite) or choose another --out")
+            raise ValueError(
+                f"{', '.join(held)} already hold runs; resume the batch (--resume {out_dir}), start it "
+                "over (--overwrite) or choose another --out"
+            )
     S = len(seeds)
 
     # -- per seed: what a single run creates right after torch.manual_seed(seed) ------------
@@ -759,23 +864,44 @@ def train_seeds(cfg: TrainConfig, seeds, out_dir: str | Path, *, resume: bool = 
     opt_pi = torch.optim.Adam(policy.parameters(), lr=lr_of(cfg.lr), eps=1e-5, fused=True)
     opt_vf = torch.optim.Adam(value.parameters(), lr=lr_of(cfg.lr_vf), eps=1e-5, fused=True)
     obs_norm = StackedObservationNormalizer(S, obs_dim, clip=cfg.obs_clip) if cfg.normalize_obs else None
-    rew_norm = StackedRewardNormalizer(S, cfg.num_envs, cfg.gamma, clip=cfg.reward_clip) if cfg.normalize_rewards else None
+    rew_norm = (
+        StackedRewardNormalizer(S, cfg.num_envs, cfg.gamma, clip=cfg.reward_clip) if cfg.normalize_rewards else None
+    )
     if saved:
         h0s = [st["entropy_h0"] for st in saved]
     layer = None
     if cfg.algo in PROJECTIONS:
         schedule = None
         if cfg.entropy_control is not None:
-            schedule = _SeedSchedules([EntropySchedule(kappa=cfg.target_entropy, total_steps=cfg.total_steps,
-                                                       initial_entropy=h, tau=cfg.temperature) for h in h0s], device)
-        layer = TrustRegionProjection(cfg.algo, cfg.mean_bound, cfg.cov_bound, cfg.cov_form,
-                                      entropy_control=cfg.entropy_control, entropy_schedule=schedule,
-                                      contextual_cov=cfg.contextual_cov,
-                                      regression_weight=cfg.regression_weight, check_values=False)
+            schedule = _SeedSchedules(
+                [
+                    EntropySchedule(
+                        kappa=cfg.target_entropy, total_steps=cfg.total_steps, initial_entropy=h, tau=cfg.temperature
+                    )
+                    for h in h0s
+                ],
+                device,
+            )
+        layer = TrustRegionProjection(
+            cfg.algo,
+            cfg.mean_bound,
+            cfg.cov_bound,
+            cfg.cov_form,
+            entropy_control=cfg.entropy_control,
+            entropy_schedule=schedule,
+            contextual_cov=cfg.contextual_cov,
+            regression_weight=cfg.regression_weight,
+            check_values=False,
+        )
 
     def new_collector():
-        return StackedCollector(envs, obs_norm=obs_norm, rew_norm=rew_norm, clip_actions=cfg.clip_actions,
-                                time_limit_terminal=cfg.time_limit_terminal)
+        return StackedCollector(
+            envs,
+            obs_norm=obs_norm,
+            rew_norm=rew_norm,
+            clip_actions=cfg.clip_actions,
+            time_limit_terminal=cfg.time_limit_terminal,
+        )
 
     collector = new_collector()
     start_iteration, global_step, wall_offset = 0, 0, 0.0
@@ -799,9 +925,11 @@ def train_seeds(cfg: TrainConfig, seeds, out_dir: str | Path, *, resume: bool = 
             for k, st in enumerate(saved):
                 envs.set_state(k, st["envs"])
         else:
-            warnings.warn(f"the {envs.backend} backend cannot restore its environments: the episodes that were "
-                          "open at the checkpoint restart (use env_backend='gymnasium' for an exact resume)",
-                          stacklevel=2)
+            warnings.warn(
+                f"the {envs.backend} backend cannot restore its environments: the episodes that were "
+                "open at the checkpoint restart (use env_backend='gymnasium' for an exact resume)",
+                stacklevel=2,
+            )
             envs.close()
             envs = SeedEnvs(cfgs, seed_offset=global_step)  # as a single run reseeds: seed + global_step
             collector = new_collector()
@@ -815,16 +943,27 @@ def train_seeds(cfg: TrainConfig, seeds, out_dir: str | Path, *, resume: bool = 
         pi_sd, vf_sd = opt_pi.state_dict(), opt_vf.state_dict()
         out = []
         for k, c in enumerate(cfgs):
-            out.append({"format": CHECKPOINT_FORMAT, "config": c.to_dict(), "iteration": iterations_done,
-                        "global_step": global_step, "interrupted": False,
-                        "policy": policy.seed_state_dict(k), "value": value.seed_state_dict(k),
-                        "opt_pi": seed_optimizer_state(pi_sd, k), "opt_vf": seed_optimizer_state(vf_sd, k),
-                        "obs_norm": obs_norm.seed_state_dict(k) if obs_norm else None,
-                        "rew_norm": rew_norm.seed_state_dict(k) if rew_norm else None, "entropy_h0": h0s[k],
-                        "torch_rng": sample_gens[k].get_state(), "gen_rng": perm_gens[k].get_state(),
-                        "numpy_rng": np_states[k],
-                        "loop": {**collector.seed_loop_state(k), "wall_time": wall},
-                        "envs": envs.get_state(k)})
+            out.append(
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "config": c.to_dict(),
+                    "iteration": iterations_done,
+                    "global_step": global_step,
+                    "interrupted": False,
+                    "policy": policy.seed_state_dict(k),
+                    "value": value.seed_state_dict(k),
+                    "opt_pi": seed_optimizer_state(pi_sd, k),
+                    "opt_vf": seed_optimizer_state(vf_sd, k),
+                    "obs_norm": obs_norm.seed_state_dict(k) if obs_norm else None,
+                    "rew_norm": rew_norm.seed_state_dict(k) if rew_norm else None,
+                    "entropy_h0": h0s[k],
+                    "torch_rng": sample_gens[k].get_state(),
+                    "gen_rng": perm_gens[k].get_state(),
+                    "numpy_rng": np_states[k],
+                    "loop": {**collector.seed_loop_state(k), "wall_time": wall},
+                    "envs": envs.get_state(k),
+                }
+            )
         return out
 
     def save_all(states: list[dict], interrupted: bool = False) -> None:
@@ -835,10 +974,17 @@ def train_seeds(cfg: TrainConfig, seeds, out_dir: str | Path, *, resume: bool = 
     logs, evaluator = [], None
     try:
         for k, d in enumerate(dirs):
-            logs.append(RunLog(d, read_progress(d / "progress.csv", start_iteration) if saved else [],
-                               total=n_iterations * cfg.rollout_steps * S, done=start_iteration * cfg.rollout_steps * S,
-                               tensorboard=log_tensorboard, progress=progress and k == 0,
-                               purge_step=global_step + 1 if saved else None))
+            logs.append(
+                RunLog(
+                    d,
+                    read_progress(d / "progress.csv", start_iteration) if saved else [],
+                    total=n_iterations * cfg.rollout_steps * S,
+                    done=start_iteration * cfg.rollout_steps * S,
+                    tensorboard=log_tensorboard,
+                    progress=progress and k == 0,
+                    purge_step=global_step + 1 if saved else None,
+                )
+            )
         if cfg.eval_episodes > 0:
             evaluator = StackedEvaluator(cfg, seeds, start_iteration)
     except BaseException:
@@ -876,19 +1022,30 @@ def train_seeds(cfg: TrainConfig, seeds, out_dir: str | Path, *, resume: bool = 
                 recent = collector.finished_returns[k][-20:]
                 # steps_per_second: each seed's own rate (its steps over the batch's time),
                 # comparable with a single run's; the batch trains S times as many
-                row = {"iteration": iteration, "global_step": global_step,
-                       "train_return_mean": float(np.mean(recent)) if recent else math.nan,
-                       "eval_return_mean": evals[k], "episodes": len(collector.finished_returns[k]),
-                       "policy_loss": float(np.mean(pi_losses[k])), "value_loss": float(np.mean(vf_losses[k])),
-                       "steps_per_second": cfg.rollout_steps / elapsed,
-                       "wall_time": wall_offset + time.perf_counter() - t_start,
-                       "time_collect": t_collect, "time_advantages": t_advantages, "time_policy": t_policy,
-                       "time_value": t_value, "time_eval": t_eval}
+                row = {
+                    "iteration": iteration,
+                    "global_step": global_step,
+                    "train_return_mean": float(np.mean(recent)) if recent else math.nan,
+                    "eval_return_mean": evals[k],
+                    "episodes": len(collector.finished_returns[k]),
+                    "policy_loss": float(np.mean(pi_losses[k])),
+                    "value_loss": float(np.mean(vf_losses[k])),
+                    "steps_per_second": cfg.rollout_steps / elapsed,
+                    "wall_time": wall_offset + time.perf_counter() - t_start,
+                    "time_collect": t_collect,
+                    "time_advantages": t_advantages,
+                    "time_policy": t_policy,
+                    "time_value": t_value,
+                    "time_eval": t_eval,
+                }
                 row.update({c: metrics[k].get(c, math.nan) for c in CSV_COLUMNS if c in metrics[k]})
                 log.write(row, cfg.rollout_steps * S if k == 0 else cfg.rollout_steps)
             last_good = snapshot(iteration + 1)
-            if (last or (iteration + 1) % cfg.checkpoint_every == 0
-                    or time.perf_counter() - last_saved >= cfg.checkpoint_seconds):
+            if (
+                last
+                or (iteration + 1) % cfg.checkpoint_every == 0
+                or time.perf_counter() - last_saved >= cfg.checkpoint_seconds
+            ):
                 save_all(last_good)
                 last_saved = time.perf_counter()
     except KeyboardInterrupt:

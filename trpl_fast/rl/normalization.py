@@ -18,12 +18,14 @@ class RunningMeanStd:
     def update(self, batch: Tensor) -> None:
         batch = batch.detach().to(torch.float64).cpu()
         if batch.shape[1:] != self.mean.shape:
-            raise ValueError(f"batch of shape {tuple(batch.shape)} does not match statistics of shape {tuple(self.mean.shape)}")
+            raise ValueError(
+                f"batch of shape {tuple(batch.shape)} does not match statistics of shape {tuple(self.mean.shape)}"
+            )
         b_mean, b_var, b_count = batch.mean(0), batch.var(0, unbiased=False), batch.shape[0]
         delta = b_mean - self.mean
         total = self.count + b_count
         self.mean = self.mean + delta * b_count / total
-        m2 = self.var * self.count + b_var * b_count + delta ** 2 * self.count * b_count / total
+        m2 = self.var * self.count + b_var * b_count + delta**2 * self.count * b_count / total
         self.var = m2 / total
         self.count = total
 
@@ -32,7 +34,9 @@ class RunningMeanStd:
 
     def load_state_dict(self, state: dict) -> None:
         if tuple(state["mean"].shape) != tuple(self.mean.shape):
-            raise ValueError(f"statistics of shape {tuple(state['mean'].shape)} cannot be loaded into {tuple(self.mean.shape)}")
+            raise ValueError(
+                f"statistics of shape {tuple(state['mean'].shape)} cannot be loaded into {tuple(self.mean.shape)}"
+            )
         self.mean, self.var, self.count = (state[k].clone().to(torch.float64) for k in ("mean", "var", "count"))
 
 
@@ -82,7 +86,9 @@ class RewardNormalizer:
 
     def load_state_dict(self, state: dict) -> None:
         if tuple(state["ret"].shape) != tuple(self.ret.shape):
-            raise ValueError(f"reward normalizer for {state['ret'].shape[0]} environments cannot be loaded "
-                             f"into one for {self.ret.shape[0]}")
+            raise ValueError(
+                f"reward normalizer for {state['ret'].shape[0]} environments cannot be loaded "
+                f"into one for {self.ret.shape[0]}"
+            )
         self.stats.load_state_dict(state["stats"])
         self.ret = state["ret"].clone().to(torch.float64)

@@ -26,8 +26,11 @@ def load_run(run_dir: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     try:
         with open(csv_path, newline="") as f:
             rows = list(csv.DictReader(f))
-        cols = {k: np.array([float(r[k]) if r[k] not in ("", "nan") else math.nan for r in rows])
-                for k in rows[0]} if rows else {}
+        cols = (
+            {k: np.array([float(r[k]) if r[k] not in ("", "nan") else math.nan for r in rows]) for k in rows[0]}
+            if rows
+            else {}
+        )
     except (ValueError, TypeError, KeyError, csv.Error) as exc:  # a short row reads as None
         raise ValueError(f"{csv_path} cannot be read ({exc})") from exc
     if cols and "global_step" not in cols:
@@ -37,9 +40,33 @@ def load_run(run_dir: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
 
 # two-sided 95% quantiles of Student's t by degrees of freedom (seeds - 1); beyond the
 # table the normal 1.96 is within 2%
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
-         20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
+_T975 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+    11: 2.201,
+    12: 2.179,
+    13: 2.160,
+    14: 2.145,
+    15: 2.131,
+    16: 2.120,
+    17: 2.110,
+    18: 2.101,
+    19: 2.093,
+    20: 2.086,
+    25: 2.060,
+    30: 2.042,
+    40: 2.021,
+    60: 2.000,
+    120: 1.980,
+}
 
 
 def t975(df: int) -> float:
@@ -77,8 +104,9 @@ def mean_ci95(curves: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         return mean, np.where(count >= 2, half, 0.0)
 
 
-def plot_runs(run_dirs, out: str | Path, metric: str = "eval_return_mean", figures=("returns", "kl"),
-              exact_path: bool = False) -> list[Path]:
+def plot_runs(
+    run_dirs, out: str | Path, metric: str = "eval_return_mean", figures=("returns", "kl"), exact_path: bool = False
+) -> list[Path]:
     """Write ``<out>_returns.png`` (mean return with 95% interval per method and env; dashed
     for contextual covariance) and ``<out>_kl.png`` (mean KL to the old policy per
     iteration per method, paper Figure 2 left). Returns the paths written. ``figures``
@@ -114,7 +142,7 @@ def plot_runs(run_dirs, out: str | Path, metric: str = "eval_return_mean", figur
                 mean, half = mean_ci95([r[col] for r in runs])
                 ok = ~np.isnan(mean)
                 label = f"{algo}{' (contextual)' if contextual else ''} (n={len(runs)})"
-                line, = ax.plot(steps[ok], mean[ok], ls="--" if contextual else "-", color=colors[algo], label=label)
+                (line,) = ax.plot(steps[ok], mean[ok], ls="--" if contextual else "-", color=colors[algo], label=label)
                 ax.fill_between(steps[ok], (mean - half)[ok], (mean + half)[ok], color=line.get_color(), alpha=0.2)
             ax.set_title(env)
             ax.set_xlabel("environment steps")

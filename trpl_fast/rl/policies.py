@@ -60,9 +60,19 @@ class GaussianPolicy(nn.Module):
     """``forward(obs) -> (mean (..., d), cov)`` with ``cov`` the std (..., d) or the factor
     (..., d, d) of the parametrization described in the module docstring."""
 
-    def __init__(self, obs_dim: int, act_dim: int, *, factor: str = "cholesky", cov_form: str = "diag",
-                 cov_type: str = "global", hidden: tuple[int, ...] = (64, 64), init_std: float = 1.0,
-                 min_std: float = 1e-5, activation=nn.Tanh):
+    def __init__(
+        self,
+        obs_dim: int,
+        act_dim: int,
+        *,
+        factor: str = "cholesky",
+        cov_form: str = "diag",
+        cov_type: str = "global",
+        hidden: tuple[int, ...] = (64, 64),
+        init_std: float = 1.0,
+        min_std: float = 1e-5,
+        activation=nn.Tanh,
+    ):
         super().__init__()
         if cov_form not in ("diag", "full"):
             raise ValueError(f"cov_form must be 'diag' or 'full', got {cov_form!r}")
@@ -96,7 +106,7 @@ class GaussianPolicy(nn.Module):
             shape = features.shape[:-1]
             return self.cov_diag.expand(*shape, self.n_diag), self.cov_off.expand(*shape, self.n_off)
         raw = self.cov_head(features)
-        return raw[..., : self.n_diag], raw[..., self.n_diag:]
+        return raw[..., : self.n_diag], raw[..., self.n_diag :]
 
     def cov_from_raw(self, diag_raw: Tensor, off_raw: Tensor) -> Tensor:
         diag = nn.functional.softplus(diag_raw)

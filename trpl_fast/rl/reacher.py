@@ -36,8 +36,14 @@ N_LINKS = 5
 LINK_LENGTH = 0.1
 EPISODE_STEPS = 200
 FRAME_SKIP = 2
-OBS_LAYOUT = {"cos_q": slice(0, 5), "sin_q": slice(5, 10), "target": slice(10, 12), "qvel": slice(12, 17),
-              "fingertip_to_target": slice(17, 19), "time": slice(19, 20)}
+OBS_LAYOUT = {
+    "cos_q": slice(0, 5),
+    "sin_q": slice(5, 10),
+    "target": slice(10, 12),
+    "qvel": slice(12, 17),
+    "fingertip_to_target": slice(17, 19),
+    "time": slice(19, 20),
+}
 OBS_DIM = 20
 
 
@@ -48,12 +54,16 @@ def reacher_xml(n_links: int = N_LINKS, link_length: float = LINK_LENGTH) -> str
     for i in range(n_links):
         pos = "0 0 .01" if i == 0 else f"{link_length} 0 0"
         limit = 'limited="false"' if i == 0 else 'limited="true" range="-3.0 3.0"'
-        bodies.append(f'<body name="link{i}" pos="{pos}">'
-                      f'<joint name="joint{i}" type="hinge" axis="0 0 1" pos="0 0 0" {limit}/>'
-                      f'<geom type="capsule" fromto="0 0 0 {link_length} 0 0" size=".01" rgba="0 .4 .6 1"/>')
+        bodies.append(
+            f'<body name="link{i}" pos="{pos}">'
+            f'<joint name="joint{i}" type="hinge" axis="0 0 1" pos="0 0 0" {limit}/>'
+            f'<geom type="capsule" fromto="0 0 0 {link_length} 0 0" size=".01" rgba="0 .4 .6 1"/>'
+        )
         close.append("</body>")
     tip = f'<body name="fingertip" pos="{link_length} 0 0"><geom type="sphere" size=".01" rgba="0 .8 .6 1"/></body>'
-    motors = "".join(f'<motor joint="joint{i}" ctrllimited="true" ctrlrange="-1 1" gear="200"/>' for i in range(n_links))
+    motors = "".join(
+        f'<motor joint="joint{i}" ctrllimited="true" ctrlrange="-1 1" gear="200"/>' for i in range(n_links)
+    )
     return f"""<mujoco model="reacher_sparse_{n_links}">
   <compiler angle="radian" inertiafromgeom="true"/>
   <default><joint armature="1" damping="1"/><geom contype="0" conaffinity="0" friction="1 .1 .1" density="1000"/></default>
@@ -61,7 +71,7 @@ def reacher_xml(n_links: int = N_LINKS, link_length: float = LINK_LENGTH) -> str
   <worldbody>
     <geom name="ground" type="plane" pos="0 0 0" size="1 1 10" rgba=".9 .9 .9 1"/>
     <geom name="root" type="cylinder" fromto="0 0 0 0 0 .02" size=".011" rgba="0 .4 .6 1"/>
-    {''.join(bodies)}{tip}{''.join(close)}
+    {"".join(bodies)}{tip}{"".join(close)}
     <body name="target" mocap="true" pos=".1 -.1 .01"><geom type="sphere" size=".009" rgba=".9 .2 .2 1"/></body>
   </worldbody>
   <actuator>{motors}</actuator>
@@ -139,8 +149,12 @@ class _Arms:
             buf = np.empty(self.mujoco.mj_stateSize(self.model, spec))
             self.mujoco.mj_getState(self.model, d, buf, spec)
             states.append(buf)
-        return {"physics": np.stack(states), "steps": self.steps.copy(), "target": self.target.copy(),
-                "rngs": [r.bit_generator.state for r in self.rngs]}
+        return {
+            "physics": np.stack(states),
+            "steps": self.steps.copy(),
+            "target": self.target.copy(),
+            "rngs": [r.bit_generator.state for r in self.rngs],
+        }
 
     def set_state(self, state: dict) -> None:
         if len(state["physics"]) != self.n:
@@ -156,8 +170,10 @@ class _Arms:
 def _spaces():
     from gymnasium import spaces
 
-    return (spaces.Box(-1.0, 1.0, shape=(N_LINKS,), dtype=np.float64),
-            spaces.Box(-np.inf, np.inf, shape=(OBS_DIM,), dtype=np.float64))
+    return (
+        spaces.Box(-1.0, 1.0, shape=(N_LINKS,), dtype=np.float64),
+        spaces.Box(-np.inf, np.inf, shape=(OBS_DIM,), dtype=np.float64),
+    )
 
 
 try:
@@ -172,8 +188,14 @@ if _gym is not None:
 
         metadata = {"render_modes": ["rgb_array"], "render_fps": int(round(1 / (0.01 * FRAME_SKIP)))}
 
-        def __init__(self, episode_steps: int = EPISODE_STEPS, ctrl_cost_weight: float = 1.0,
-                     dist_weight: float = 1.0, vel_weight: float = 10.0, render_mode: str | None = None):
+        def __init__(
+            self,
+            episode_steps: int = EPISODE_STEPS,
+            ctrl_cost_weight: float = 1.0,
+            dist_weight: float = 1.0,
+            vel_weight: float = 10.0,
+            render_mode: str | None = None,
+        ):
             if render_mode not in (None, "rgb_array"):
                 raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
             self.arms = _Arms(1, episode_steps, ctrl_cost_weight, dist_weight, vel_weight)
@@ -222,8 +244,15 @@ if _gym is not None:
 
         metadata = {"autoreset_mode": _gym.vector.AutoresetMode.NEXT_STEP}
 
-        def __init__(self, num_envs: int = 1, episode_steps: int = EPISODE_STEPS, ctrl_cost_weight: float = 1.0,
-                     dist_weight: float = 1.0, vel_weight: float = 10.0, max_episode_steps: int | None = None):
+        def __init__(
+            self,
+            num_envs: int = 1,
+            episode_steps: int = EPISODE_STEPS,
+            ctrl_cost_weight: float = 1.0,
+            dist_weight: float = 1.0,
+            vel_weight: float = 10.0,
+            max_episode_steps: int | None = None,
+        ):
             from gymnasium.vector.utils import batch_space
 
             if max_episode_steps is not None and max_episode_steps != episode_steps:
@@ -264,6 +293,9 @@ def register() -> None:
     """Register ``trpl_fast/ReacherSparse5-v0`` with Gymnasium (idempotent)."""
     if _gym is None or "trpl_fast/ReacherSparse5-v0" in _gym.registry:
         return
-    _gym.register("trpl_fast/ReacherSparse5-v0", entry_point="trpl_fast.rl.reacher:ReacherSparse5Env",
-                  vector_entry_point="trpl_fast.rl.reacher:ReacherSparse5VecEnv",
-                  max_episode_steps=EPISODE_STEPS)
+    _gym.register(
+        "trpl_fast/ReacherSparse5-v0",
+        entry_point="trpl_fast.rl.reacher:ReacherSparse5Env",
+        vector_entry_point="trpl_fast.rl.reacher:ReacherSparse5VecEnv",
+        max_episode_steps=EPISODE_STEPS,
+    )

@@ -61,8 +61,9 @@ class Collector:
     updated on every observation acted on) and rewards (``rew_norm``), and keeps the
     episodes open across iterations (returns of finished episodes in ``finished_returns``)."""
 
-    def __init__(self, envs, *, obs_norm=None, rew_norm=None, clip_actions: bool = False,
-                 time_limit_terminal: bool = False):
+    def __init__(
+        self, envs, *, obs_norm=None, rew_norm=None, clip_actions: bool = False, time_limit_terminal: bool = False
+    ):
         self.envs, self.obs_norm, self.rew_norm = envs, obs_norm, rew_norm
         self.clip_actions, self.time_limit_terminal = clip_actions, time_limit_terminal
         self.raw_obs = envs.reset()
@@ -73,10 +74,15 @@ class Collector:
     def collect(self, actor: Actor, steps_per_env: int) -> Rollout:
         T, N = steps_per_env, self.envs.num_envs
         obs_dim, act_dim = self.envs.obs_dim, self.envs.act_dim
-        buf = Rollout(obs=torch.zeros(T, N, obs_dim), next_obs=torch.zeros(T, N, obs_dim),
-                      actions=torch.zeros(T, N, act_dim), rewards=torch.zeros(T, N),
-                      terminated=torch.zeros(T, N, dtype=torch.bool), truncated=torch.zeros(T, N, dtype=torch.bool),
-                      valid=torch.zeros(T, N, dtype=torch.bool))
+        buf = Rollout(
+            obs=torch.zeros(T, N, obs_dim),
+            next_obs=torch.zeros(T, N, obs_dim),
+            actions=torch.zeros(T, N, act_dim),
+            rewards=torch.zeros(T, N),
+            terminated=torch.zeros(T, N, dtype=torch.bool),
+            truncated=torch.zeros(T, N, dtype=torch.bool),
+            valid=torch.zeros(T, N, dtype=torch.bool),
+        )
         norm = self.obs_norm
         for t in range(T):
             x = torch.as_tensor(self.raw_obs, dtype=torch.float32)
@@ -105,8 +111,12 @@ class Collector:
 
     # -- checkpoint ---------------------------------------------------------------------
     def loop_state(self) -> dict:
-        return {"raw_obs": self.raw_obs.copy(), "prev_done": self.prev_done.copy(),
-                "episode_return": self.episode_return.copy(), "finished_returns": list(self.finished_returns)}
+        return {
+            "raw_obs": self.raw_obs.copy(),
+            "prev_done": self.prev_done.copy(),
+            "episode_return": self.episode_return.copy(),
+            "finished_returns": list(self.finished_returns),
+        }
 
     def load_loop_state(self, loop: dict, restore_episodes: bool) -> None:
         """``restore_episodes``: the environments' own state was restored too, so the open

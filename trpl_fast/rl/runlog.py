@@ -15,14 +15,40 @@ import time
 from pathlib import Path
 
 # per iteration: what was learned, then what it cost (time_* are the phases' seconds)
-CSV_COLUMNS = ["iteration", "global_step", "train_return_mean", "eval_return_mean", "episodes",
-               "policy_loss", "value_loss", "kl_mean", "kl_max", "constraint_mean_mean",
-               "constraint_mean_max", "constraint_cov_mean", "constraint_cov_max", "entropy_mean",
-               "fraction_projected", "steps_per_second", "wall_time", "time_collect", "time_advantages",
-               "time_policy", "time_value", "time_eval"]
+CSV_COLUMNS = [
+    "iteration",
+    "global_step",
+    "train_return_mean",
+    "eval_return_mean",
+    "episodes",
+    "policy_loss",
+    "value_loss",
+    "kl_mean",
+    "kl_max",
+    "constraint_mean_mean",
+    "constraint_mean_max",
+    "constraint_cov_mean",
+    "constraint_cov_max",
+    "entropy_mean",
+    "fraction_projected",
+    "steps_per_second",
+    "wall_time",
+    "time_collect",
+    "time_advantages",
+    "time_policy",
+    "time_value",
+    "time_eval",
+]
 # columns that measure the machine, not the run (they differ between identical runs)
-TIMING_COLUMNS = ("steps_per_second", "wall_time", "time_collect", "time_advantages", "time_policy",
-                  "time_value", "time_eval")
+TIMING_COLUMNS = (
+    "steps_per_second",
+    "wall_time",
+    "time_collect",
+    "time_advantages",
+    "time_policy",
+    "time_value",
+    "time_eval",
+)
 
 # what makes a directory hold a run (never reused without --resume or --overwrite)
 RUN_FILES = ("config.json", "progress.csv", "checkpoint.pt")
@@ -33,8 +59,7 @@ def run_files(run_dir: Path, temporaries: bool = False) -> list[str]:
     if not run_dir.is_dir():
         return []
     names = RUN_FILES + (("checkpoint.pt.tmp", "progress.csv.tmp") if temporaries else ())
-    return sorted(p.name for p in run_dir.iterdir()
-                  if p.name in names or p.name.startswith("events.out.tfevents."))
+    return sorted(p.name for p in run_dir.iterdir() if p.name in names or p.name.startswith("events.out.tfevents."))
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -94,8 +119,17 @@ class RunLog:
     TensorBoard step after which an interrupted run's events are dropped (resume).
     """
 
-    def __init__(self, run_dir: Path, rows: list[dict], *, total: int, done: int, tensorboard: bool,
-                 progress: bool, purge_step: int | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        rows: list[dict],
+        *,
+        total: int,
+        done: int,
+        tensorboard: bool,
+        progress: bool,
+        purge_step: int | None = None,
+    ):
         self.rows = list(rows)
         path = run_dir / "progress.csv"
         tmp = run_dir / "progress.csv.tmp"

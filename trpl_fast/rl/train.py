@@ -63,7 +63,7 @@ def minibatches(n: int, size: int, gen: torch.Generator, device):
     """Index tensors of a fresh random permutation of ``range(n)``, ``size`` at a time."""
     perm = torch.randperm(n, generator=gen).to(device)
     for start in range(0, n, size):
-        yield perm[start:start + size]
+        yield perm[start : start + size]
 
 
 def normalize_advantages(adv: Tensor, weight: Tensor | None = None) -> Tensor:
@@ -101,8 +101,10 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"device {name!r} is not supported (--device: auto, cpu, cuda or cuda:N)") from exc
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} requested but CUDA is not available here (torch {torch.__version__}); "
-                             "use --device cpu or auto")
+            raise ValueError(
+                f"device {name!r} requested but CUDA is not available here (torch {torch.__version__}); "
+                "use --device cpu or auto"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif device.type == "mps":
@@ -116,9 +118,16 @@ def resolve_device(name: str) -> torch.device:
 def make_policy(cfg: TrainConfig, obs_dim: int, act_dim: int) -> GaussianPolicy:
     """The policy of ``cfg``: for a full covariance the factor its projection takes (the
     symmetric root for W2, else the Cholesky factor; the baselines use Cholesky)."""
-    return GaussianPolicy(obs_dim, act_dim, factor=FACTOR_OF_PROJECTION.get(cfg.algo, "cholesky"),
-                          cov_form=cfg.cov_form, cov_type="contextual" if cfg.contextual_cov else "global",
-                          hidden=cfg.hidden, init_std=cfg.init_std, min_std=cfg.min_std)
+    return GaussianPolicy(
+        obs_dim,
+        act_dim,
+        factor=FACTOR_OF_PROJECTION.get(cfg.algo, "cholesky"),
+        cov_form=cfg.cov_form,
+        cov_type="contextual" if cfg.contextual_cov else "global",
+        hidden=cfg.hidden,
+        init_std=cfg.init_std,
+        min_std=cfg.min_std,
+    )
 
 
 def load_policy(checkpoint_path: str | Path, device="cpu"):
@@ -140,6 +149,7 @@ def load_policy(checkpoint_path: str | Path, device="cpu"):
 
 
 # -- phase 2: advantages ------------------------------------------------------------------
+
 
 @dataclass
 class Batch:
@@ -172,8 +182,9 @@ def compute_advantages(rollout: Rollout, policy, value, cfg: TrainConfig, device
     says ``batch`` (``minibatch``: in the policy update)."""
     values = value(rollout.obs.to(device)).cpu()
     next_values = value(rollout.next_obs.to(device)).cpu()
-    adv, returns = gae(rollout.rewards, values, next_values, rollout.terminated, rollout.truncated,
-                       cfg.gamma, cfg.gae_lambda)
+    adv, returns = gae(
+        rollout.rewards, values, next_values, rollout.terminated, rollout.truncated, cfg.gamma, cfg.gae_lambda
+    )
     obs = rollout.obs.reshape(-1, rollout.obs.shape[-1]).to(device)
     actions = rollout.actions.reshape(-1, rollout.actions.shape[-1]).to(device)
     weight = rollout.valid.reshape(-1).to(device=device, dtype=torch.float32)
@@ -181,20 +192,44 @@ def compute_advantages(rollout: Rollout, policy, value, cfg: TrainConfig, device
     if cfg.advantage_normalization == "batch":
         adv = normalize_advantages(adv, weight)
     old_mean, old_cov = policy(obs)
-    return Batch(obs=obs, actions=actions, advantages=adv, returns=returns.reshape(-1).to(device),
-                 values=values.reshape(-1).to(device), weight=weight, old_mean=old_mean, old_cov=old_cov,
-                 old_logp=policy.log_prob(old_mean, old_cov, actions))
+    return Batch(
+        obs=obs,
+        actions=actions,
+        advantages=adv,
+        returns=returns.reshape(-1).to(device),
+        values=values.reshape(-1).to(device),
+        weight=weight,
+        old_mean=old_mean,
+        old_cov=old_cov,
+        old_logp=policy.log_prob(old_mean, old_cov, actions),
+    )
 
 
 # -- phases 3 and 4: the minibatch steps ----------------------------------------------------
+
 
 class Updater:
     """The policy's and the value function's minibatch steps (each: forward, loss, backward,
     optimizer step), eager or compiled whole with ``torch.compile`` (``compile``)."""
 
-    def __init__(self, cfg: TrainConfig, policy, value, opt_pi, opt_vf, layer: TrustRegionProjection | None,
-                 compile: bool = False):
-        self.cfg, self.policy, self.value, self.opt_pi, self.opt_vf, self.layer = cfg, policy, value, opt_pi, opt_vf, layer
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        policy,
+        value,
+        opt_pi,
+        opt_vf,
+        layer: TrustRegionProjection | None,
+        compile: bool = False,
+    ):
+        self.cfg, self.policy, self.value, self.opt_pi, self.opt_vf, self.layer = (
+            cfg,
+            policy,
+            value,
+            opt_pi,
+            opt_vf,
+            layer,
+        )
         self.policy_step, self.value_step = self._policy_step, self._value_step
         if compile:
             # the optimizer step inside the compiled region: LeanRL's recipe (GPU.md section 3)
@@ -209,8 +244,9 @@ class Updater:
         if self.layer is not None:
             mean_t, cov_t = self.layer(mean, cov, old_mean, old_cov, step=step) if cfg.projection else (mean, cov)
             logp = policy.log_prob(mean_t, cov_t, actions)
-            loss = surrogate_loss(logp, old_logp, adv, weight) + \
-                self.layer.trust_region_loss(mean, cov, mean_t, cov_t, weight)
+            loss = surrogate_loss(logp, old_logp, adv, weight) + self.layer.trust_region_loss(
+                mean, cov, mean_t, cov_t, weight
+            )
         else:
             loss = ppo_clip_loss(policy.log_prob(mean, cov, actions), old_logp, adv, cfg.ratio_clip, weight)
         self.opt_pi.zero_grad(set_to_none=True)
@@ -233,19 +269,41 @@ class Updater:
         """``epochs`` passes of minibatch steps (or one TRPO step); the losses."""
         cfg = self.cfg
         if cfg.algo == "trpo":  # one natural-gradient step on the whole batch: its valid rows
-            adv = normalize_advantages(b.advantages, b.weight) if cfg.advantage_normalization == "minibatch" else b.advantages
+            adv = (
+                normalize_advantages(b.advantages, b.weight)
+                if cfg.advantage_normalization == "minibatch"
+                else b.advantages
+            )
             k = b.valid
-            info = trpo_step(self.policy, b.obs[k], b.actions[k], adv[k], b.old_logp[k], b.old_mean[k], b.old_cov[k],
-                             max_kl=cfg.trpo_max_kl)
+            info = trpo_step(
+                self.policy,
+                b.obs[k],
+                b.actions[k],
+                adv[k],
+                b.old_logp[k],
+                b.old_mean[k],
+                b.old_cov[k],
+                max_kl=cfg.trpo_max_kl,
+            )
             return [-info["improvement"]]
         # the entropy schedule's step; None without entropy control (a changing int would
         # make a compiled step recompile every iteration)
         step = global_step if cfg.entropy_control is not None else None
         losses: list[float] = []
         for _ in range(cfg.epochs):
-            epoch = [self.policy_step(b.obs[idx], b.actions[idx], b.advantages[idx], b.weight[idx], b.old_mean[idx],
-                                      b.old_cov[idx], b.old_logp[idx], step)
-                     for idx in minibatches(len(b.obs), cfg.minibatch_size, gen, b.obs.device)]
+            epoch = [
+                self.policy_step(
+                    b.obs[idx],
+                    b.actions[idx],
+                    b.advantages[idx],
+                    b.weight[idx],
+                    b.old_mean[idx],
+                    b.old_cov[idx],
+                    b.old_logp[idx],
+                    step,
+                )
+                for idx in minibatches(len(b.obs), cfg.minibatch_size, gen, b.obs.device)
+            ]
             # one host sync per epoch, not per minibatch (it would stall a GPU's queue);
             # a NaN is still caught before the iteration can be checkpointed
             losses += _finite_losses(epoch, "policy", iteration)
@@ -254,8 +312,10 @@ class Updater:
     def update_value(self, b: Batch, gen: torch.Generator, iteration: int) -> list[float]:
         losses: list[float] = []
         for _ in range(self.cfg.epochs_vf):
-            epoch = [self.value_step(b.obs[idx], b.returns[idx], b.values[idx], b.weight[idx])
-                     for idx in minibatches(len(b.obs), self.cfg.minibatch_size, gen, b.obs.device)]
+            epoch = [
+                self.value_step(b.obs[idx], b.returns[idx], b.values[idx], b.weight[idx])
+                for idx in minibatches(len(b.obs), self.cfg.minibatch_size, gen, b.obs.device)
+            ]
             losses += _finite_losses(epoch, "value", iteration)
         return losses
 
@@ -270,8 +330,12 @@ def policy_metrics(policy, layer: TrustRegionProjection | None, b: Batch, cfg: T
     mean, cov = policy(b.obs[k])
     if layer is None:
         kl = policy.kl(mean, cov, old_mean, old_cov)
-        return {"kl_mean": kl.mean().item(), "kl_max": kl.max().item(),
-                "entropy_mean": policy.entropy(cov).mean().item(), "fraction_projected": 0.0}
+        return {
+            "kl_mean": kl.mean().item(),
+            "kl_max": kl.max().item(),
+            "entropy_mean": policy.entropy(cov).mean().item(),
+            "fraction_projected": 0.0,
+        }
     new_mean, new_cov = layer(mean, cov, old_mean, old_cov, step=global_step)
     metrics = layer.metrics(new_mean, new_cov, old_mean, old_cov, mean, cov)
     if not cfg.contextual_cov:
@@ -293,8 +357,16 @@ def set_learning_rates(cfg: TrainConfig, opt_pi, opt_vf, iteration: int, n_itera
 
 # -- the loop -----------------------------------------------------------------------------
 
-def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
-          progress: bool = True, log_tensorboard: bool = True) -> list[dict]:
+
+def train(
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    log_tensorboard: bool = True,
+) -> list[dict]:
     """Train ``cfg`` and write ``config.json``, ``progress.csv``, TensorBoard events and
     ``checkpoint.pt`` into ``run_dir``. Returns the logged rows (all of the run's, when resumed).
 
@@ -319,14 +391,18 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwr
     saved = None
     if resume:
         if not ckpt_path.exists() and run_files(run_dir):
-            raise ValueError(f"no checkpoint at {ckpt_path}: the run stopped before its first checkpoint; "
-                             "start it over with --overwrite")
+            raise ValueError(
+                f"no checkpoint at {ckpt_path}: the run stopped before its first checkpoint; "
+                "start it over with --overwrite"
+            )
         saved = read_checkpoint(run_dir)
         check_resume_config(saved["config"], cfg)
         check_resumable(saved, ckpt_path)
     elif run_files(run_dir) and not overwrite:
-        raise ValueError(f"{run_dir} already holds a run ({', '.join(run_files(run_dir))}); resume it (--resume), "
-                         "start it over (--overwrite) or choose another --out")
+        raise ValueError(
+            f"{run_dir} already holds a run ({', '.join(run_files(run_dir))}); resume it (--resume), "
+            "start it over (--overwrite) or choose another --out"
+        )
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -363,14 +439,27 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwr
                 _, cov0 = policy(torch.zeros(1, obs_dim, device=device))
             # the initial policy's entropy: from the checkpoint when resuming (the policy has moved)
             h0 = saved["entropy_h0"] if saved else float(policy.entropy(cov0).mean())
-            schedule = EntropySchedule(kappa=cfg.target_entropy, total_steps=cfg.total_steps,
-                                       initial_entropy=h0, tau=cfg.temperature)
-        layer = TrustRegionProjection(cfg.algo, cfg.mean_bound, cfg.cov_bound, cfg.cov_form,
-                                      entropy_control=cfg.entropy_control, entropy_schedule=schedule,
-                                      contextual_cov=cfg.contextual_cov,
-                                      regression_weight=cfg.regression_weight, check_values=False)
-    collector = Collector(envs, obs_norm=obs_norm, rew_norm=rew_norm, clip_actions=cfg.clip_actions,
-                          time_limit_terminal=cfg.time_limit_terminal)
+            schedule = EntropySchedule(
+                kappa=cfg.target_entropy, total_steps=cfg.total_steps, initial_entropy=h0, tau=cfg.temperature
+            )
+        layer = TrustRegionProjection(
+            cfg.algo,
+            cfg.mean_bound,
+            cfg.cov_bound,
+            cfg.cov_form,
+            entropy_control=cfg.entropy_control,
+            entropy_schedule=schedule,
+            contextual_cov=cfg.contextual_cov,
+            regression_weight=cfg.regression_weight,
+            check_values=False,
+        )
+    collector = Collector(
+        envs,
+        obs_norm=obs_norm,
+        rew_norm=rew_norm,
+        clip_actions=cfg.clip_actions,
+        time_limit_terminal=cfg.time_limit_terminal,
+    )
 
     # -- loop state: fresh, or everything the checkpoint holds ------------------------------
     start_iteration, global_step, wall_offset = 0, 0, 0.0
@@ -392,37 +481,69 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwr
         if exact:
             envs.set_state(saved["envs"])
         else:
-            warnings.warn(f"the {envs.backend} backend cannot restore its environments: the episodes that were "
-                          "open at the checkpoint restart (use env_backend='gymnasium' for an exact resume)",
-                          stacklevel=2)
+            warnings.warn(
+                f"the {envs.backend} backend cannot restore its environments: the episodes that were "
+                "open at the checkpoint restart (use env_backend='gymnasium' for an exact resume)",
+                stacklevel=2,
+            )
             envs.close()
             envs = make_vec_env(cfg.env_id, cfg.num_envs, cfg.seed + global_step, backend=cfg.env_backend)
-            collector = Collector(envs, obs_norm=obs_norm, rew_norm=rew_norm, clip_actions=cfg.clip_actions,
-                                  time_limit_terminal=cfg.time_limit_terminal)
+            collector = Collector(
+                envs,
+                obs_norm=obs_norm,
+                rew_norm=rew_norm,
+                clip_actions=cfg.clip_actions,
+                time_limit_terminal=cfg.time_limit_terminal,
+            )
         collector.load_loop_state(saved["loop"], restore_episodes=exact)
     actor = Actor(policy, device)
     updater = Updater(cfg, policy, value, opt_pi, opt_vf, layer, compile=cfg.compile_update)
 
     def snapshot(iterations_done: int) -> dict:
         """Everything needed to continue after ``iterations_done`` iterations, copied."""
-        return {"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "iteration": iterations_done,
-                "global_step": global_step, "interrupted": False,
-                "policy": copy.deepcopy(policy.state_dict()), "value": copy.deepcopy(value.state_dict()),
-                "opt_pi": copy.deepcopy(opt_pi.state_dict()), "opt_vf": copy.deepcopy(opt_vf.state_dict()),
-                "obs_norm": obs_norm.state_dict() if obs_norm else None,
-                "rew_norm": rew_norm.state_dict() if rew_norm else None, "entropy_h0": h0,
-                "torch_rng": torch.get_rng_state(), "gen_rng": gen.get_state(), "numpy_rng": np.random.get_state(),
-                "loop": {**collector.loop_state(), "wall_time": wall_offset + time.perf_counter() - t_start},
-                "envs": envs.get_state() if envs.can_save_state else None}
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": cfg.to_dict(),
+            "iteration": iterations_done,
+            "global_step": global_step,
+            "interrupted": False,
+            "policy": copy.deepcopy(policy.state_dict()),
+            "value": copy.deepcopy(value.state_dict()),
+            "opt_pi": copy.deepcopy(opt_pi.state_dict()),
+            "opt_vf": copy.deepcopy(opt_vf.state_dict()),
+            "obs_norm": obs_norm.state_dict() if obs_norm else None,
+            "rew_norm": rew_norm.state_dict() if rew_norm else None,
+            "entropy_h0": h0,
+            "torch_rng": torch.get_rng_state(),
+            "gen_rng": gen.get_state(),
+            "numpy_rng": np.random.get_state(),
+            "loop": {**collector.loop_state(), "wall_time": wall_offset + time.perf_counter() - t_start},
+            "envs": envs.get_state() if envs.can_save_state else None,
+        }
 
     n_iterations = planned_iterations(cfg)
-    log = RunLog(run_dir, read_progress(run_dir / "progress.csv", start_iteration) if saved else [],
-                 total=n_iterations * cfg.rollout_steps, done=start_iteration * cfg.rollout_steps,
-                 tensorboard=log_tensorboard, progress=progress,
-                 purge_step=global_step + 1 if saved else None)  # drops an interrupted run's later events
+    log = RunLog(
+        run_dir,
+        read_progress(run_dir / "progress.csv", start_iteration) if saved else [],
+        total=n_iterations * cfg.rollout_steps,
+        done=start_iteration * cfg.rollout_steps,
+        tensorboard=log_tensorboard,
+        progress=progress,
+        purge_step=global_step + 1 if saved else None,
+    )  # drops an interrupted run's later events
     # one batched evaluation env for the run; new start states for every evaluation
-    evaluator = Evaluator(cfg.env_id, cfg.eval_episodes, cfg.seed, backend=cfg.env_backend,
-                          clip_actions=cfg.clip_actions, first_iteration=start_iteration) if cfg.eval_episodes > 0 else None
+    evaluator = (
+        Evaluator(
+            cfg.env_id,
+            cfg.eval_episodes,
+            cfg.seed,
+            backend=cfg.env_backend,
+            clip_actions=cfg.clip_actions,
+            first_iteration=start_iteration,
+        )
+        if cfg.eval_episodes > 0
+        else None
+    )
     t_start = time.perf_counter()
     last_good = snapshot(start_iteration)  # what Ctrl-C / SIGTERM write: the last completed iteration
     last_saved = t_start
@@ -459,22 +580,33 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwr
                 eval_return = evaluator(policy, obs_norm, iteration)
             t_eval = clock.lap()
             recent = collector.finished_returns[-20:]
-            row = {"iteration": iteration, "global_step": global_step,
-                   "train_return_mean": float(np.mean(recent)) if recent else math.nan,
-                   "eval_return_mean": eval_return, "episodes": len(collector.finished_returns),
-                   "policy_loss": float(np.mean(pi_losses)), "value_loss": float(np.mean(vf_losses)),
-                   "steps_per_second": cfg.rollout_steps / clock.total,
-                   "wall_time": wall_offset + time.perf_counter() - t_start,
-                   "time_collect": t_collect, "time_advantages": t_advantages, "time_policy": t_policy,
-                   "time_value": t_value, "time_eval": t_eval}
+            row = {
+                "iteration": iteration,
+                "global_step": global_step,
+                "train_return_mean": float(np.mean(recent)) if recent else math.nan,
+                "eval_return_mean": eval_return,
+                "episodes": len(collector.finished_returns),
+                "policy_loss": float(np.mean(pi_losses)),
+                "value_loss": float(np.mean(vf_losses)),
+                "steps_per_second": cfg.rollout_steps / clock.total,
+                "wall_time": wall_offset + time.perf_counter() - t_start,
+                "time_collect": t_collect,
+                "time_advantages": t_advantages,
+                "time_policy": t_policy,
+                "time_value": t_value,
+                "time_eval": t_eval,
+            }
             row.update({k: metrics.get(k, math.nan) for k in CSV_COLUMNS if k in metrics})
             log.write(row, cfg.rollout_steps)
 
             # -- 6. checkpoint ----------------------------------------------------------------
             last_good = snapshot(iteration + 1)
             # by wall time too: a kill (SIGKILL, OOM) early in a long run must not lose everything
-            if (last or (iteration + 1) % cfg.checkpoint_every == 0
-                    or time.perf_counter() - last_saved >= cfg.checkpoint_seconds):
+            if (
+                last
+                or (iteration + 1) % cfg.checkpoint_every == 0
+                or time.perf_counter() - last_saved >= cfg.checkpoint_seconds
+            ):
                 save_checkpoint(ckpt_path, last_good)
                 last_saved = time.perf_counter()
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (Terminated)

@@ -35,10 +35,21 @@ def conjugate_gradient(fvp, b: Tensor, iters: int = 10, tol: float = 1e-10) -> T
     return x
 
 
-def trpo_step(policy, obs: Tensor, actions: Tensor, advantages: Tensor, old_logp: Tensor,
-              old_mean: Tensor, old_cov: Tensor, *, max_kl: float,
-              cg_iters: int = 10, damping: float = 0.1, backtrack_steps: int = 10,
-              backtrack_ratio: float = 0.5) -> dict:
+def trpo_step(
+    policy,
+    obs: Tensor,
+    actions: Tensor,
+    advantages: Tensor,
+    old_logp: Tensor,
+    old_mean: Tensor,
+    old_cov: Tensor,
+    *,
+    max_kl: float,
+    cg_iters: int = 10,
+    damping: float = 0.1,
+    backtrack_steps: int = 10,
+    backtrack_ratio: float = 0.5,
+) -> dict:
     """One TRPO update of ``policy`` in place. Returns ``kl`` (of the accepted step, 0 when
     none was accepted), ``improvement`` of the surrogate, ``step_fraction`` and ``accepted``.
     ``policy`` owns its distribution (``log_prob``, ``kl``: :class:`~trpl_fast.rl.policies.GaussianPolicy`)."""
