@@ -569,6 +569,7 @@ class StackedUpdater:
         self.opt_pi, self.opt_vf, self.layer = opt_pi, opt_vf, layer
         self.policy_step, self.value_step = self._policy_step, self._value_step
         if compile:
+            torch.compiler.reset()  # as train.Updater: earlier runs' graphs only eat the recompile limit
             self.policy_step = torch.compile(self._policy_step)
             self.value_step = torch.compile(self._value_step)
 

@@ -232,6 +232,10 @@ class Updater:
         )
         self.policy_step, self.value_step = self._policy_step, self._value_step
         if compile:
+            # the compiled steps guard on this run's optimizer objects: a previous run's
+            # graphs in the same process (experiment workers, benchmarks) would only count
+            # towards dynamo's recompile limit, after which it silently runs eager
+            torch.compiler.reset()
             # the optimizer step inside the compiled region: LeanRL's recipe (GPU.md section 3)
             self.policy_step = torch.compile(self._policy_step)
             self.value_step = torch.compile(self._value_step)
