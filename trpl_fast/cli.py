@@ -336,6 +336,7 @@ def experiment_cmd(args) -> int:
         jobs=args.jobs,
         tensorboard=args.tensorboard,
         batch_seeds=not args.no_batch_seeds,
+        report_only=args.report_only,
     )
     if args.name == "reacher" and (args.envs is not None or args.preset is not None):
         raise ValueError(
@@ -501,6 +502,11 @@ def main(argv=None) -> int:
         help="change a config field of every run (repeatable; as for `train --set`)",
     )
     x.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events per run")
+    x.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: write the table and curves of the runs in --out as they are (e.g. while they train)",
+    )
     x.add_argument(
         "--no-batch-seeds",
         action="store_true",

@@ -41,6 +41,12 @@ def test_mujoco_experiment_writes_table1_and_curves_and_skips_finished_runs(tmp_
     capsys.readouterr()
     mujoco_experiment(tmp_path, envs=["Hopper-v5"], algos=["kl", "ppo"], seeds=2, steps=512, jobs=1, **toy)
     assert capsys.readouterr().out.count("already finished") == 4
+    # report only: nothing trains, a seed that never started is left out
+    (tmp_path / "table1.md").unlink()
+    again = mujoco_experiment(
+        tmp_path, envs=["Hopper-v5"], algos=["kl", "ppo"], seeds=3, steps=512, jobs=1, report_only=True, **toy
+    )
+    assert again == md and not (tmp_path / "Hopper_kl_s2").exists()
 
 
 def test_fresh_seeds_of_a_config_become_one_batched_job(tmp_path):

@@ -309,6 +309,15 @@ PROTOCOL = (
 )
 
 
+def _has_rows(run_dir) -> bool:
+    """The run has logged at least one iteration."""
+    path = Path(run_dir) / "progress.csv"
+    if not path.exists():
+        return False
+    with open(path) as f:
+        return sum(1 for _ in f) > 1
+
+
 def _check(seeds: int, steps: int, algos, allowed) -> None:
     unknown = sorted(set(algos) - set(allowed))
     if unknown:
@@ -328,6 +337,7 @@ def mujoco_experiment(
     jobs: int | None = None,
     tensorboard: bool = False,
     batch_seeds: bool = True,
+    report_only: bool = False,
     **overrides,
 ) -> str:
     """The paper's Table 1 protocol (module docstring); returns ``table1.md``'s text.
@@ -352,9 +362,13 @@ def mujoco_experiment(
         {"config": c.to_dict(), "tensorboard": tensorboard, "dir": str(out / run_name(c.algo, False, c.seed, c.env_id))}
         for c in configs
     ]
-    run_jobs(batch, jobs, batch_seeds)
+    if not report_only:  # else: the table and curves of the runs as they are
+        run_jobs(batch, jobs, batch_seeds)
+    batch = [j for j in batch if _has_rows(j["dir"])]  # (report_only: runs not started yet)
     for env in envs:
         dirs = [j["dir"] for j in batch if j["config"]["env_id"] == env]
+        if not dirs:
+            continue
         for path in plot_runs(
             dirs, out / f"curves_{env.replace('/', '_').split('-')[0]}.png", figures=("returns",), exact_path=True
         ):
@@ -374,6 +388,7 @@ def reacher_experiment(
     jobs: int | None = None,
     tensorboard: bool = False,
     batch_seeds: bool = True,
+    report_only: bool = False,
     **overrides,
 ) -> str:
     """Figure 2 (right): every algo with a global and a contextual covariance on the sparse
@@ -399,8 +414,9 @@ def reacher_experiment(
         }
         for c in configs
     ]
-    run_jobs(batch, jobs, batch_seeds)
-    dirs = [job["dir"] for job in batch]
+    if not report_only:  # else: the table and curves of the runs as they are
+        run_jobs(batch, jobs, batch_seeds)
+    dirs = [job["dir"] for job in batch if _has_rows(job["dir"])]  # (report_only: runs not started yet)
     for path in plot_runs(dirs, out / "figure2_right.png"):
         print(f"wrote {path}")
     md = reacher_table(dirs, out, steps)
