@@ -61,7 +61,16 @@ from .normalization import ObservationNormalizer, RewardNormalizer, RunningMeanS
 from .policies import GaussianPolicy, ValueNetwork
 from .rollout import Actor, Rollout
 from .runlog import CSV_COLUMNS, PhaseClock, RunLog, check_run_dir, read_progress, run_files
-from .train import CHECKPOINT_FORMAT, Batch, TrainingDiverged, make_policy, resolve_device, set_learning_rates
+from .train import (
+    CHECKPOINT_FORMAT,
+    Batch,
+    TrainingDiverged,
+    checkpoint_due,
+    evaluation_due,
+    make_policy,
+    resolve_device,
+    set_learning_rates,
+)
 
 BATCHED_ALGOS = ("kl", "w2", "frob", "ppo", "ppo-m")
 _SEED_DIR = re.compile(r"^seed(-?\d+)$")
@@ -1013,9 +1022,8 @@ def train_seeds(
             t_policy = clock.lap()
             vf_losses = updater.update_value(batch, perm_gens, iteration)
             t_value = clock.lap()
-            last = iteration == n_iterations - 1
             evals = [math.nan] * S
-            if evaluator is not None and (last or (iteration + 1) % cfg.eval_every == 0):
+            if evaluator is not None and evaluation_due(cfg, iteration, n_iterations):
                 evals = evaluator(policy, obs_norm, iteration)
             t_eval = clock.lap()
             elapsed = clock.total
@@ -1042,11 +1050,7 @@ def train_seeds(
                 row.update({c: metrics[k].get(c, math.nan) for c in CSV_COLUMNS if c in metrics[k]})
                 log.write(row, cfg.rollout_steps * S if k == 0 else cfg.rollout_steps)
             last_good = snapshot(iteration + 1)
-            if (
-                last
-                or (iteration + 1) % cfg.checkpoint_every == 0
-                or time.perf_counter() - last_saved >= cfg.checkpoint_seconds
-            ):
+            if checkpoint_due(cfg, iteration, n_iterations, time.perf_counter() - last_saved):
                 save_all(last_good)
                 last_saved = time.perf_counter()
     except KeyboardInterrupt:

@@ -359,6 +359,22 @@ def set_learning_rates(cfg: TrainConfig, opt_pi, opt_vf, iteration: int, n_itera
                     group["lr"] = lr * frac
 
 
+def evaluation_due(cfg: TrainConfig, iteration: int, n_iterations: int) -> bool:
+    """Evaluate after ``iteration`` (0-based): every ``eval_every`` iterations and the last."""
+    return cfg.eval_episodes > 0 and (iteration == n_iterations - 1 or (iteration + 1) % cfg.eval_every == 0)
+
+
+def checkpoint_due(cfg: TrainConfig, iteration: int, n_iterations: int, seconds_since_last: float) -> bool:
+    """Write a checkpoint after ``iteration``: every ``checkpoint_every`` iterations, after
+    ``checkpoint_seconds`` of wall time (a kill early in a long run must not lose
+    everything), and at the end."""
+    return (
+        iteration == n_iterations - 1
+        or (iteration + 1) % cfg.checkpoint_every == 0
+        or seconds_since_last >= cfg.checkpoint_seconds
+    )
+
+
 # -- the loop -----------------------------------------------------------------------------
 
 
@@ -578,9 +594,8 @@ def train(
             t_value = clock.lap()
 
             # -- 5. evaluate and log --------------------------------------------------------
-            last = iteration == n_iterations - 1
             eval_return = math.nan
-            if evaluator is not None and (last or (iteration + 1) % cfg.eval_every == 0):
+            if evaluator is not None and evaluation_due(cfg, iteration, n_iterations):
                 eval_return = evaluator(policy, obs_norm, iteration)
             t_eval = clock.lap()
             recent = collector.finished_returns[-20:]
@@ -605,12 +620,7 @@ def train(
 
             # -- 6. checkpoint ----------------------------------------------------------------
             last_good = snapshot(iteration + 1)
-            # by wall time too: a kill (SIGKILL, OOM) early in a long run must not lose everything
-            if (
-                last
-                or (iteration + 1) % cfg.checkpoint_every == 0
-                or time.perf_counter() - last_saved >= cfg.checkpoint_seconds
-            ):
+            if checkpoint_due(cfg, iteration, n_iterations, time.perf_counter() - last_saved):
                 save_checkpoint(ckpt_path, last_good)
                 last_saved = time.perf_counter()
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (Terminated)
