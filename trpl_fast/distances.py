@@ -101,9 +101,24 @@ def log_prob(kind: str, form: str, mean: Tensor, cov: Tensor, actions: Tensor) -
     return -0.5 * (z * z).sum(-1) - torch.log(chol.diagonal(dim1=-2, dim2=-1)).sum(-1) - 0.5 * d * LOG_2PI
 
 
-def sample(kind: str, form: str, mean: Tensor, cov: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """One sample per state from ``N(mean, S(cov))``."""
-    eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+def sample(
+    kind: str,
+    form: str,
+    mean: Tensor,
+    cov: Tensor,
+    generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
+) -> Tensor:
+    """One sample per state from ``N(mean, S(cov))``: ``mean + L noise`` with ``L`` the
+    std (diagonal) or the lower Cholesky factor, ``noise`` standard normal (drawn from
+    ``generator`` unless given, shape of ``mean``)."""
+    if noise is not None and noise.shape != mean.shape:
+        raise ValueError(f"noise must have the shape of mean {tuple(mean.shape)}, got {tuple(noise.shape)}")
+    eps = (
+        torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        if noise is None
+        else noise.to(mean.device, mean.dtype)
+    )
     if form == "diag":
         return mean + cov * eps
     return mean + (cholesky_of(kind, form, cov) @ eps.unsqueeze(-1)).squeeze(-1)

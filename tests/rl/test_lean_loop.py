@@ -2,6 +2,7 @@
 actor on an accelerator is a CPU copy synced once per iteration, and every phase's time is
 logged."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -52,19 +53,55 @@ def test_compiled_steps_agree_with_eager(algo, tmp_path):
 def test_actor_on_an_accelerator_is_a_cpu_copy_synced_per_iteration():
     torch.manual_seed(0)
     policy = GaussianPolicy(3, 2)
-    same = Actor(policy, torch.device("cpu"))
+    same = Actor(policy, torch.device("cpu"), np.random.default_rng(0))
     assert same.local is policy and not same.separate
-    actor = Actor(policy, torch.device("cuda"))  # the copy is made on the CPU: no GPU needed here
+    actor = Actor(policy, torch.device("cuda"), np.random.default_rng(0))  # a CPU copy: no GPU needed here
     assert actor.separate and next(actor.local.parameters()).device.type == "cpu"
-    obs = torch.randn(4, 3)
+    obs = np.random.default_rng(1).standard_normal((4, 3)).astype(np.float32)
     with torch.no_grad():
         policy.mean_head.bias.add_(5.0)  # an update on the training device
-    torch.manual_seed(1)
+    actor.rng = np.random.default_rng(1)
     before = actor.act(obs)
     actor.sync()
-    torch.manual_seed(1)
+    actor.rng = np.random.default_rng(1)
     after = actor.act(obs)
-    assert torch.allclose(after - before, torch.full_like(after, 5.0), atol=1e-5)
+    assert np.allclose(after - before, 5.0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "cov_form,factor,contextual",
+    [
+        ("diag", "cholesky", False),
+        ("full", "cholesky", False),
+        ("full", "sqrt", False),
+        ("diag", "cholesky", True),
+        ("full", "cholesky", True),
+    ],
+    ids=["diag", "full-cholesky", "full-sqrt", "diag-contextual", "full-contextual-torch"],
+)
+def test_numpy_actor_samples_what_the_policy_samples(cov_form, factor, contextual):
+    """The rollout's numpy path and its torch fallback (a contextual full covariance) give
+    the torch policy's sample for the same noise, and the noise is the generator's."""
+    torch.manual_seed(0)
+    policy = GaussianPolicy(
+        5, 3, cov_form=cov_form, factor=factor, cov_type="contextual" if contextual else "global", init_std=0.7
+    )
+    with torch.no_grad():  # a covariance with correlations and unequal stds
+        if contextual:
+            policy.cov_head.weight.normal_(0.0, 0.3)
+        else:
+            policy.cov_diag.add_(torch.tensor([0.3, -0.2, 0.1]))
+            policy.cov_off.add_(0.2)
+    actor = Actor(policy, torch.device("cpu"), np.random.default_rng(7))
+    assert (actor._forward is None) == (contextual and cov_form == "full")
+    obs = np.random.default_rng(1).standard_normal((6, 5)).astype(np.float32)
+    got = actor.act(obs)
+    z = np.random.default_rng(7).standard_normal((6, 3), dtype=np.float32)
+    with torch.no_grad():
+        mean, cov = policy(torch.from_numpy(obs))
+        want = policy.sample(mean, cov, noise=torch.from_numpy(z)).numpy()
+    assert got.dtype == np.float32 and got.shape == (6, 3)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_phase_times_are_logged(tmp_path):

@@ -64,3 +64,23 @@ def test_losses():
     )
     with pytest.raises(ValueError, match="clip must be > 0"):
         ppo_clip_loss(logp, logp_old, adv, 0.0)
+
+
+def test_numpy_paths_equal_the_tensor_paths():
+    """The rollout's per-step numpy normalizers compute what the tensor versions compute."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a, b = ObservationNormalizer((3,), clip=2.0), ObservationNormalizer((3,), clip=2.0)
+    ra, rb = RewardNormalizer(2, 0.9), RewardNormalizer(2, 0.9)
+    for step in range(50):
+        obs = (rng.standard_normal((2, 3)) * [1.0, 5.0, 0.2] + 3).astype(np.float32)
+        out_np = a.numpy(obs, update=True)
+        out_t = b(torch.from_numpy(obs), update=True)
+        assert out_np.dtype == np.float32 and np.array_equal(out_np, out_t.numpy())
+        rew, done = rng.standard_normal(2) * 10, rng.random(2) < 0.1
+        r_np = ra.numpy(rew, done)
+        r_t = rb(torch.from_numpy(rew).float(), torch.from_numpy(done))
+        assert r_np.dtype == np.float32 and np.allclose(r_np, r_t.numpy(), rtol=1e-6), step
+    assert torch.equal(a.stats.mean, b.stats.mean) and torch.equal(a.stats.var, b.stats.var)
+    assert a.state_dict()["mean"].dtype == torch.float64  # checkpoints hold tensors, as before

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .envs import make_vec_env
+from .policies import run_numpy_layers
 
 # Evaluation seeds live in [2^28, 2^28 + 2^30), training seeds below (run seeds are small
 # integers, EnvPool seeds its sub-environments seed, seed + 1, ..., and a resumed EnvPool
@@ -85,35 +86,15 @@ def _numpy_mean_action(policy, obs_norm):
     normalizer's current statistics, in numpy: the evaluation's 1,000 small forward passes
     per episode cost a few microseconds each instead of torch's per-op overhead (float32,
     as the policy computes). Falls back to torch for layers other than Linear / Tanh / ReLU."""
-    ops = []
-    for m in [*policy.body, policy.mean_head]:
-        if isinstance(m, torch.nn.Linear):
-            ops.append(
-                (
-                    m.weight.detach().cpu().numpy().T.astype(np.float32).copy(),
-                    m.bias.detach().cpu().numpy().astype(np.float32).copy(),
-                )
-            )
-        elif isinstance(m, torch.nn.Tanh):
-            ops.append(np.tanh)
-        elif isinstance(m, torch.nn.ReLU):
-            ops.append(lambda x: np.maximum(x, 0.0))
-        else:
-            return _torch_mean_action(policy, obs_norm)
-    shift = scale = None
-    if obs_norm is not None:
-        shift = obs_norm.stats.mean.numpy().astype(np.float32)
-        scale = np.sqrt(obs_norm.stats.var.numpy() + obs_norm.eps).astype(np.float32)
+    ops = policy.numpy_mean()
+    if ops is None:
+        return _torch_mean_action(policy, obs_norm)
 
     def act(obs):
         x = obs.astype(np.float32)
-        if shift is not None:
-            x = (x - shift) / scale
-            if obs_norm.clip is not None:
-                x = np.clip(x, -obs_norm.clip, obs_norm.clip)
-        for op in ops:
-            x = x @ op[0] + op[1] if isinstance(op, tuple) else op(x)
-        return x.astype(np.float64)
+        if obs_norm is not None:
+            x = obs_norm.numpy(x)
+        return run_numpy_layers(ops, x).astype(np.float64)
 
     return act
 

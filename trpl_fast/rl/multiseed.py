@@ -21,8 +21,8 @@ leading seed dimension S everywhere:
 * **projection**: the seed dimension is one more batch dimension of the layer (mean
   ``(S, B, d)``); entropy control gets each seed's own schedule (its own initial entropy).
 * **random streams**: per seed exactly the single run's: the networks are initialized
-  after ``torch.manual_seed(seed)``, actions are sampled from a generator holding the global
-  generator's state right after that (what a single run samples from), minibatch
+  after ``torch.manual_seed(seed)``, the action noise comes from
+  ``numpy.random.default_rng(seed)`` (as a single run's :class:`~.rollout.Actor`), minibatch
   permutations come from ``torch.Generator().manual_seed(seed)``, the environments of
   seed k are made with seed k (one vector env per seed, so EnvPool seeds its sub-envs
   seed, seed + 1, ... as a single run does).
@@ -191,6 +191,11 @@ class StackedPolicy(_SeedSlices, GaussianPolicy):
             )
         return super()._raw_cov(features)
 
+    def global_sampling_factor(self):
+        """The stds (S, 1, d): they broadcast over each seed's (S, N, d) noise."""
+        std = super().global_sampling_factor()
+        return None if std is None else std[:, None, :]
+
 
 class StackedValue(_SeedSlices, nn.Module):
     """S :class:`ValueNetwork`: ``forward(obs (S, B, obs_dim)) -> values (S, B)``."""
@@ -285,12 +290,12 @@ class StackedRewardNormalizer(RewardNormalizer):
         self.stats = RunningMeanStd((seeds,))
         self.ret = torch.zeros(seeds, num_envs, dtype=torch.float64)
 
-    def __call__(self, rewards: Tensor, done: Tensor) -> Tensor:
-        self.ret = self.ret * self.gamma + rewards.detach().to(torch.float64).cpu()
-        self.stats.update(self.ret.T)  # (N, S): statistics over each seed's own environments
-        self.ret = torch.where(done.cpu().bool(), torch.zeros_like(self.ret), self.ret)
-        out = rewards / torch.sqrt(self.stats.var + self.eps).to(rewards.dtype).unsqueeze(-1)
-        return out if self.clip is None else out.clamp(-self.clip, self.clip)
+    def numpy(self, rewards: np.ndarray, done: np.ndarray) -> np.ndarray:
+        self._ret = self._ret * self.gamma + rewards
+        self.stats.update(self._ret.T)  # (N, S): statistics over each seed's own environments
+        self._ret = np.where(done, 0.0, self._ret)
+        out = rewards.astype(np.float32) / np.sqrt(self.stats._var + self.eps).astype(np.float32)[:, None]
+        return out if self.clip is None else np.clip(out, -self.clip, self.clip)
 
     def seed_state_dict(self, k: int) -> dict:
         s = self.stats
@@ -300,10 +305,10 @@ class StackedRewardNormalizer(RewardNormalizer):
         }
 
     def load_seed_state_dicts(self, states: list[dict]) -> None:
-        self.stats.mean = torch.stack([s["stats"]["mean"] for s in states]).to(torch.float64)
-        self.stats.var = torch.stack([s["stats"]["var"] for s in states]).to(torch.float64)
-        self.stats.count = states[0]["stats"]["count"].clone().to(torch.float64)
-        self.ret = torch.stack([s["ret"] for s in states]).to(torch.float64)
+        self.stats.mean = torch.stack([s["stats"]["mean"] for s in states])
+        self.stats.var = torch.stack([s["stats"]["var"] for s in states])
+        self.stats.count = states[0]["stats"]["count"]
+        self.ret = torch.stack([s["ret"] for s in states])
 
 
 class StackedObservationNormalizer(ObservationNormalizer):
@@ -313,8 +318,12 @@ class StackedObservationNormalizer(ObservationNormalizer):
     def __init__(self, seeds: int, obs_dim: int, clip: float | None = 10.0, eps: float = 1e-8):
         super().__init__((seeds, obs_dim), clip, eps)
 
+    def numpy(self, obs: np.ndarray, update: bool = False) -> np.ndarray:
+        if update:  # RunningMeanStd reduces over the leading dimension: each seed's N observations
+            self.stats.update(obs.swapaxes(0, 1))
+        return self._apply(obs, self.stats._mean[:, None, :], self.stats._var[:, None, :])
+
     def __call__(self, obs: Tensor, update: bool = False) -> Tensor:
-        # RunningMeanStd reduces over the leading dimension: each seed's N observations
         return super().__call__(obs.transpose(0, 1), update).transpose(0, 1)
 
     def seed_state_dict(self, k: int) -> dict:
@@ -322,25 +331,21 @@ class StackedObservationNormalizer(ObservationNormalizer):
         return {"mean": s.mean[k].clone(), "var": s.var[k].clone(), "count": s.count.clone()}
 
     def load_seed_state_dicts(self, states: list[dict]) -> None:
-        self.stats.mean = torch.stack([s["mean"] for s in states]).to(torch.float64)
-        self.stats.var = torch.stack([s["var"] for s in states]).to(torch.float64)
-        self.stats.count = states[0]["count"].clone().to(torch.float64)
+        self.stats.mean = torch.stack([s["mean"] for s in states])
+        self.stats.var = torch.stack([s["var"] for s in states])
+        self.stats.count = states[0]["count"]
 
 
 class StackedActor(Actor):
-    """Samples every seed's actions from its own generator (``generators[k]``: the stream
-    seed k's single run samples from)."""
+    """Draws every seed's action noise from its own generator (``rngs[k]``: the stream seed
+    k's single run draws from); observations and actions (S, N, ...)."""
 
-    def __init__(self, policy: StackedPolicy, device: torch.device, generators: list[torch.Generator]):
-        super().__init__(policy, device)
-        self.generators = generators
+    def __init__(self, policy: StackedPolicy, device: torch.device, rngs: list[np.random.Generator]):
+        self.rngs = rngs
+        super().__init__(policy, device, rngs[0])
 
-    @torch.no_grad()
-    def act(self, obs: Tensor) -> Tensor:
-        """Actions (S, N, act_dim) for observations (S, N, obs_dim) on the CPU."""
-        mean, std = self.local(obs)
-        eps = torch.stack([torch.randn(mean.shape[1:], generator=g, dtype=mean.dtype) for g in self.generators])
-        return mean + std * eps  # GaussianPolicy.sample for a diagonal covariance
+    def noise(self, shape: tuple) -> np.ndarray:
+        return np.stack([g.standard_normal(shape[1:], dtype=np.float32) for g in self.rngs])
 
 
 class SeedEnvs:
@@ -430,42 +435,37 @@ class StackedCollector:
     def collect(self, actor: StackedActor, steps_per_env: int) -> Rollout:
         T, S, N = steps_per_env, self.envs.num_seeds, self.envs.num_envs
         obs_dim, act_dim = self.envs.obs_dim, self.envs.act_dim
-        buf = Rollout(
-            obs=torch.zeros(T, S, N, obs_dim),
-            next_obs=torch.zeros(T, S, N, obs_dim),
-            actions=torch.zeros(T, S, N, act_dim),
-            rewards=torch.zeros(T, S, N),
-            terminated=torch.zeros(T, S, N, dtype=torch.bool),
-            truncated=torch.zeros(T, S, N, dtype=torch.bool),
-            valid=torch.zeros(T, S, N, dtype=torch.bool),
-        )
+        obs_buf = np.zeros((T, S, N, obs_dim), np.float32)
+        next_buf = np.zeros((T, S, N, obs_dim), np.float32)
+        act_buf = np.zeros((T, S, N, act_dim), np.float32)
+        rew_buf = np.zeros((T, S, N), np.float32)
+        term_buf, trunc_buf, valid_buf = (np.zeros((T, S, N), bool) for _ in range(3))
         norm = self.obs_norm
         for t in range(T):
-            x = torch.as_tensor(self.raw_obs, dtype=torch.float32)
-            obs = norm(x, update=True) if norm else x
+            x = self.raw_obs.astype(np.float32)
+            obs = norm.numpy(x, update=True) if norm else x
             action = actor.act(obs)
-            raw_next, rew, te, tr = self.envs.step(action.double().numpy(), clip=self.clip_actions)
+            raw_next, rew, te, tr = self.envs.step(action, clip=self.clip_actions)
             if self.time_limit_terminal:
                 te, tr = te | tr, np.zeros_like(tr)
             valid = ~self.prev_done
-            self.episode_return += np.where(valid, rew, 0.0)
+            rew = np.where(valid, rew, 0.0)
+            self.episode_return += rew
             done = (te | tr) & valid
             if done.any():
                 for k in np.flatnonzero(done.any(1)):
                     self.finished_returns[k] += self.episode_return[k][done[k]].tolist()
                 self.episode_return[done] = 0.0
-            rew_t = torch.as_tensor(np.where(valid, rew, 0.0), dtype=torch.float32)
-            if self.rew_norm:
-                rew_t = self.rew_norm(rew_t, torch.as_tensor(done)).float()
-            xn = torch.as_tensor(raw_next, dtype=torch.float32)
-            buf.obs[t], buf.actions[t], buf.rewards[t] = obs, action.float(), rew_t
-            buf.next_obs[t] = norm(xn) if norm else xn
-            buf.terminated[t] = torch.as_tensor(te & valid)
-            buf.truncated[t] = torch.as_tensor(tr & valid)
-            buf.valid[t] = torch.as_tensor(valid)
+            obs_buf[t], act_buf[t] = obs, action
+            rew_buf[t] = self.rew_norm.numpy(rew, done) if self.rew_norm else rew
+            xn = raw_next.astype(np.float32)
+            next_buf[t] = norm.numpy(xn) if norm else xn
+            term_buf[t], trunc_buf[t], valid_buf[t] = te & valid, tr & valid, valid
             self.prev_done = te | tr
             self.raw_obs = raw_next
-        return buf
+        return Rollout(
+            *(torch.from_numpy(a) for a in (obs_buf, next_buf, act_buf, rew_buf, term_buf, trunc_buf, valid_buf))
+        )
 
     def seed_loop_state(self, k: int) -> dict:
         """Seed k's part, in :meth:`Collector.loop_state`'s format."""
@@ -850,7 +850,7 @@ def train_seeds(
         envs.close()
         raise
     obs_dim, act_dim = envs.obs_dim, envs.act_dim
-    policies, values, sample_gens, h0s, np_states = [], [], [], [], []
+    policies, values, sample_gens, noise_rngs, h0s, np_states = [], [], [], [], [], []
     for c in cfgs:
         torch.manual_seed(c.seed)
         np.random.seed(c.seed)
@@ -858,8 +858,9 @@ def train_seeds(
         p = make_policy(c, obs_dim, act_dim)
         policies.append(p)
         values.append(ValueNetwork(obs_dim, c.hidden_vf))
-        # the stream a single run samples its actions from: the global generator, now
+        # what a single run's global generator holds from here on (its checkpoint's torch_rng)
         sample_gens.append(torch.Generator().set_state(torch.get_rng_state()))
+        noise_rngs.append(np.random.default_rng(c.seed))  # a single run's action noise
         if c.entropy_control is not None:
             with torch.no_grad():
                 _, cov0 = p(torch.zeros(1, obs_dim))
@@ -922,6 +923,10 @@ def train_seeds(
             sample_gens[k].set_state(st["torch_rng"])
             perm_gens[k].set_state(st["gen_rng"])
             np_states[k] = st["numpy_rng"]
+            if st.get("actor_rng") is not None:
+                noise_rngs[k].bit_generator.state = st["actor_rng"]
+            else:  # checkpoints before 2026-11-29: a fresh stream, as a single run takes
+                noise_rngs[k] = np.random.default_rng([cfgs[k].seed, st["global_step"]])
         load_seed_optimizer_states(opt_pi, [st["opt_pi"] for st in saved])
         load_seed_optimizer_states(opt_vf, [st["opt_vf"] for st in saved])
         if obs_norm:
@@ -944,7 +949,7 @@ def train_seeds(
             envs = SeedEnvs(cfgs, seed_offset=global_step)  # as a single run reseeds: seed + global_step
             collector = new_collector()
         collector.load_seed_loop_states([st["loop"] for st in saved], restore_episodes=exact)
-    actor = StackedActor(policy, device, sample_gens)
+    actor = StackedActor(policy, device, noise_rngs)
     updater = StackedUpdater(cfg, seeds, policy, value, opt_pi, opt_vf, layer, compile=cfg.compile_update)
 
     def snapshot(iterations_done: int) -> list[dict]:
@@ -970,6 +975,7 @@ def train_seeds(
                     "torch_rng": sample_gens[k].get_state(),
                     "gen_rng": perm_gens[k].get_state(),
                     "numpy_rng": np_states[k],
+                    "actor_rng": noise_rngs[k].bit_generator.state,
                     "loop": {**collector.seed_loop_state(k), "wall_time": wall},
                     "envs": envs.get_state(k),
                 }

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -47,6 +48,38 @@ def mlp(in_dim: int, hidden: tuple[int, ...], activation=nn.Tanh) -> tuple[nn.Se
         layers += [lin, activation()]
         last = h
     return nn.Sequential(*layers), last
+
+
+def numpy_layers(modules) -> list | None:
+    """``modules`` (Linear-like layers with ``weight`` (out, in) or stacked (S, out, in), and
+    Tanh / ReLU) as float32 numpy ops for :func:`run_numpy_layers`; None if one is
+    something else. The arrays are copies: rebuild after the weights change."""
+    ops = []
+    for m in modules:
+        if isinstance(m, nn.Tanh):
+            ops.append(np.tanh)
+        elif isinstance(m, nn.ReLU):
+            ops.append(_relu)
+        elif hasattr(m, "weight") and hasattr(m, "bias") and m.bias is not None and m.weight.dim() in (2, 3):
+            w = m.weight.detach().cpu().float()
+            b = m.bias.detach().cpu().float()
+            # (in, out) or (S, in, out); the bias broadcasts over the batch rows
+            ops.append((w.mT.contiguous().numpy(), (b.unsqueeze(-2) if w.dim() == 3 else b).numpy().copy()))
+        else:
+            return None
+    return ops
+
+
+def _relu(x: np.ndarray) -> np.ndarray:
+    return np.maximum(x, np.float32(0.0))
+
+
+def run_numpy_layers(ops: list, x: np.ndarray) -> np.ndarray:
+    """``x`` (..., in) float32 through :func:`numpy_layers` ops: a few microseconds for the
+    paper's 64x64 MLPs on one row, where torch's per-op overhead costs tens."""
+    for op in ops:
+        x = x @ op[0] + op[1] if isinstance(op, tuple) else op(x)
+    return x
 
 
 def _head(in_dim: int, out_dim: int, gain: float) -> nn.Linear:
@@ -130,9 +163,53 @@ class GaussianPolicy(nn.Module):
         return self.mean_head(self.body(obs))
 
     # -- the distribution of (mean, cov): this policy's or a projection of it -------------
-    def sample(self, mean: Tensor, cov: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Actions (..., d) drawn from N(mean, cov)."""
-        return D.sample(self._dist, self.cov_form, mean, cov, generator=generator)
+    def sample(
+        self, mean: Tensor, cov: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None
+    ) -> Tensor:
+        """Actions (..., d) drawn from N(mean, cov); ``noise``: the standard normal draws
+        (..., d) to use instead of drawing them (the rollout draws them in numpy)."""
+        return D.sample(self._dist, self.cov_form, mean, cov, generator=generator, noise=noise)
+
+    # -- the rollout's numpy path -----------------------------------------------------------
+    def numpy_mean(self) -> list | None:
+        """The mean network as numpy ops (:func:`numpy_layers`), or None."""
+        return numpy_layers([*self.body, self.mean_head])
+
+    @torch.no_grad()
+    def global_sampling_factor(self) -> np.ndarray | None:
+        """For a state-independent covariance, what a sample multiplies the noise by: the
+        std (d,) for a diagonal one, else the lower Cholesky factor (d, d) of the
+        covariance (float32); None for a contextual covariance."""
+        if self.cov_type != "global":
+            return None
+        cov = self.cov_from_raw(self.cov_diag, self.cov_off)
+        if self.cov_form == "full":
+            cov = D.cholesky_of(self._dist, self.cov_form, cov)
+        return cov.detach().cpu().float().numpy().copy()
+
+    def numpy_distribution(self):
+        """The policy as numpy ops for the rollout's per-step forward: a function ``obs
+        (..., obs_dim) float32 -> (mean (..., d), factor)``, ``factor`` the std (broadcasting
+        against the mean) for a diagonal covariance, else the lower Cholesky factor (d, d)
+        of a global full one; None where numpy does not reach (a contextual full covariance,
+        layers other than Linear / Tanh / ReLU). The weights are copied: call it again after
+        an update."""
+        body, head = numpy_layers(list(self.body)), numpy_layers([self.mean_head])
+        if body is None or head is None:
+            return None
+        if self.cov_type == "global":
+            factor = self.global_sampling_factor()
+            return lambda obs: (run_numpy_layers(head, run_numpy_layers(body, obs)), factor)
+        if self.cov_form != "diag":
+            return None
+        cov_head, d, min_std = numpy_layers([self.cov_head]), self.n_diag, np.float32(self.min_std)
+
+        def forward(obs):
+            features = run_numpy_layers(body, obs)
+            raw = run_numpy_layers(cov_head, features)[..., :d]
+            return run_numpy_layers(head, features), np.logaddexp(np.float32(0.0), raw) + min_std  # softplus
+
+        return forward
 
     def log_prob(self, mean: Tensor, cov: Tensor, actions: Tensor) -> Tensor:
         """log N(actions; mean, cov), shape (...)."""

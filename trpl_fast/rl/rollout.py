@@ -16,13 +16,22 @@ from torch import Tensor
 
 
 class Actor:
-    """The policy the rollout acts with. On the CPU the policy itself; on an accelerator a
-    CPU copy, synced once per iteration (:meth:`sync`): one transfer of the weights instead
-    of a device round trip per environment step (the envs live on the CPU)."""
+    """The policy the rollout acts with, in numpy: per environment step the mean network
+    as numpy ops (:meth:`GaussianPolicy.numpy_distribution`) and ``mean + L z`` with noise
+    ``z`` from ``rng`` (a ``numpy.random.Generator``; checkpointed). Torch's per-op overhead
+    (~10 us an op) would cost more than the simulator's step for the paper's 64x64 MLPs. A
+    contextual full covariance (or layers numpy does not run) goes through the torch
+    policy, with the same noise.
 
-    def __init__(self, policy, device: torch.device):
-        self.policy = policy
+    On an accelerator it acts with a CPU copy of the policy, synced once per iteration
+    (:meth:`sync`): one transfer of the weights instead of a device round trip per
+    environment step (the envs live on the CPU). The numpy weights are rebuilt by
+    :meth:`sync` too: call it after every update."""
+
+    def __init__(self, policy, device: torch.device, rng: np.random.Generator):
+        self.policy, self.rng = policy, rng
         self.local = policy if device.type == "cpu" else copy.deepcopy(policy).to("cpu")
+        self._rebuild()
 
     @property
     def separate(self) -> bool:
@@ -33,12 +42,26 @@ class Actor:
         if self.separate:
             for dst, src in zip(self.local.state_dict().values(), self.policy.state_dict().values()):
                 dst.copy_(src)
+        self._rebuild()
 
-    @torch.no_grad()
-    def act(self, obs: Tensor) -> Tensor:
-        """Sampled actions (N, act_dim) for observations (N, obs_dim) on the CPU."""
-        mean, cov = self.local(obs)
-        return self.local.sample(mean, cov)
+    def _rebuild(self) -> None:
+        self._forward = self.local.numpy_distribution()
+
+    def noise(self, shape: tuple) -> np.ndarray:
+        """Standard normal draws (float32) of ``shape`` = (..., d)."""
+        return self.rng.standard_normal(shape, dtype=np.float32)
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        """Sampled actions (..., act_dim) float32 for observations (..., obs_dim) float32."""
+        z = self.noise((*obs.shape[:-1], self.local.act_dim))
+        if self._forward is not None:
+            mean, factor = self._forward(obs)
+            if self.local.cov_form == "diag":
+                return mean + factor * z
+            return mean + (z[..., None, :] @ factor.swapaxes(-1, -2))[..., 0, :]
+        with torch.no_grad():
+            mean, cov = self.local(torch.from_numpy(obs))
+            return self.local.sample(mean, cov, noise=torch.from_numpy(z)).numpy()
 
 
 @dataclass
@@ -72,42 +95,40 @@ class Collector:
         self.finished_returns: list[float] = []
 
     def collect(self, actor: Actor, steps_per_env: int) -> Rollout:
+        """``steps_per_env`` steps of every environment, in numpy (one conversion to tensors
+        at the end; per step a few microseconds besides the simulator)."""
         T, N = steps_per_env, self.envs.num_envs
         obs_dim, act_dim = self.envs.obs_dim, self.envs.act_dim
-        buf = Rollout(
-            obs=torch.zeros(T, N, obs_dim),
-            next_obs=torch.zeros(T, N, obs_dim),
-            actions=torch.zeros(T, N, act_dim),
-            rewards=torch.zeros(T, N),
-            terminated=torch.zeros(T, N, dtype=torch.bool),
-            truncated=torch.zeros(T, N, dtype=torch.bool),
-            valid=torch.zeros(T, N, dtype=torch.bool),
-        )
+        obs_buf = np.zeros((T, N, obs_dim), np.float32)
+        next_buf = np.zeros((T, N, obs_dim), np.float32)
+        act_buf = np.zeros((T, N, act_dim), np.float32)
+        rew_buf = np.zeros((T, N), np.float32)
+        term_buf, trunc_buf, valid_buf = (np.zeros((T, N), bool) for _ in range(3))
         norm = self.obs_norm
         for t in range(T):
-            x = torch.as_tensor(self.raw_obs, dtype=torch.float32)
-            obs = norm(x, update=True) if norm else x
+            x = self.raw_obs.astype(np.float32)
+            obs = norm.numpy(x, update=True) if norm else x
             action = actor.act(obs)
-            raw_next, rew, term, trunc = self.envs.step(action.double().numpy(), clip=self.clip_actions)
+            raw_next, rew, term, trunc = self.envs.step(action, clip=self.clip_actions)
             if self.time_limit_terminal:
                 term, trunc = term | trunc, np.zeros_like(trunc)
             valid = ~self.prev_done  # a step right after an episode end only resets
-            self.episode_return += np.where(valid, rew, 0.0)
+            rew = np.where(valid, rew, 0.0)
+            self.episode_return += rew
             done = (term | trunc) & valid
-            self.finished_returns += self.episode_return[done].tolist()
-            self.episode_return[done] = 0.0
-            rew_t = torch.as_tensor(np.where(valid, rew, 0.0), dtype=torch.float32)
-            if self.rew_norm:
-                rew_t = self.rew_norm(rew_t, torch.as_tensor(done)).float()
-            xn = torch.as_tensor(raw_next, dtype=torch.float32)
-            buf.obs[t], buf.actions[t], buf.rewards[t] = obs, action.float(), rew_t
-            buf.next_obs[t] = norm(xn) if norm else xn
-            buf.terminated[t] = torch.as_tensor(term & valid)
-            buf.truncated[t] = torch.as_tensor(trunc & valid)
-            buf.valid[t] = torch.as_tensor(valid)
+            if done.any():
+                self.finished_returns += self.episode_return[done].tolist()
+                self.episode_return[done] = 0.0
+            obs_buf[t], act_buf[t] = obs, action
+            rew_buf[t] = self.rew_norm.numpy(rew, done) if self.rew_norm else rew
+            xn = raw_next.astype(np.float32)
+            next_buf[t] = norm.numpy(xn) if norm else xn
+            term_buf[t], trunc_buf[t], valid_buf[t] = term & valid, trunc & valid, valid
             self.prev_done = term | trunc
             self.raw_obs = raw_next
-        return buf
+        return Rollout(
+            *(torch.from_numpy(a) for a in (obs_buf, next_buf, act_buf, rew_buf, term_buf, trunc_buf, valid_buf))
+        )
 
     # -- checkpoint ---------------------------------------------------------------------
     def loop_state(self) -> dict:

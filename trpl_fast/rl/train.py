@@ -516,7 +516,13 @@ def train(
                 time_limit_terminal=cfg.time_limit_terminal,
             )
         collector.load_loop_state(saved["loop"], restore_episodes=exact)
-    actor = Actor(policy, device)
+    # the rollout's action noise: its own stream (numpy: drawn per environment step)
+    actor = Actor(policy, device, np.random.default_rng(cfg.seed))
+    if saved:  # checkpoints before 2026-11-29 (torch noise) have none: a fresh stream
+        if saved.get("actor_rng") is not None:
+            actor.rng.bit_generator.state = saved["actor_rng"]
+        else:
+            actor.rng = np.random.default_rng([cfg.seed, global_step])
     updater = Updater(cfg, policy, value, opt_pi, opt_vf, layer, compile=cfg.compile_update)
 
     def snapshot(iterations_done: int) -> dict:
@@ -537,6 +543,7 @@ def train(
             "torch_rng": torch.get_rng_state(),
             "gen_rng": gen.get_state(),
             "numpy_rng": np.random.get_state(),
+            "actor_rng": actor.rng.bit_generator.state,
             "loop": {**collector.loop_state(), "wall_time": wall_offset + time.perf_counter() - t_start},
             "envs": envs.get_state() if envs.can_save_state else None,
         }
