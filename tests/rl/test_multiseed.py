@@ -167,6 +167,7 @@ def test_seeds_are_independent():
         pol.zero_grad()
         val.zero_grad()
         loss = up.policy_losses(
+            pol,
             batch.obs,
             batch.actions,
             batch.advantages,
@@ -176,7 +177,7 @@ def test_seeds_are_independent():
             batch.old_logp,
             None,
         ).sum()
-        loss = loss + up.value_losses(batch.obs, batch.returns, batch.values, batch.weight).sum()
+        loss = loss + up.value_losses(val, batch.obs, batch.returns, batch.values, batch.weight).sum()
         loss.backward()
         return [p.grad.clone() for p in (*pol.parameters(), *val.parameters())]
 

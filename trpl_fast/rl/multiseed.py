@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from ..projection import EntropySchedule, TrustRegionProjection
 from .advantages import gae
 from .checkpoint import catch_sigterm, check_resumable, check_resume_config, read_checkpoint, save_checkpoint
+from .compiled_step import CompiledAdamStep, clip_by_seed_norm, supports
 from .config import PROJECTIONS, TrainConfig, planned_iterations
 from .envs import make_vec_env
 from .evaluation import Evaluator, eval_seed
@@ -579,15 +580,24 @@ class StackedUpdater:
         self.policy_step, self.value_step = self._policy_step, self._value_step
         if compile:
             torch.compiler.reset()  # as train.Updater: earlier runs' graphs only eat the recompile limit
-            self.policy_step = torch.compile(self._policy_step)
-            self.value_step = torch.compile(self._value_step)
+            # as train.Updater: one graph per step where torch.func reaches (compiled_step.py)
+            clip = clip_by_seed_norm(cfg.max_grad_norm) if cfg.max_grad_norm is not None else None
+            if layer is None and supports(opt_pi):
+                self.policy_step = CompiledAdamStep(policy, opt_pi, self.policy_losses, clip)
+            else:
+                self.policy_step = torch.compile(self._policy_step)
+            if supports(opt_vf):
+                self.value_step = CompiledAdamStep(value, opt_vf, self.value_losses, clip)
+            else:
+                self.value_step = torch.compile(self._value_step)
 
-    def policy_losses(self, obs, actions, adv, weight, old_mean, old_cov, old_logp, step) -> Tensor:
-        """Per-seed losses (S,) of one minibatch, every argument (S, M, ...)."""
+    def policy_losses(self, forward, obs, actions, adv, weight, old_mean, old_cov, old_logp, step) -> Tensor:
+        """Per-seed losses (S,) of one minibatch, every argument (S, M, ...); ``forward``: the
+        stacked policy (or a functional call of it)."""
         cfg, policy = self.cfg, self.policy
         if cfg.advantage_normalization == "minibatch":
             adv = normalize_per_seed(adv, weight)
-        mean, cov = policy(obs)
+        mean, cov = forward(obs)
         if self.layer is not None:
             mean_t, cov_t = self.layer(mean, cov, old_mean, old_cov, step=step) if cfg.projection else (mean, cov)
             ratio = importance_ratio(policy.log_prob(mean_t, cov_t, actions), old_logp)
@@ -598,8 +608,8 @@ class StackedUpdater:
         clipped = ratio.clamp(1.0 - cfg.ratio_clip, 1.0 + cfg.ratio_clip)
         return -seed_mean(torch.minimum(ratio * adv, clipped * adv), weight)
 
-    def value_losses(self, obs, returns, old_values, weight) -> Tensor:
-        values, clip = self.value(obs), self.cfg.vf_clip
+    def value_losses(self, forward, obs, returns, old_values, weight) -> Tensor:
+        values, clip = forward(obs), self.cfg.vf_clip
         sq = (values - returns) ** 2
         if clip is not None:
             sq = torch.maximum(sq, (old_values + (values - old_values).clamp(-clip, clip) - returns) ** 2)
@@ -614,12 +624,11 @@ class StackedUpdater:
         return losses.detach()
 
     def _policy_step(self, obs, actions, adv, weight, old_mean, old_cov, old_logp, step) -> Tensor:
-        return self._step(
-            self.policy_losses(obs, actions, adv, weight, old_mean, old_cov, old_logp, step), self.policy, self.opt_pi
-        )
+        losses = self.policy_losses(self.policy, obs, actions, adv, weight, old_mean, old_cov, old_logp, step)
+        return self._step(losses, self.policy, self.opt_pi)
 
     def _value_step(self, obs, returns, old_values, weight) -> Tensor:
-        return self._step(self.value_losses(obs, returns, old_values, weight), self.value, self.opt_vf)
+        return self._step(self.value_losses(self.value, obs, returns, old_values, weight), self.value, self.opt_vf)
 
     @staticmethod
     def _flat(b: Batch, names) -> list[Tensor]:

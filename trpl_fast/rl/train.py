@@ -42,6 +42,7 @@ from .checkpoint import (  # noqa: F401
     read_checkpoint,
     save_checkpoint,
 )
+from .compiled_step import CompiledAdamStep, clip_by_total_norm, supports
 from .config import ALGOS, PROJECTIONS, TrainConfig, planned_iterations  # noqa: F401  (re-exported)
 from .envs import make_vec_env
 from .evaluation import Evaluator
@@ -232,36 +233,53 @@ class Updater:
         )
         self.policy_step, self.value_step = self._policy_step, self._value_step
         if compile:
-            # the compiled steps guard on this run's optimizer objects: a previous run's
-            # graphs in the same process (experiment workers, benchmarks) would only count
-            # towards dynamo's recompile limit, after which it silently runs eager
+            # the compiled steps guard on this run's modules: a previous run's graphs in the
+            # same process (experiment workers, benchmarks) would only count towards
+            # dynamo's recompile limit, after which it silently runs eager
             torch.compiler.reset()
-            # the optimizer step inside the compiled region: LeanRL's recipe (GPU.md section 3)
-            self.policy_step = torch.compile(self._policy_step)
-            self.value_step = torch.compile(self._value_step)
+            # each step one graph: loss, gradient, clipping and Adam (compiled_step.py;
+            # LeanRL's recipe, GPU.md section 3)
+            clip = clip_by_total_norm(cfg.max_grad_norm) if cfg.max_grad_norm is not None else None
+            if layer is None and supports(opt_pi):
+                self.policy_step = CompiledAdamStep(policy, opt_pi, self.policy_loss, clip)
+            else:
+                # the projection operators' autograd (torch.library) does not run under
+                # torch.func.grad: compiled around the autograd engine instead
+                self.policy_step = torch.compile(self._policy_step)
+            if supports(opt_vf):
+                self.value_step = CompiledAdamStep(value, opt_vf, self.value_loss, clip)
+            else:
+                self.value_step = torch.compile(self._value_step)
 
-    def _policy_step(self, obs, actions, adv, weight, old_mean, old_cov, old_logp, step) -> Tensor:
+    def policy_loss(self, forward, obs, actions, adv, weight, old_mean, old_cov, old_logp, step) -> Tensor:
+        """The policy's minibatch loss; ``forward``: the policy network (or a functional
+        call of it with the parameters being differentiated)."""
         cfg, policy = self.cfg, self.policy
         if cfg.advantage_normalization == "minibatch":
             adv = normalize_advantages(adv, weight)
-        mean, cov = policy(obs)
+        mean, cov = forward(obs)
         if self.layer is not None:
             mean_t, cov_t = self.layer(mean, cov, old_mean, old_cov, step=step) if cfg.projection else (mean, cov)
             logp = policy.log_prob(mean_t, cov_t, actions)
-            loss = surrogate_loss(logp, old_logp, adv, weight) + self.layer.trust_region_loss(
+            return surrogate_loss(logp, old_logp, adv, weight) + self.layer.trust_region_loss(
                 mean, cov, mean_t, cov_t, weight
             )
-        else:
-            loss = ppo_clip_loss(policy.log_prob(mean, cov, actions), old_logp, adv, cfg.ratio_clip, weight)
+        return ppo_clip_loss(policy.log_prob(mean, cov, actions), old_logp, adv, cfg.ratio_clip, weight)
+
+    def value_loss(self, forward, obs, returns, old_values, weight) -> Tensor:
+        return value_loss(forward(obs), returns, old_values, self.cfg.vf_clip, weight)
+
+    def _policy_step(self, obs, actions, adv, weight, old_mean, old_cov, old_logp, step) -> Tensor:
+        loss = self.policy_loss(self.policy, obs, actions, adv, weight, old_mean, old_cov, old_logp, step)
         self.opt_pi.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+        if self.cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.max_grad_norm)
         self.opt_pi.step()
         return loss.detach()
 
     def _value_step(self, obs, returns, old_values, weight) -> Tensor:
-        loss = value_loss(self.value(obs), returns, old_values, self.cfg.vf_clip, weight)
+        loss = self.value_loss(self.value, obs, returns, old_values, weight)
         self.opt_vf.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.max_grad_norm is not None:
