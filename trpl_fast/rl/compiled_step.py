@@ -127,6 +127,18 @@ class CompiledAdamStep:
         return losses
 
 
+def func_grad_reaches(fn: Callable[..., Tensor], *args: Tensor) -> bool:
+    """Whether ``torch.func.grad`` differentiates ``fn(*args)`` (w.r.t. the first argument)
+    in eager mode: torch.library operators with a registered autograd do not on the torch
+    versions this was written with (pytorch/pytorch#170834, fixed upstream in #184974),
+    so the projection layers' steps take the autograd-engine path until they do."""
+    try:
+        grad(lambda x: fn(x, *args[1:]).sum())(args[0])
+    except RuntimeError:
+        return False
+    return True
+
+
 def clip_by_total_norm(max_norm: float) -> Callable[[list[Tensor]], list[Tensor]]:
     """``torch.nn.utils.clip_grad_norm_`` as a pure function of the gradients."""
 

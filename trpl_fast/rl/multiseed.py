@@ -582,7 +582,7 @@ class StackedUpdater:
             torch.compiler.reset()  # as train.Updater: earlier runs' graphs only eat the recompile limit
             # as train.Updater: one graph per step where torch.func reaches (compiled_step.py)
             clip = clip_by_seed_norm(cfg.max_grad_norm) if cfg.max_grad_norm is not None else None
-            if layer is None and supports(opt_pi):
+            if supports(opt_pi) and layer is None:  # (projections: see train._layer_reaches_func_grad)
                 self.policy_step = CompiledAdamStep(policy, opt_pi, self.policy_losses, clip)
             else:
                 self.policy_step = torch.compile(self._policy_step)

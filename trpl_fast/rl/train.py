@@ -42,7 +42,7 @@ from .checkpoint import (  # noqa: F401
     read_checkpoint,
     save_checkpoint,
 )
-from .compiled_step import CompiledAdamStep, clip_by_total_norm, supports
+from .compiled_step import CompiledAdamStep, clip_by_total_norm, func_grad_reaches, supports
 from .config import ALGOS, PROJECTIONS, TrainConfig, planned_iterations  # noqa: F401  (re-exported)
 from .envs import make_vec_env
 from .evaluation import Evaluator
@@ -209,6 +209,14 @@ def compute_advantages(rollout: Rollout, policy, value, cfg: TrainConfig, device
 # -- phases 3 and 4: the minibatch steps ----------------------------------------------------
 
 
+def _layer_reaches_func_grad(layer: TrustRegionProjection, policy) -> bool:
+    """``torch.func.grad`` differentiates through the projection (see
+    :func:`~.compiled_step.func_grad_reaches`), probed on one state of the policy's shapes."""
+    with torch.no_grad():
+        mean, cov = policy(torch.zeros(1, policy.body[0].in_features, device=next(policy.parameters()).device))
+    return func_grad_reaches(lambda m, c: layer(m, c, mean + 0.1, cov)[0], mean, cov)
+
+
 class Updater:
     """The policy's and the value function's minibatch steps (each: forward, loss, backward,
     optimizer step), eager or compiled whole with ``torch.compile`` (``compile``)."""
@@ -240,11 +248,9 @@ class Updater:
             # each step one graph: loss, gradient, clipping and Adam (compiled_step.py;
             # LeanRL's recipe, GPU.md section 3)
             clip = clip_by_total_norm(cfg.max_grad_norm) if cfg.max_grad_norm is not None else None
-            if layer is None and supports(opt_pi):
+            if supports(opt_pi) and (layer is None or _layer_reaches_func_grad(layer, policy)):
                 self.policy_step = CompiledAdamStep(policy, opt_pi, self.policy_loss, clip)
-            else:
-                # the projection operators' autograd (torch.library) does not run under
-                # torch.func.grad: compiled around the autograd engine instead
+            else:  # compiled around the autograd engine (graph breaks at zero_grad / backward)
                 self.policy_step = torch.compile(self._policy_step)
             if supports(opt_vf):
                 self.value_step = CompiledAdamStep(value, opt_vf, self.value_loss, clip)
