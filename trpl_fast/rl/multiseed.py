@@ -59,7 +59,7 @@ from .envs import make_vec_env
 from .evaluation import Evaluator, eval_seed
 from .losses import importance_ratio
 from .normalization import ObservationNormalizer, RewardNormalizer, RunningMeanStd
-from .policies import GaussianPolicy, ValueNetwork
+from .policies import GaussianPolicy, ValueNetwork, run_numpy_layers
 from .rollout import Actor, Rollout
 from .runlog import CSV_COLUMNS, PhaseClock, RunLog, check_run_dir, read_progress, run_files
 from .train import (
@@ -751,20 +751,18 @@ class StackedEvaluator:
             if ev.env.backend == "gymnasium":
                 ev.env.env.reset(seed=eval_seed(ev.seed, iteration, E))
         obs = np.stack([ev.env.reset() for ev in evs])  # (S, E, obs_dim)
-        shift = scale = None
-        if obs_norm is not None:
-            shift = obs_norm.stats.mean.to(device, torch.float32).unsqueeze(1)
-            scale = torch.sqrt(obs_norm.stats.var + obs_norm.eps).to(device, torch.float32).unsqueeze(1)
+        ops = policy.numpy_mean()  # numpy per step, as Evaluator (the weights are frozen here)
         returns = np.zeros((len(evs), E))
         done = np.zeros((len(evs), E), dtype=bool)
         steps = 0
         while not done.all() and steps < evs[0].max_steps:
-            x = torch.as_tensor(obs, dtype=torch.float32, device=device)
+            x = obs.astype(np.float32)
             if obs_norm is not None:
-                x = (x - shift) / scale
-                if obs_norm.clip is not None:
-                    x = x.clamp(-obs_norm.clip, obs_norm.clip)
-            action = policy.mean_action(x).cpu().double().numpy()
+                x = obs_norm.numpy(x)
+            if ops is not None:
+                action = run_numpy_layers(ops, x).astype(np.float64)
+            else:
+                action = policy.mean_action(torch.from_numpy(x).to(device)).cpu().double().numpy()
             for k, ev in enumerate(evs):
                 if done[k].all():
                     continue
