@@ -45,7 +45,7 @@ def project(
     if check_values and not torch.compiler.is_compiling():
         op.check(mean, cov, old_mean, old_cov, mb_t, cb_t)  # shapes first: clearer errors
         validate_values(form, kind, mean, cov, old_mean, old_cov, mb_t, cb_t)
-    out = op.forward_op(mean, cov, old_mean, old_cov, mb_t, cb_t, mb_v, cb_v)
+    out = op.apply(mean, cov, old_mean, old_cov, mb_t, cb_t, mb_v, cb_v)
     return tuple(out) if return_aux else (out[0], out[1])
 
 

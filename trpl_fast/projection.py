@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from . import distances as D
 from .functional import project
+from .ops import in_torch_func_mode
 from .ops.validation import FORMS, check_kind
 
 __all__ = ["TrustRegionProjection", "EntropySchedule"]
@@ -166,13 +167,15 @@ class TrustRegionProjection(nn.Module):
             return_aux=True,
         )
         mean_t, cov_t = out[0], out[1]
-        if self.kind == "kl":
+        # the flags for metrics(): not inside a torch.func step (its tensors stay inside)
+        stash = self.kind == "kl" and not in_torch_func_mode()
+        if stash:
             self.last_converged = out[3]
         if self.entropy_control is not None:
             if step is None:
                 raise ValueError("step is required when entropy_control is set")
             cov_t = self.control_entropy(cov_t, self.entropy_schedule(step, mean.shape[-1]))
-        if self.kind == "kl":
+        if stash:
             self._last_outputs = (weakref.ref(mean_t), weakref.ref(cov_t))
         return mean_t, cov_t
 

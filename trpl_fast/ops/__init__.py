@@ -6,6 +6,7 @@ Importing this package registers, for each kind and covariance form, a forward o
 for CUDA tensors; vectorized torch everywhere else.
 """
 
+from ._common import in_torch_func_mode, torch_func_mode
 from .frobenius import FROB_DIAG, FROB_FULL
 from .kl import KL_DIAG, KL_FULL
 from .wasserstein import W2_DIAG, W2_FULL
@@ -19,4 +20,4 @@ OPS = {
     ("kl", "full"): KL_FULL,
 }
 
-__all__ = ["OPS"]
+__all__ = ["OPS", "in_torch_func_mode", "torch_func_mode"]

@@ -3,6 +3,7 @@ operator factory that wires forward op, backward op, CPU kernel and autograd tog
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -10,6 +11,34 @@ import torch
 from torch import Tensor
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+# Set by :func:`torch_func_mode`: the ops are being differentiated by ``torch.func.grad``.
+_TORCH_FUNC = False
+
+
+def in_torch_func_mode() -> bool:
+    """Inside :func:`torch_func_mode` (callers skip side effects such as stashing outputs
+    for later: a tensor kept past ``torch.func.grad`` would be one of its wrappers)."""
+    return _TORCH_FUNC
+
+
+@contextlib.contextmanager
+def torch_func_mode():
+    """Within: :meth:`ProjectionOp.apply` on CPU tensors takes a ``torch.autograd.Function``
+    with ``setup_context`` around the same forward / backward implementations, which
+    ``torch.func.grad`` (and dynamo tracing it) can differentiate. The ``torch.library``
+    operators cannot be, on the torch versions this was written with: their generated
+    autograd wrapper has no ``setup_context`` (pytorch/pytorch#170834). A flag set by the
+    caller, because neither ``maybe_current_level`` nor ``is_functorch_wrapped_tensor``
+    can be traced by dynamo. CUDA tensors keep the operators (and their kernels)."""
+    global _TORCH_FUNC
+    before, _TORCH_FUNC = _TORCH_FUNC, True
+    try:
+        yield
+    finally:
+        _TORCH_FUNC = before
+
+
 SUPPORTED_DTYPES = (torch.float32, torch.float64) + HALF_DTYPES
 
 
@@ -147,6 +176,14 @@ class ProjectionOp:
         self.forward_op = self._define_forward()
         self.backward_op = self._define_backward()
         self._register_autograd()
+        self._function = self._define_function()
+
+    def apply(self, mean, cov, old_mean, old_cov, mean_bound, cov_bound, mbv, cbv):
+        """The forward op, or under :func:`torch_func_mode` on CPU the same computation as
+        a ``torch.func``-differentiable ``autograd.Function`` (same outputs, same backward)."""
+        if _TORCH_FUNC and mean.device.type == "cpu":
+            return self._function.apply(self, mean, cov, old_mean, old_cov, mean_bound, cov_bound, mbv, cbv)
+        return self.forward_op(mean, cov, old_mean, old_cov, mean_bound, cov_bound, mbv, cbv)
 
     def check(self, mean, cov, old_mean, old_cov, mean_bound, cov_bound):
         names = ("mean", self.cov_name, "old_mean", f"old_{self.cov_name}")
@@ -351,25 +388,49 @@ class ProjectionOp:
 
         return op
 
+    def _define_function(self):
+        # the op travels as an argument, not a closure: dynamo traces the Function's
+        # forward and backward only through objects it can name (a closure cell it cannot)
+        class Projection(torch.autograd.Function):
+            @staticmethod
+            def forward(spec, mean, cov, old_mean, old_cov, mean_bound, cov_bound, mbv, cbv):
+                out = spec.run_forward(
+                    mean, cov, old_mean, old_cov, mean_bound, cov_bound, mbv, cbv, allow_kernel=False
+                )
+                return tuple(o.clone() for o in out)
+
+            @staticmethod
+            def setup_context(ctx, inputs, output):
+                inputs[0]._setup_context(ctx, inputs[1:], output)
+                ctx.spec = inputs[0]
+
+            @staticmethod
+            def backward(ctx, *grads):
+                return (None, *ctx.spec._backward(ctx, *grads, through_op=False))
+
+        Projection.__name__ = Projection.__qualname__ = f"{self.name}_function"
+        return Projection
+
+    @staticmethod
+    def _setup_context(ctx, inputs, output):
+        mean, cov, old_mean, old_cov, mean_bound, cov_bound, mbv, cbv = inputs
+        ctx.save_for_backward(mean, cov, old_mean, old_cov, mean_bound, cov_bound, *output[2:])
+        ctx.bound_values = (mbv, cbv)
+        if len(output) > 2:
+            ctx.mark_non_differentiable(*output[2:])
+
+    def _backward(self, ctx, grad_mean, grad_cov, *_aux_grads, through_op: bool = True):
+        """The forward op's registered backward (through the backward op), or the
+        ``autograd.Function``'s (``through_op=False``: the implementation itself, as its
+        forward). Aux outputs get no gradient; neither does the old policy."""
+        mean, cov, old_mean, old_cov, mean_bound, cov_bound, *aux = ctx.saved_tensors
+        if grad_mean is None:
+            grad_mean = torch.zeros_like(mean)
+        if grad_cov is None:
+            grad_cov = torch.zeros_like(cov)
+        args = (grad_mean, grad_cov, mean, cov, old_mean, old_cov, aux, mean_bound, cov_bound, *ctx.bound_values)
+        gm, gc = self.backward_op(*args) if through_op else self.run_backward(*args, allow_kernel=False)
+        return gm, gc, None, None, None, None, None, None
+
     def _register_autograd(self):
-        spec = self
-
-        def setup_context(ctx, inputs, output):
-            mean, cov, old_mean, old_cov, mean_bound, cov_bound, mbv, cbv = inputs
-            ctx.save_for_backward(mean, cov, old_mean, old_cov, mean_bound, cov_bound, *output[2:])
-            ctx.bound_values = (mbv, cbv)
-            if len(output) > 2:
-                ctx.mark_non_differentiable(*output[2:])
-
-        def backward(ctx, grad_mean, grad_cov, *_aux_grads):  # aux outputs get no gradient
-            mean, cov, old_mean, old_cov, mean_bound, cov_bound, *aux = ctx.saved_tensors
-            if grad_mean is None:
-                grad_mean = torch.zeros_like(mean)
-            if grad_cov is None:
-                grad_cov = torch.zeros_like(cov)
-            gm, gc = spec.backward_op(
-                grad_mean, grad_cov, mean, cov, old_mean, old_cov, aux, mean_bound, cov_bound, *ctx.bound_values
-            )
-            return gm, gc, None, None, None, None, None, None
-
-        self.forward_op.register_autograd(backward, setup_context=setup_context)
+        self.forward_op.register_autograd(self._backward, setup_context=self._setup_context)

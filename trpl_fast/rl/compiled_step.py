@@ -23,6 +23,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad
 
+from ..ops import torch_func_mode
+
 
 def supports(opt: torch.optim.Optimizer) -> bool:
     """``opt`` is an Adam this step reproduces: one parameter group, no weight decay,
@@ -98,7 +100,8 @@ class CompiledAdamStep:
     def __call__(self, *batch) -> Tensor:
         exp_avgs, exp_avg_sqs, steps = self._state()
         params = [p.detach() for p in self.params]  # the same storage: updated in place
-        return self._compiled(params, exp_avgs, exp_avg_sqs, steps, self._lr(), *batch)
+        with torch_func_mode():  # the projection layers differentiable by torch.func (ops)
+            return self._compiled(params, exp_avgs, exp_avg_sqs, steps, self._lr(), *batch)
 
     def _step(self, params, exp_avgs, exp_avg_sqs, steps, lr, *batch) -> Tensor:
         def objective(ps):
@@ -129,11 +132,13 @@ class CompiledAdamStep:
 
 def func_grad_reaches(fn: Callable[..., Tensor], *args: Tensor) -> bool:
     """Whether ``torch.func.grad`` differentiates ``fn(*args)`` (w.r.t. the first argument)
-    in eager mode: torch.library operators with a registered autograd do not on the torch
-    versions this was written with (pytorch/pytorch#170834, fixed upstream in #184974),
-    so the projection layers' steps take the autograd-engine path until they do."""
+    in eager mode, under :func:`~trpl_fast.ops.torch_func_mode` as the compiled step runs
+    it: the projection operators on CUDA tensors do not (their torch.library autograd
+    lacks ``setup_context`` on the torch versions this was written with,
+    pytorch/pytorch#170834), so there the step takes the autograd-engine path."""
     try:
-        grad(lambda x: fn(x, *args[1:]).sum())(args[0])
+        with torch_func_mode():
+            grad(lambda x: fn(x, *args[1:]).sum())(args[0])
     except RuntimeError:
         return False
     return True
