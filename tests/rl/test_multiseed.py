@@ -296,3 +296,26 @@ def test_cli_seeds_train_resume_and_errors(tmp_path, capsys):
         assert main(argv) == 2, argv
         assert message in capsys.readouterr().err, argv
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    "algo,extra",
+    [("kl", {}), ("ppo", {"max_grad_norm": 0.05})],
+    ids=["kl", "ppo-clipped"],
+)
+def test_compiled_batched_steps_agree_with_eager(algo, extra, tmp_path):
+    """The batched one-graph steps (per-seed clipping, the projection through torch.func)
+    give each seed the eager batched step's parameters and losses."""
+    cfg = small(algo, eval_episodes=0, **extra)
+    out = {}
+    for compiled in (False, True):
+        c = dataclasses.replace(cfg, compile_update=compiled)
+        rows = train_seeds(c, SEEDS, tmp_path / str(compiled), progress=False, log_tensorboard=False)
+        out[compiled] = (rows, [read_checkpoint(tmp_path / str(compiled) / f"seed{s}") for s in SEEDS])
+    (rows_e, ck_e), (rows_c, ck_c) = out[False], out[True]
+    for seed, a, b in zip(SEEDS, ck_e, ck_c):
+        for net in ("policy", "value"):
+            for name, t in a[net].items():
+                assert torch.allclose(b[net][name], t, rtol=1e-4, atol=1e-5), f"seed {seed} {net}.{name}"
+        assert rows_c[seed][0]["policy_loss"] == pytest.approx(rows_e[seed][0]["policy_loss"], rel=1e-3, abs=1e-5)
+        assert rows_c[seed][0]["value_loss"] == pytest.approx(rows_e[seed][0]["value_loss"], rel=1e-4)

@@ -68,6 +68,7 @@ from .train import (
     TrainingDiverged,
     checkpoint_due,
     evaluation_due,
+    layer_reaches_func_grad,
     make_policy,
     resolve_device,
     set_learning_rates,
@@ -582,7 +583,9 @@ class StackedUpdater:
             torch.compiler.reset()  # as train.Updater: earlier runs' graphs only eat the recompile limit
             # as train.Updater: one graph per step where torch.func reaches (compiled_step.py)
             clip = clip_by_seed_norm(cfg.max_grad_norm) if cfg.max_grad_norm is not None else None
-            if supports(opt_pi) and layer is None:  # (projections: see train._layer_reaches_func_grad)
+            w = policy.body[0].weight  # (S, out, in): a probe of one state per seed
+            probe = torch.zeros(w.shape[0], 1, w.shape[2], device=w.device)
+            if supports(opt_pi) and (layer is None or layer_reaches_func_grad(layer, policy, probe)):
                 self.policy_step = CompiledAdamStep(policy, opt_pi, self.policy_losses, clip)
             else:
                 self.policy_step = torch.compile(self._policy_step)

@@ -209,11 +209,12 @@ def compute_advantages(rollout: Rollout, policy, value, cfg: TrainConfig, device
 # -- phases 3 and 4: the minibatch steps ----------------------------------------------------
 
 
-def _layer_reaches_func_grad(layer: TrustRegionProjection, policy) -> bool:
+def layer_reaches_func_grad(layer: TrustRegionProjection, policy, obs: Tensor) -> bool:
     """``torch.func.grad`` differentiates through the projection (see
-    :func:`~.compiled_step.func_grad_reaches`), probed on one state of the policy's shapes."""
+    :func:`~.compiled_step.func_grad_reaches`), probed with the policy's outputs for
+    ``obs`` (a state or a few, on the training device)."""
     with torch.no_grad():
-        mean, cov = policy(torch.zeros(1, policy.body[0].in_features, device=next(policy.parameters()).device))
+        mean, cov = policy(obs)
     return func_grad_reaches(lambda m, c: layer(m, c, mean + 0.1, cov)[0], mean, cov)
 
 
@@ -248,7 +249,8 @@ class Updater:
             # each step one graph: loss, gradient, clipping and Adam (compiled_step.py;
             # LeanRL's recipe, GPU.md section 3)
             clip = clip_by_total_norm(cfg.max_grad_norm) if cfg.max_grad_norm is not None else None
-            if supports(opt_pi) and (layer is None or _layer_reaches_func_grad(layer, policy)):
+            probe = torch.zeros(1, policy.body[0].in_features, device=next(policy.parameters()).device)
+            if supports(opt_pi) and (layer is None or layer_reaches_func_grad(layer, policy, probe)):
                 self.policy_step = CompiledAdamStep(policy, opt_pi, self.policy_loss, clip)
             else:  # compiled around the autograd engine (graph breaks at zero_grad / backward)
                 self.policy_step = torch.compile(self._policy_step)
