@@ -32,14 +32,24 @@ def small(algo, **kw):
     return preset("mujoco", algo, **args)
 
 
-@pytest.mark.parametrize("algo", ["kl", "ppo"])
-def test_compiled_steps_agree_with_eager(algo, tmp_path):
+@pytest.mark.parametrize(
+    "algo,extra",
+    [
+        ("kl", {}),
+        ("ppo", {}),
+        ("w2", {"entropy_control": "eq", "target_entropy": -0.5, "max_grad_norm": 0.1}),
+        ("frob", {"cov_form": "full", "contextual_cov": True}),
+    ],
+    ids=["kl", "ppo", "w2-entropy-control-clipped", "frob-full-contextual"],
+)
+def test_compiled_steps_agree_with_eager(algo, extra, tmp_path):
     """Two iterations (ppo: with its learning-rate decay, whose tensor learning rate must not
-    recompile) give the same parameters up to float32 reassociation."""
+    recompile) give the same parameters up to float32 reassociation: the one-graph step
+    (torch.func gradient through the projection, Adam written out) against backward + Adam."""
     states = {}
     for compiled in (False, True):
         d = tmp_path / str(compiled)
-        rows = train(small(algo, compile_update=compiled), d, progress=False, log_tensorboard=False)
+        rows = train(small(algo, compile_update=compiled, **extra), d, progress=False, log_tensorboard=False)
         states[compiled] = (torch.load(d / "checkpoint.pt", weights_only=False), rows)
     (eager, rows_e), (comp, rows_c) = states[False], states[True]
     for net in ("policy", "value"):

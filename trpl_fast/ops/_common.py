@@ -24,7 +24,8 @@ def in_torch_func_mode() -> bool:
 
 @contextlib.contextmanager
 def torch_func_mode():
-    """Within: :meth:`ProjectionOp.apply` on CPU tensors takes a ``torch.autograd.Function``
+    """Within: :meth:`ProjectionOp.apply` on CPU tensors (diagonal covariances: the ops
+    with a Triton launcher, whose bodies are traced anyway) takes a ``torch.autograd.Function``
     with ``setup_context`` around the same forward / backward implementations, which
     ``torch.func.grad`` (and dynamo tracing it) can differentiate. The ``torch.library``
     operators cannot be, on the torch versions this was written with: their generated
@@ -180,8 +181,10 @@ class ProjectionOp:
 
     def apply(self, mean, cov, old_mean, old_cov, mean_bound, cov_bound, mbv, cbv):
         """The forward op, or under :func:`torch_func_mode` on CPU the same computation as
-        a ``torch.func``-differentiable ``autograd.Function`` (same outputs, same backward)."""
-        if _TORCH_FUNC and mean.device.type == "cpu":
+        a ``torch.func``-differentiable ``autograd.Function`` (same outputs, same backward)
+        -- for the ops whose body ``torch.compile`` traces anyway (those with a Triton
+        launcher); the opaque ones stay opaque (see ``_make_op``)."""
+        if _TORCH_FUNC and self.launch is not None and mean.device.type == "cpu":
             return self._function.apply(self, mean, cov, old_mean, old_cov, mean_bound, cov_bound, mbv, cbv)
         return self.forward_op(mean, cov, old_mean, old_cov, mean_bound, cov_bound, mbv, cbv)
 

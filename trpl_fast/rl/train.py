@@ -215,7 +215,7 @@ def layer_reaches_func_grad(layer: TrustRegionProjection, policy, obs: Tensor) -
     ``obs`` (a state or a few, on the training device)."""
     with torch.no_grad():
         mean, cov = policy(obs)
-    return func_grad_reaches(lambda m, c: layer(m, c, mean + 0.1, cov)[0], mean, cov)
+    return func_grad_reaches(lambda m, c: layer(m, c, mean + 0.1, cov, step=0)[0], mean, cov)
 
 
 class Updater:
