@@ -205,3 +205,18 @@ def test_set_rejects_bad_keys_and_values(text, message):
 def test_config_values_are_validated(field, value, message):
     with pytest.raises(ValueError, match=message):
         preset("mujoco", "kl", **{field: value})
+
+
+def test_shipped_config_files_load_onto_the_presets():
+    """``configs/*.json`` (e.g. PPO with Stable-Baselines3's choices, issue 9's ablation) are
+    valid ``--config`` files: known fields, typed values."""
+    from pathlib import Path
+
+    files = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.json"))
+    assert files
+    for path in files:
+        data = json.loads(path.read_text())
+        TrainConfig.from_json_file(path)  # on its own: unknown keys or bad values raise
+        cfg = TrainConfig.from_dict({**preset("mujoco", "ppo").to_dict(), **data})  # as the CLI merges
+        for key, value in data.items():
+            assert getattr(cfg, key) == value, (path.name, key)
