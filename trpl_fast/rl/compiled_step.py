@@ -70,6 +70,7 @@ class CompiledAdamStep:
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self._lr_tensor: Tensor | None = None
+        self._lr_value: float | None = None
         self._compiled = torch.compile(self._step)
 
     def _state(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
@@ -92,9 +93,11 @@ class CompiledAdamStep:
         lr = self.opt.param_groups[0]["lr"]
         if isinstance(lr, Tensor):
             return lr
-        # a float lr as a tensor input: a new value must not recompile the step
-        if self._lr_tensor is None or float(self._lr_tensor) != lr:
-            self._lr_tensor = torch.tensor(lr, dtype=torch.float64)
+        # a float lr as a tensor input: a new value must not recompile the step (compared
+        # as Python floats: no device sync)
+        if self._lr_tensor is None or self._lr_value != lr:
+            self._lr_value = lr
+            self._lr_tensor = torch.tensor(lr, dtype=torch.float64, device=self.params[0].device)
         return self._lr_tensor
 
     def __call__(self, *batch) -> Tensor:
