@@ -19,7 +19,7 @@ from pathlib import Path
 
 from trpl_fast.rl.experiment import summarize_run
 from trpl_fast.rl.multiseed import find_seed_dirs, seed_dir
-from trpl_fast.rl.plotting import ci95
+from trpl_fast.rl.plotting import ci95, load_run, mean_ci95
 
 
 def config_row(label: str, run_dir: Path, high: float) -> dict:
@@ -47,18 +47,47 @@ def config_row(label: str, run_dir: Path, high: float) -> dict:
     }
 
 
+def plot_configs(configs: list[tuple[str, Path]], path: Path) -> None:
+    """Evaluation return against env steps per configuration: mean and 95% band over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, run_dir in configs:
+        runs = [load_run(seed_dir(run_dir, s))[1] for s in find_seed_dirs(run_dir)]
+        runs = [r for r in runs if r]
+        n = min(len(r["global_step"]) for r in runs)
+        steps = runs[0]["global_step"][:n]
+        mean, half = mean_ci95([r["eval_return_mean"] for r in runs])
+        (line,) = ax.plot(steps, mean, label=f"{label} (n={len(runs)})")
+        ax.fill_between(steps, mean - half, mean + half, color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel("evaluation return (5 episodes)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("configs", nargs="+", metavar="LABEL=DIR")
     p.add_argument("--high", type=float, default=2500.0, help="a final return above this is the high mode")
     p.add_argument("--out", default=None, help="write OUT.md and OUT.csv")
+    p.add_argument("--plot", default=None, help="write the configurations' curves to this PNG")
     args = p.parse_args(argv)
-    rows = []
+    rows, configs = [], []
     for item in args.configs:
         label, sep, d = item.partition("=")
         if not sep:
             raise SystemExit(f"expected LABEL=DIR, got {item!r}")
+        configs.append((label, Path(d)))
         rows.append(config_row(label, Path(d), args.high))
+    if args.plot:
+        plot_configs(configs, Path(args.plot))
     lines = [
         f"| config | seeds (finished) | steps | 20% | final | high mode (final > {args.high:.0f}) | final per seed |",
         "|---|---|---|---|---|---|---|",
