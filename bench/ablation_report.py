@@ -43,7 +43,7 @@ def config_row(label: str, run_dir: Path, high: float) -> dict:
         "final_ci95": final_half,
         "high_mode": sum(f > high for f in finals if f == f),
         "final_per_seed": " / ".join(f"{f:.0f}" for f in finals),
-        "env_backend": cfg["env_backend"],
+        "env_backend": cfg.get("env_backend", "gymnasium (SB3)"),
     }
 
 
