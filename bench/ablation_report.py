@@ -22,7 +22,7 @@ from trpl_fast.rl.multiseed import find_seed_dirs, seed_dir
 from trpl_fast.rl.plotting import ci95, load_run, mean_ci95
 
 
-def config_row(label: str, run_dir: Path, high: float) -> dict:
+def config_row(label: str, run_dir: Path, high: float | None) -> dict:
     runs = [summarize_run(seed_dir(run_dir, s)) for s in find_seed_dirs(run_dir)]
     runs = [r for r in runs if r is not None]
     if not runs:
@@ -41,7 +41,7 @@ def config_row(label: str, run_dir: Path, high: float) -> dict:
         "early_ci95": early_half,
         "final_mean": final,
         "final_ci95": final_half,
-        "high_mode": sum(f > high for f in finals if f == f),
+        "high_mode": sum(f > high for f in finals if f == f) if high is not None else None,
         "final_per_seed": " / ".join(f"{f:.0f}" for f in finals),
         "env_backend": cfg.get("env_backend", "gymnasium (SB3)"),
     }
@@ -75,7 +75,12 @@ def plot_configs(configs: list[tuple[str, Path]], path: Path) -> None:
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("configs", nargs="+", metavar="LABEL=DIR")
-    p.add_argument("--high", type=float, default=2500.0, help="a final return above this is the high mode")
+    p.add_argument(
+        "--high",
+        type=float,
+        default=None,
+        help="count the seeds whose final is above this (a bimodal task's high mode)",
+    )
     p.add_argument("--out", default=None, help="write OUT.md and OUT.csv")
     p.add_argument("--plot", default=None, help="write the configurations' curves to this PNG")
     args = p.parse_args(argv)
@@ -88,15 +93,16 @@ def main(argv=None) -> list[dict]:
         rows.append(config_row(label, Path(d), args.high))
     if args.plot:
         plot_configs(configs, Path(args.plot))
+    high_col = f" high mode (final > {args.high:.0f}) |" if args.high is not None else ""
     lines = [
-        f"| config | seeds (finished) | steps | 20% | final | high mode (final > {args.high:.0f}) | final per seed |",
-        "|---|---|---|---|---|---|---|",
+        f"| config | seeds (finished) | steps | 20% | final |{high_col} final per seed |",
+        "|---|---|---|---|---|" + ("---|" if args.high is not None else "") + "---|",
     ]
     for r in rows:
+        high = f" {r['high_mode']} of {r['finished']} |" if args.high is not None else ""
         lines.append(
             f"| {r['config']} | {r['seeds']} ({r['finished']}) | {r['steps']:,} | {r['early_mean']:.0f} ± "
-            f"{r['early_ci95']:.0f} | {r['final_mean']:.0f} ± {r['final_ci95']:.0f} | {r['high_mode']} of "
-            f"{r['finished']} | {r['final_per_seed']} |"
+            f"{r['early_ci95']:.0f} | {r['final_mean']:.0f} ± {r['final_ci95']:.0f} |{high} {r['final_per_seed']} |"
         )
     md = "\n".join(lines) + "\n"
     print(md)
