@@ -133,6 +133,15 @@ class CompiledAdamStep:
         return losses
 
 
+def compiled_step(module, opt, loss, eager_step, clip=None, reaches: bool = True):
+    """The step ``torch.compile`` gets: :class:`CompiledAdamStep` where it applies (``opt``
+    :func:`supports`, and ``torch.func`` ``reaches`` through the loss), else ``eager_step``
+    compiled around the autograd engine (graph breaks at ``zero_grad`` / ``backward``)."""
+    if supports(opt) and reaches:
+        return CompiledAdamStep(module, opt, loss, clip)
+    return torch.compile(eager_step)
+
+
 def func_grad_reaches(fn: Callable[..., Tensor], *args: Tensor) -> bool:
     """Whether ``torch.func.grad`` differentiates ``fn(*args)`` (w.r.t. the first argument)
     in eager mode, under :func:`~trpl_fast.ops.torch_func_mode` as the compiled step runs

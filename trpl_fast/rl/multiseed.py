@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from ..projection import EntropySchedule, TrustRegionProjection
 from .advantages import gae
 from .checkpoint import catch_sigterm, check_resumable, check_resume_config, read_checkpoint, save_checkpoint
-from .compiled_step import CompiledAdamStep, clip_by_seed_norm, supports
+from .compiled_step import clip_by_seed_norm, compiled_step
 from .config import PROJECTIONS, TrainConfig, planned_iterations
 from .envs import make_vec_env
 from .evaluation import Evaluator, eval_seed
@@ -585,14 +585,9 @@ class StackedUpdater:
             clip = clip_by_seed_norm(cfg.max_grad_norm) if cfg.max_grad_norm is not None else None
             w = policy.body[0].weight  # (S, out, in): a probe of one state per seed
             probe = torch.zeros(w.shape[0], 1, w.shape[2], device=w.device)
-            if supports(opt_pi) and (layer is None or layer_reaches_func_grad(layer, policy, probe)):
-                self.policy_step = CompiledAdamStep(policy, opt_pi, self.policy_losses, clip)
-            else:
-                self.policy_step = torch.compile(self._policy_step)
-            if supports(opt_vf):
-                self.value_step = CompiledAdamStep(value, opt_vf, self.value_losses, clip)
-            else:
-                self.value_step = torch.compile(self._value_step)
+            reaches = layer is None or layer_reaches_func_grad(layer, policy, probe)
+            self.policy_step = compiled_step(policy, opt_pi, self.policy_losses, self._policy_step, clip, reaches)
+            self.value_step = compiled_step(value, opt_vf, self.value_losses, self._value_step, clip)
 
     def policy_losses(self, forward, obs, actions, adv, weight, old_mean, old_cov, old_logp, step) -> Tensor:
         """Per-seed losses (S,) of one minibatch, every argument (S, M, ...); ``forward``: the

@@ -42,7 +42,7 @@ from .checkpoint import (  # noqa: F401
     read_checkpoint,
     save_checkpoint,
 )
-from .compiled_step import CompiledAdamStep, clip_by_total_norm, func_grad_reaches, supports
+from .compiled_step import clip_by_total_norm, compiled_step, func_grad_reaches
 from .config import ALGOS, PROJECTIONS, TrainConfig, planned_iterations  # noqa: F401  (re-exported)
 from .envs import make_vec_env
 from .evaluation import Evaluator
@@ -250,14 +250,9 @@ class Updater:
             # LeanRL's recipe, GPU.md section 3)
             clip = clip_by_total_norm(cfg.max_grad_norm) if cfg.max_grad_norm is not None else None
             probe = torch.zeros(1, policy.body[0].in_features, device=next(policy.parameters()).device)
-            if supports(opt_pi) and (layer is None or layer_reaches_func_grad(layer, policy, probe)):
-                self.policy_step = CompiledAdamStep(policy, opt_pi, self.policy_loss, clip)
-            else:  # compiled around the autograd engine (graph breaks at zero_grad / backward)
-                self.policy_step = torch.compile(self._policy_step)
-            if supports(opt_vf):
-                self.value_step = CompiledAdamStep(value, opt_vf, self.value_loss, clip)
-            else:
-                self.value_step = torch.compile(self._value_step)
+            reaches = layer is None or layer_reaches_func_grad(layer, policy, probe)
+            self.policy_step = compiled_step(policy, opt_pi, self.policy_loss, self._policy_step, clip, reaches)
+            self.value_step = compiled_step(value, opt_vf, self.value_loss, self._value_step, clip)
 
     def policy_loss(self, forward, obs, actions, adv, weight, old_mean, old_cov, old_logp, step) -> Tensor:
         """The policy's minibatch loss; ``forward``: the policy network (or a functional
