@@ -97,6 +97,45 @@ def test_sigterm_in_process_writes_the_last_completed_iteration_and_restores_the
     assert [int(r["iteration"]) for r in rows] == [0, 1, 2, 3]
 
 
+class _KillsInFinalizer:
+    """Sends SIGTERM from ``__del__``: the handler runs inside the finalizer, whose
+    exceptions Python only reports ("Exception ignored in ...") -- the raise is lost."""
+
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["single", "batched-seeds"])
+def test_a_sigterm_whose_raise_is_swallowed_still_stops_the_run(tmp_path, monkeypatch, batched):
+    import trpl_fast.rl.multiseed as M
+    import trpl_fast.rl.train as T
+
+    swallowed = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda info: swallowed.append(info.exc_type))
+    module = M if batched else T
+    real, calls = module.gae, {"n": 0}
+
+    def gae(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:  # in iteration 2, after its rollout
+            _KillsInFinalizer()  # dropped at once: __del__ runs here
+        return real(*args, **kw)
+
+    monkeypatch.setattr(module, "gae", gae)
+    cfg = small(total_steps=1280, checkpoint_every=100, checkpoint_seconds=3600.0)
+    with pytest.raises(KeyboardInterrupt) as info:
+        if batched:
+            M.train_seeds(cfg, [0, 1], tmp_path, progress=False, log_tensorboard=False)
+        else:
+            run(cfg, tmp_path)
+    assert swallowed and swallowed[0].__name__ == "Terminated"  # the handler's raise was lost ...
+    assert type(info.value).__name__ == "Terminated"  # ... and the loop stopped all the same
+    for d in [tmp_path / "seed0", tmp_path / "seed1"] if batched else [tmp_path]:
+        ckpt = read_checkpoint(d)
+        # stopped after iteration 2's policy update: the last completed iteration is 1
+        assert ckpt["interrupted"] and ckpt["iteration"] == 2 and ckpt["global_step"] == 512
+
+
 def _cli(out, *extra):
     return [
         sys.executable,

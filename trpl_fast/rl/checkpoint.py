@@ -125,20 +125,50 @@ def check_resumable(state: dict, path: Path) -> None:
         raise ValueError(f"{path} is incomplete (missing {', '.join(missing)}); it cannot be resumed")
 
 
+class _SigtermState:
+    """Whether SIGTERM arrived since :func:`catch_sigterm` installed its handler."""
+
+    requested = False
+
+
+_sigterm = _SigtermState()
+
+
 def catch_sigterm():
     """Make SIGTERM raise :class:`Terminated` in the main thread; returns a function that
     restores the previous handler (a no-op outside the main thread, where Python cannot
-    install handlers)."""
+    install handlers).
+
+    The handler's exception is raised wherever the main thread happens to be, and some
+    places swallow it: a finalizer (``__del__``, a weakref callback) or C++ that calls back
+    into Python only reports it as "Exception ignored". So the request is also recorded,
+    and the training loops call :func:`check_terminated` between phases: a lost raise
+    costs at most one phase, never the stop (a batched KL run once kept training after
+    its SIGTERM this way). Only the first SIGTERM raises: a second one must not abort the
+    checkpoint the first one is writing."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
     previous = signal.getsignal(signal.SIGTERM)
     if previous == signal.SIG_IGN:  # as Python does for an ignored SIGINT: the parent meant it
         return lambda: None
+    _sigterm.requested = False
 
     def handler(signum, frame):
-        # a second SIGTERM must not abort the checkpoint the first one is writing
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise Terminated("SIGTERM")
+        first = not _sigterm.requested
+        _sigterm.requested = True
+        if first:
+            raise Terminated("SIGTERM")
+
+    def restore():
+        _sigterm.requested = False
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
     signal.signal(signal.SIGTERM, handler)
-    return lambda: signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+    return restore
+
+
+def check_terminated() -> None:
+    """Raise :class:`Terminated` if SIGTERM arrived since :func:`catch_sigterm` (whether or
+    not its handler's own raise got through)."""
+    if _sigterm.requested:
+        raise Terminated("SIGTERM")

@@ -52,7 +52,14 @@ from torch import Tensor, nn
 
 from ..projection import EntropySchedule, TrustRegionProjection
 from .advantages import gae
-from .checkpoint import catch_sigterm, check_resumable, check_resume_config, read_checkpoint, save_checkpoint
+from .checkpoint import (
+    catch_sigterm,
+    check_resumable,
+    check_resume_config,
+    check_terminated,
+    read_checkpoint,
+    save_checkpoint,
+)
 from .compiled_step import clip_by_seed_norm, compiled_step
 from .config import PROJECTIONS, TrainConfig, planned_iterations
 from .envs import make_vec_env
@@ -1019,6 +1026,7 @@ def train_seeds(
     restore_sigterm = catch_sigterm()
     try:
         for iteration in range(start_iteration, n_iterations):
+            check_terminated()
             clock = PhaseClock()
 
             set_learning_rates(cfg, opt_pi, opt_vf, iteration, n_iterations)
@@ -1031,9 +1039,11 @@ def train_seeds(
             metrics = stacked_policy_metrics(policy, layer, batch, cfg, global_step)
             actor.sync()
             t_policy = clock.lap()
+            check_terminated()
             vf_losses = updater.update_value(batch, perm_gens, iteration)
             t_value = clock.lap()
             evals = [math.nan] * S
+            check_terminated()
             if evaluator is not None and evaluation_due(cfg, iteration, n_iterations):
                 evals = evaluator(policy, obs_norm, iteration)
             t_eval = clock.lap()

@@ -39,6 +39,7 @@ from .checkpoint import (  # noqa: F401
     catch_sigterm,
     check_resumable,
     check_resume_config,
+    check_terminated,
     read_checkpoint,
     save_checkpoint,
 )
@@ -598,6 +599,7 @@ def train(
     restore_sigterm = catch_sigterm()
     try:
         for iteration in range(start_iteration, n_iterations):
+            check_terminated()
             clock = PhaseClock()
 
             set_learning_rates(cfg, opt_pi, opt_vf, iteration, n_iterations)
@@ -616,6 +618,7 @@ def train(
             metrics = policy_metrics(policy, layer, batch, cfg, global_step)
             actor.sync()
             t_policy = clock.lap()
+            check_terminated()
 
             # -- 4. value update ----------------------------------------------------------
             vf_losses = updater.update_value(batch, gen, iteration)
@@ -623,6 +626,7 @@ def train(
 
             # -- 5. evaluate and log --------------------------------------------------------
             eval_return = math.nan
+            check_terminated()
             if evaluator is not None and evaluation_due(cfg, iteration, n_iterations):
                 eval_return = evaluator(policy, obs_norm, iteration)
             t_eval = clock.lap()
