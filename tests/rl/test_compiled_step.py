@@ -59,6 +59,38 @@ def test_compiled_step_equals_backward_and_adam(fused, clip, tensor_lr):
         )
 
 
+def test_steps_of_equal_shapes_never_share_a_graph_and_int_arguments_stay_guarded():
+    """The compiled steps keep only the guards on their arguments (``_guard_on_arguments``):
+    two steps over networks of the same shapes but different losses must still each run
+    their own graph, and a Python int argument (the entropy schedule's step) that changes
+    must be seen -- each compared with the eager step."""
+    torch.manual_seed(0)
+    nets = [ValueNetwork(4, (8,)) for _ in range(2)]
+    refs = [copy.deepcopy(n) for n in nets]
+
+    def scaled(scale):
+        def loss(forward, obs, target, weight, k):
+            return scale * k * _loss(forward, obs, target, weight)
+
+        return loss
+
+    opts = [torch.optim.Adam(n.parameters(), lr=1e-2) for n in nets]
+    opt_refs = [torch.optim.Adam(n.parameters(), lr=1e-2) for n in refs]
+    steps = [CompiledAdamStep(n, o, scaled(s)) for n, o, s in zip(nets, opts, (1.0, 5.0))]
+    gen = torch.Generator().manual_seed(2)
+    for k in (1, 2, 3, 3):
+        obs, target, weight = torch.randn(16, 4, generator=gen), torch.randn(16, generator=gen), torch.ones(16)
+        for step, ref, opt_ref, s in zip(steps, refs, opt_refs, (1.0, 5.0)):
+            got = step(obs, target, weight, k)
+            opt_ref.zero_grad()
+            want = scaled(s)(ref, obs, target, weight, k)
+            want.backward()
+            opt_ref.step()
+            assert got.item() == pytest.approx(want.item(), rel=1e-5), (s, k)
+    for n, r in zip(nets, refs):
+        assert _max_rel_diff(list(n.parameters()), list(r.parameters())) < 1e-4
+
+
 def test_compiled_step_continues_from_a_loaded_optimizer_state():
     """Eager steps, a state dict round trip, then compiled steps: as eager all along."""
     torch.manual_seed(0)

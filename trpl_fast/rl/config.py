@@ -88,7 +88,7 @@ class TrainConfig:
     # the control, the control cost sees the raw action); True: clipped to the action box first
     clip_actions: bool = False
     device: str = "auto"
-    env_backend: str = "auto"  # auto (EnvPool where it has the task) | envpool | gymnasium
+    env_backend: str = "auto"  # auto (EnvPool where it has the task, for >1 env) | envpool | gymnasium
     eval_episodes: int = 5  # deterministic episodes per evaluation (paper: 5)
     eval_every: int = 1  # iterations between evaluations (paper: every iteration)
     checkpoint_every: int = 10  # iterations
