@@ -116,22 +116,29 @@ def test_each_seed_equals_its_single_run(algo, extra, tmp_path):
             assert csv.DictReader(f).fieldnames == CSV_COLUMNS
 
 
-def test_one_envpool_for_seeds_num_envs_apart_equals_the_single_runs(tmp_path):
+def test_one_envpool_for_all_seeds_and_one_for_all_evaluations_equal_the_single_runs(tmp_path):
     pytest.importorskip("envpool")
-    from trpl_fast.rl.multiseed import SeedEnvs
+    from trpl_fast.rl.multiseed import SeedEnvs, StackedEvaluator
 
-    cfg = small("kl", env_id="Hopper-v5", env_backend="envpool", num_envs=2, eval_episodes=0)
-    seeds = [4, 6]  # num_envs apart: one pool of 4 seeds its sub-envs 4, 5, 6, 7 as the two runs do
+    cfg = small("kl", env_id="Hopper-v5", env_backend="envpool", num_envs=2, eval_episodes=2)
+    seeds = [4, 9]  # one pool of 4 sub-envs seeded 4, 5, 9, 10, as the two runs seed theirs
     envs = SeedEnvs([dataclasses.replace(cfg, seed=s) for s in seeds])
     assert envs.fused is not None and envs.reset().shape == (2, 2, envs.obs_dim)
     envs.close()
-    train_seeds(cfg, seeds, tmp_path / "batch", progress=False, log_tensorboard=False)
+    evaluator = StackedEvaluator(cfg, seeds, 0)
+    assert evaluator.fused is not None and not evaluator.evaluators
+    evaluator.close()
+    rows = train_seeds(cfg, seeds, tmp_path / "batch", progress=False, log_tensorboard=False)
     for seed in seeds:
-        train(dataclasses.replace(cfg, seed=seed), tmp_path / f"s{seed}", progress=False, log_tensorboard=False)
+        single = train(
+            dataclasses.replace(cfg, seed=seed), tmp_path / f"s{seed}", progress=False, log_tensorboard=False
+        )
         a, b = read_checkpoint(tmp_path / "batch" / f"seed{seed}"), read_checkpoint(tmp_path / f"s{seed}")
         a["loop"].pop("wall_time"), b["loop"].pop("wall_time")
         assert a["envs"] is None and b["envs"] is None
         assert_close_tree(a, b)
+        # the first evaluation's episodes start where the single run's do
+        assert rows[seed][0]["eval_return_mean"] == pytest.approx(single[0]["eval_return_mean"], rel=1e-5)
 
 
 def test_seeds_are_independent():

@@ -172,14 +172,20 @@ def _check_box(space, env_id: str) -> None:
         )
 
 
-def make_vec_env(env_id: str, num_envs: int, seed: int, backend: str = "auto") -> VecEnv:
+def make_vec_env(env_id: str, num_envs: int, seed: int | list[int], backend: str = "auto") -> VecEnv:
     """``backend``: ``auto``, ``envpool`` or ``gymnasium``. ``auto`` is EnvPool when it has
     the task, is installed and steps more than one environment, else Gymnasium: a single
     environment gains nothing from EnvPool's worker threads and pays their hand-off on
     every step (HalfCheetah-v5 on this project's 2-core VM: 92 us a step through EnvPool,
     41 us in Gymnasium's vector env in the calling thread; even at 2 environments, 79 vs
-    76 us; EnvPool ahead from there, 137 vs 182 us for 5)."""
+    76 us; EnvPool ahead from there, 137 vs 182 us for 5).
+
+    ``seed``: sub-environment ``i`` gets ``seed + i``; or a list, one seed per
+    sub-environment (several runs' environments in one pool, each seeded as its own)."""
     import gymnasium as gym
+
+    if not isinstance(seed, int) and len(seed) != num_envs:
+        raise ValueError(f"{len(seed)} seeds for {num_envs} environments")
 
     if num_envs < 1:
         raise ValueError(f"num_envs must be >= 1, got {num_envs}")
@@ -196,7 +202,9 @@ def make_vec_env(env_id: str, num_envs: int, seed: int, backend: str = "auto") -
         try:
             import envpool
 
-            env = envpool.make(env_id, env_type="gymnasium", num_envs=num_envs, seed=seed)
+            env = envpool.make(
+                env_id, env_type="gymnasium", num_envs=num_envs, seed=seed if isinstance(seed, int) else list(seed)
+            )
             _check_box(env.action_space, env_id)
             return VecEnv(env, num_envs, "envpool")
         except ImportError as exc:
@@ -222,5 +230,5 @@ def make_vec_env(env_id: str, num_envs: int, seed: int, backend: str = "auto") -
             [lambda: gym.make(env_id) for _ in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP
         )
     _check_box(env.single_action_space, env_id)
-    env.reset(seed=seed)
+    env.reset(seed=seed if isinstance(seed, int) else list(seed))
     return VecEnv(env, num_envs, "gymnasium")

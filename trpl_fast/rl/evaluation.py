@@ -33,6 +33,10 @@ SUMMARY_WINDOW = 20
 EARLY_FRACTION = 0.2
 
 
+# an evaluation stops after this many steps even if an episode has not ended
+MAX_EVAL_STEPS = 100_000
+
+
 def eval_seed(seed: int, iteration: int, episodes: int) -> int:
     """Seed of the evaluation after ``iteration`` of run ``seed`` (its sub-environments
     get this seed + 0 .. episodes - 1): distinct per evaluation, never a training seed."""
@@ -52,7 +56,7 @@ class Evaluator:
         backend: str = "auto",
         clip_actions: bool = False,
         first_iteration: int = 0,
-        max_steps: int = 100_000,
+        max_steps: int = MAX_EVAL_STEPS,
     ):
         if episodes < 1:
             raise ValueError(f"eval episodes must be >= 1, got {episodes}")

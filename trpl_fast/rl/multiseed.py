@@ -63,7 +63,7 @@ from .checkpoint import (
 from .compiled_step import clip_by_seed_norm, compiled_step
 from .config import PROJECTIONS, TrainConfig, planned_iterations
 from .envs import make_vec_env
-from .evaluation import Evaluator, eval_seed
+from .evaluation import MAX_EVAL_STEPS, Evaluator, eval_seed
 from .losses import importance_ratio
 from .normalization import ObservationNormalizer, RewardNormalizer, RunningMeanStd
 from .policies import GaussianPolicy, ValueNetwork, run_numpy_layers
@@ -359,20 +359,22 @@ class StackedActor(Actor):
 
 class SeedEnvs:
     """Every seed's training environments: ``num_envs`` sub-environments per seed, seeded
-    as its single run's (``seed``, ``seed + 1``, ...). One EnvPool for all seeds when their
-    seeds are ``num_envs`` apart (e.g. 0 1 2 3 with one env each: the pool of S * N seeds
-    its sub-envs with exactly those seeds) -- one ``step`` for all instead of S, measured
-    186 vs 351 us per step for 4 HalfCheetahs on one thread -- else one vector env per seed.
-    The Gymnasium backend always gets one per seed (each saves its own state)."""
+    as its single run's (``seed``, ``seed + 1``, ...). One EnvPool for all seeds (each
+    sub-env given its own seed), stepped once for all instead of once per seed -- measured
+    186 vs 351 us per step for 4 HalfCheetahs on one thread -- unless the backend is
+    Gymnasium: then one vector env per seed (each saves its own state). With ``auto``
+    that pool is EnvPool even for one env per seed, where a single run of the same seed
+    steps Gymnasium's env (``envs.make_vec_env``): give ``env_backend`` to compare the two
+    bit for bit."""
 
     def __init__(self, cfgs: list[TrainConfig], seed_offset: int = 0):
         from .envs import ENVPOOL_TASKS
 
         c0, S, N = cfgs[0], len(cfgs), cfgs[0].num_envs
         self.num_seeds, self.num_envs, self.fused = S, N, None
-        spaced = all(c.seed == c0.seed + k * N for k, c in enumerate(cfgs))
-        if S > 1 and spaced and c0.env_backend != "gymnasium" and c0.env_id.split("-")[0] in ENVPOOL_TASKS:
-            env = make_vec_env(c0.env_id, S * N, c0.seed + seed_offset, backend=c0.env_backend)
+        if S > 1 and c0.env_backend != "gymnasium" and c0.env_id.split("-")[0] in ENVPOOL_TASKS:
+            seeds = [c.seed + seed_offset + i for c in cfgs for i in range(N)]
+            env = make_vec_env(c0.env_id, S * N, seeds, backend=c0.env_backend)
             if env.backend == "envpool":
                 self.fused = env
             else:
@@ -544,13 +546,16 @@ def stacked_advantages(rollout: Rollout, policy: StackedPolicy, value: StackedVa
     )
 
 
-def seed_minibatches(n: int, size: int, gens: list[torch.Generator], device):
-    """Flat row indices into (S * n) of per-seed permutations (seed k's from ``gens[k]``,
-    the permutation its single run draws), ``size`` rows per seed at a time: (S * size,)."""
-    perm = torch.stack([torch.randperm(n, generator=g) for g in gens])
-    perm = (perm + n * torch.arange(len(gens)).unsqueeze(1)).to(device)
-    for start in range(0, n, size):
-        yield perm[:, start : start + size].reshape(-1)
+def seed_minibatches(tensors: tuple[Tensor, ...], size: int, gens: list[torch.Generator]):
+    """One epoch of per-seed minibatches of ``tensors`` (each (S, n, ...)): seed k's rows in
+    the order of a fresh permutation from ``gens[k]`` (the one its single run draws),
+    ``size`` rows per seed at a time, as tuples of (S, size, ...) views. One gather per
+    tensor per epoch, not per minibatch."""
+    S, n = tensors[0].shape[:2]
+    device = tensors[0].device
+    perm = torch.stack([torch.randperm(n, generator=g) for g in gens]).to(device)
+    seed = torch.arange(S, device=device).unsqueeze(1)
+    return zip(*(t[seed, perm].split(size, dim=1) for t in tensors))
 
 
 def _finite_seed_losses(losses: list[Tensor], name: str, iteration: int, seeds: list[int]) -> list[list[float]]:
@@ -635,41 +640,23 @@ class StackedUpdater:
     def _value_step(self, obs, returns, old_values, weight) -> Tensor:
         return self._step(self.value_losses(self.value, obs, returns, old_values, weight), self.value, self.opt_vf)
 
-    @staticmethod
-    def _flat(b: Batch, names) -> list[Tensor]:
-        """The named fields (S, n, ...) as (S * n, ...), once per update."""
-        return [getattr(b, name).reshape(-1, *getattr(b, name).shape[2:]) for name in names]
-
-    @staticmethod
-    def _rows(flat: list[Tensor], S: int, idx: Tensor) -> list[Tensor]:
-        """The minibatch ``idx`` (flat indices into S * n) of each field, (S, M, ...)."""
-        return [t.index_select(0, idx).view(S, -1, *t.shape[1:]) for t in flat]
-
     def update_policy(self, b: Batch, gens, global_step: int, iteration: int) -> list[list[float]]:
         """``epochs`` passes of minibatch steps; the losses ``[seed][step]``."""
         cfg = self.cfg
         step = global_step if cfg.entropy_control is not None else None
-        flat = self._flat(b, ("obs", "actions", "advantages", "weight", "old_mean", "old_cov", "old_logp"))
+        fields = (b.obs, b.actions, b.advantages, b.weight, b.old_mean, b.old_cov, b.old_logp)
         losses = [[] for _ in self.seeds]
-        S, n = b.obs.shape[:2]
         for _ in range(cfg.epochs):
-            epoch = [
-                self.policy_step(*self._rows(flat, S, idx), step)
-                for idx in seed_minibatches(n, cfg.minibatch_size, gens, b.obs.device)
-            ]
+            epoch = [self.policy_step(*rows, step) for rows in seed_minibatches(fields, cfg.minibatch_size, gens)]
             for k, v in enumerate(_finite_seed_losses(epoch, "policy", iteration, self.seeds)):
                 losses[k] += v
         return losses
 
     def update_value(self, b: Batch, gens, iteration: int) -> list[list[float]]:
-        flat = self._flat(b, ("obs", "returns", "values", "weight"))
+        fields = (b.obs, b.returns, b.values, b.weight)
         losses = [[] for _ in self.seeds]
-        S, n = b.obs.shape[:2]
         for _ in range(self.cfg.epochs_vf):
-            epoch = [
-                self.value_step(*self._rows(flat, S, idx))
-                for idx in seed_minibatches(n, self.cfg.minibatch_size, gens, b.obs.device)
-            ]
+            epoch = [self.value_step(*rows) for rows in seed_minibatches(fields, self.cfg.minibatch_size, gens)]
             for k, v in enumerate(_finite_seed_losses(epoch, "value", iteration, self.seeds)):
                 losses[k] += v
         return losses
@@ -724,43 +711,67 @@ def stacked_policy_metrics(
 
 
 class StackedEvaluator:
-    """One :class:`Evaluator` per seed (its own environments and seed stream), stepped in
-    lockstep with one batched forward; each seed stops stepping when its episodes are
-    done, as its single run's evaluator does."""
+    """Every seed's evaluation (as :class:`Evaluator`: ``eval_episodes`` episodes of the
+    mean action, its own seed stream), stepped in lockstep with one batched forward.
+
+    With EnvPool all seeds' episodes run in one pool (S x E sub-envs, each seeded as its
+    single run's evaluation env), stepped once for all seeds: the evaluation is most of a
+    batched iteration's simulator steps. The pool steps until every seed's episodes are
+    done; a seed's returns count its own episodes only. (Its envs may then be stepped
+    past the point a single run stops at, so with tasks whose episodes end early the
+    later evaluations start elsewhere than the single run's -- EnvPool evaluations are
+    not reproducible across resumes either.) Gymnasium: one evaluator per seed, reseeded
+    per evaluation as the single run's, each seed stopping when its episodes are done."""
 
     def __init__(self, cfg: TrainConfig, seeds: list[int], first_iteration: int):
-        self.evaluators = []
+        from .envs import ENVPOOL_TASKS
+
+        E = cfg.eval_episodes
+        self.episodes, self.clip_actions, self.max_steps = E, cfg.clip_actions, MAX_EVAL_STEPS
+        self.evaluators, self.fused = [], None
         try:
-            for s in seeds:
-                self.evaluators.append(
-                    Evaluator(
-                        cfg.env_id,
-                        cfg.eval_episodes,
-                        s,
-                        backend=cfg.env_backend,
-                        clip_actions=cfg.clip_actions,
-                        first_iteration=first_iteration,
+            if len(seeds) > 1 and cfg.env_backend != "gymnasium" and cfg.env_id.split("-")[0] in ENVPOOL_TASKS:
+                env_seeds = [eval_seed(s, first_iteration, E) + i for s in seeds for i in range(E)]
+                env = make_vec_env(cfg.env_id, len(seeds) * E, env_seeds, backend=cfg.env_backend)
+                if env.backend == "envpool":
+                    self.fused = env
+                else:
+                    env.close()
+            if self.fused is None:
+                for s in seeds:
+                    self.evaluators.append(
+                        Evaluator(
+                            cfg.env_id,
+                            E,
+                            s,
+                            backend=cfg.env_backend,
+                            clip_actions=cfg.clip_actions,
+                            first_iteration=first_iteration,
+                        )
                     )
-                )
         except BaseException:
             self.close()
             raise
+        self.num_seeds = len(seeds)
 
     @torch.no_grad()
     def __call__(
         self, policy: StackedPolicy, obs_norm: StackedObservationNormalizer | None, iteration: int
     ) -> list[float]:
-        evs, device = self.evaluators, next(policy.parameters()).device
-        E = evs[0].episodes
+        S, E, device = self.num_seeds, self.episodes, next(policy.parameters()).device
+        evs = self.evaluators
         for ev in evs:
             if ev.env.backend == "gymnasium":
                 ev.env.env.reset(seed=eval_seed(ev.seed, iteration, E))
-        obs = np.stack([ev.env.reset() for ev in evs])  # (S, E, obs_dim)
+        if self.fused is not None:
+            obs = self.fused.reset().reshape(S, E, -1)
+        else:
+            obs = np.stack([ev.env.reset() for ev in evs])  # (S, E, obs_dim)
         ops = policy.numpy_mean()  # numpy per step, as Evaluator (the weights are frozen here)
-        returns = np.zeros((len(evs), E))
-        done = np.zeros((len(evs), E), dtype=bool)
+        returns = np.zeros((S, E))
+        done = np.zeros((S, E), dtype=bool)
         steps = 0
-        while not done.all() and steps < evs[0].max_steps:
+        while not done.all() and steps < self.max_steps:
             x = obs.astype(np.float32)
             if obs_norm is not None:
                 x = obs_norm.numpy(x)
@@ -768,16 +779,24 @@ class StackedEvaluator:
                 action = run_numpy_layers(ops, x).astype(np.float64)
             else:
                 action = policy.mean_action(torch.from_numpy(x).to(device)).cpu().double().numpy()
-            for k, ev in enumerate(evs):
-                if done[k].all():
-                    continue
-                obs[k], rew, term, trunc = ev.env.step(action[k], clip=ev.clip_actions)
-                returns[k] += np.where(done[k], 0.0, rew)
-                done[k] |= term | trunc
+            if self.fused is not None:
+                o, rew, term, trunc = self.fused.step(action.reshape(S * E, -1), clip=self.clip_actions)
+                obs, rew, term, trunc = o.reshape(S, E, -1), rew.reshape(S, E), term.reshape(S, E), trunc.reshape(S, E)
+                returns += np.where(done, 0.0, rew)
+                done |= term | trunc
+            else:
+                for k, ev in enumerate(evs):
+                    if done[k].all():
+                        continue
+                    obs[k], rew, term, trunc = ev.env.step(action[k], clip=ev.clip_actions)
+                    returns[k] += np.where(done[k], 0.0, rew)
+                    done[k] |= term | trunc
             steps += 1
         return returns.mean(1).tolist()
 
     def close(self) -> None:
+        if self.fused is not None:
+            self.fused.close()
         for ev in self.evaluators:
             ev.close()
 
