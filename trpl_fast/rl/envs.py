@@ -102,6 +102,48 @@ class VecEnv:
                 _set_layer_state(layer, saved)
 
 
+class SerialVectorEnv:
+    """Gymnasium environments stepped one after another in the calling thread with
+    next-step autoreset: what ``gymnasium.vector.SyncVectorEnv(autoreset_mode=NEXT_STEP)``
+    computes (the same seeds, observations, rewards and flags, bit for bit; its state
+    attributes under the same names), without the per-step info dictionaries and copies
+    that cost ~15 us of a single HalfCheetah's ~40 us step. ``reset(seed=...)``: ``None``,
+    an int (sub-env ``i`` gets ``seed + i``) or a list, as Gymnasium's."""
+
+    def __init__(self, env_fns):
+        self.envs = [fn() for fn in env_fns]
+        self.num_envs = len(self.envs)
+        self.single_action_space = self.envs[0].action_space
+        self.single_observation_space = self.envs[0].observation_space
+        self._autoreset_envs = np.zeros(self.num_envs, dtype=np.bool_)
+
+    def reset(self, *, seed: int | list[int] | None = None):
+        n = self.num_envs
+        seeds = [None] * n if seed is None else [seed + i for i in range(n)] if isinstance(seed, int) else list(seed)
+        if len(seeds) != n:
+            raise ValueError(f"{len(seeds)} seeds for {n} environments")
+        self._autoreset_envs = np.zeros(n, dtype=np.bool_)
+        return np.stack([env.reset(seed=s)[0] for env, s in zip(self.envs, seeds)]), {}
+
+    def step(self, actions):
+        n = self.num_envs
+        rewards = np.zeros(n, dtype=np.float64)
+        terminated, truncated = np.zeros(n, dtype=np.bool_), np.zeros(n, dtype=np.bool_)
+        obs = []
+        for i, env in enumerate(self.envs):
+            if self._autoreset_envs[i]:  # the step after an episode's end only resets
+                o, _ = env.reset()
+            else:
+                o, rewards[i], terminated[i], truncated[i], _ = env.step(actions[i])
+            obs.append(o)
+        self._autoreset_envs = terminated | truncated
+        return np.stack(obs), rewards, terminated, truncated, {}
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+
+
 def _has_own_state(env) -> bool:
     """The class itself defines ``get_state`` / ``set_state`` (wrappers do not forward them)."""
     return callable(getattr(type(env), "get_state", None)) and callable(getattr(type(env), "set_state", None))
@@ -226,9 +268,7 @@ def make_vec_env(env_id: str, num_envs: int, seed: int | list[int], backend: str
             env.close()
             raise ValueError(f"{env_id}: its vector env autoresets with {mode}, the training loop needs NEXT_STEP")
     else:
-        env = gym.vector.SyncVectorEnv(
-            [lambda: gym.make(env_id) for _ in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP
-        )
+        env = SerialVectorEnv([lambda: gym.make(env_id) for _ in range(num_envs)])
     _check_box(env.single_action_space, env_id)
     env.reset(seed=seed if isinstance(seed, int) else list(seed))
     return VecEnv(env, num_envs, "gymnasium")
