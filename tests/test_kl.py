@@ -182,6 +182,28 @@ def test_newton_needs_few_iterations():
     assert iters[7] == 1.0, iters  # every row within 8 iterations
 
 
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["float64", "float32"])
+def test_masked_newton_equals_the_early_exit_one(dtype):
+    """The traced / GPU-shaped solve (fixed masked iterations over rows laid out (d, rows))
+    against the early-exit CPU one: hard spreads, ratios at -1 and past overflow, rows
+    inside the region, per-row bounds, leading batch dimensions."""
+    gen = torch.Generator().manual_seed(5)
+    big = 2.0**120 if dtype == F64 else 2.0**100
+    r = torch.exp(3 * torch.randn(4, 10, 7, generator=gen, dtype=F64)) - 1.0
+    r[0, 0] = torch.tensor([-1.0, -1.0, 0, 0, 0, 0, 0])
+    r[0, 1, 0] = big
+    r[0, 2] = 1e-4 * torch.randn(7, generator=gen, dtype=F64)  # inside the region
+    r = r.to(dtype)
+    eps = (0.01 * (0.2 + torch.rand(4, 10, generator=gen, dtype=F64))).to(dtype)
+    for e, e_flat in ((eps, eps.reshape(-1)), (0.01, 0.01)):
+        t_m, conv_m, active_m = kl_ops.kl_dual_newton(r, e)
+        t_e, conv_e, active_e = kl_ops.kl_dual_newton(r.reshape(-1, 7), e_flat, early_exit=True)
+        assert t_m.shape == conv_m.shape == active_m.shape == (4, 10)
+        assert torch.equal(active_m.reshape(-1), active_e) and not active_m[0, 2]
+        assert torch.equal(conv_m.reshape(-1), conv_e) and conv_e.sum() >= 38
+        assert_close(t_m.reshape(-1), t_e, 1e-12 if dtype == F64 else 1e-5, "t")
+
+
 # -- the Triton kernels (interpreter on CPU, or the GPU) ---------------------------------
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"

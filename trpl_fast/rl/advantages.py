@@ -8,6 +8,7 @@ episode boundary.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -45,9 +46,15 @@ def gae(
     not_terminal = (~terminated.bool()).to(values.dtype)
     not_done = (~(terminated.bool() | truncated.bool())).to(values.dtype)
     deltas = rewards + gamma * not_terminal * next_values - values
-    adv = torch.zeros_like(values)
-    running = torch.zeros_like(values[0])
-    for t in range(rewards.shape[0] - 1, -1, -1):
-        running = deltas[t] + gamma * lam * not_done[t] * running
+    # the backward recursion in numpy on the CPU: per step two ops on (N,) arrays cost
+    # ~1 us there against ~6 us as torch ops (2,048 steps an iteration); the same
+    # arithmetic in the same dtype, so the same bits
+    d = deltas.detach().cpu().numpy()
+    k = (gamma * lam * not_done).cpu().numpy()
+    adv = np.zeros_like(d)
+    running = np.zeros_like(d[0])
+    for t in range(d.shape[0] - 1, -1, -1):
+        running = d[t] + k[t] * running
         adv[t] = running
+    adv = torch.from_numpy(adv).to(values.device)
     return adv, adv + values
