@@ -184,7 +184,7 @@ def test_newton_needs_few_iterations():
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["float64", "float32"])
 def test_masked_newton_equals_the_early_exit_one(dtype):
-    """The traced / GPU-shaped solve (fixed masked iterations over rows laid out (d, rows))
+    """The traced / GPU-shaped solve (a fixed number of masked iterations over all rows)
     against the early-exit CPU one: hard spreads, ratios at -1 and past overflow, rows
     inside the region, per-row bounds, leading batch dimensions."""
     gen = torch.Generator().manual_seed(5)
