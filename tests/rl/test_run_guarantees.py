@@ -132,7 +132,8 @@ def test_a_sigterm_whose_raise_is_swallowed_still_stops_the_run(tmp_path, monkey
     assert type(info.value).__name__ == "Terminated"  # ... and the loop stopped all the same
     for d in [tmp_path / "seed0", tmp_path / "seed1"] if batched else [tmp_path]:
         ckpt = read_checkpoint(d)
-        # stopped after iteration 2's policy update: the last completed iteration is 1
+        # stopped after iteration 2's policy update: the checkpoint holds iterations 0 and 1
+        # (its "iteration" counts the completed ones)
         assert ckpt["interrupted"] and ckpt["iteration"] == 2 and ckpt["global_step"] == 512
 
 

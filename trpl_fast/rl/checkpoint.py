@@ -160,8 +160,10 @@ def catch_sigterm():
             raise Terminated("SIGTERM")
 
     def restore():
-        _sigterm.requested = False
+        # the previous handler first: a SIGTERM in between must not meet ours with the
+        # request already cleared
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        _sigterm.requested = False
 
     signal.signal(signal.SIGTERM, handler)
     return restore

@@ -17,6 +17,7 @@ step is the oracle the tests compare this one with.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import types
 from collections.abc import Callable
@@ -73,7 +74,12 @@ class CompiledAdamStep:
         self.params = [p for _, p in named]
         self._lr_tensor: Tensor | None = None
         self._lr_value: float | None = None
-        self._compiled = torch.compile(_own_code(self._step), options=_compile_options(self.params[0].device))
+        # fullgraph: the guard filter drops every guard on ``self``, which is sound for the
+        # one graph of this step's own code object; a graph break would compile other
+        # frames (shared code, other locals) under the same filter -- an error instead
+        self._compiled = torch.compile(
+            _own_code(self._step), fullgraph=True, options=_compile_options(self.params[0].device)
+        )
 
     def _state(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """The optimizer's moment and step tensors, created as Adam creates them on its
@@ -220,6 +226,4 @@ def clip_by_seed_norm(max_norm: float) -> Callable[[list[Tensor]], list[Tensor]]
 
 
 # the names of CompiledAdamStep._step's arguments (the roots of the guards kept)
-_code = CompiledAdamStep._step.__code__
-_STEP_ARGUMENTS = frozenset(_code.co_varnames[1 : _code.co_argcount + 1])  # + *batch
-del _code
+_STEP_ARGUMENTS = frozenset(list(inspect.signature(CompiledAdamStep._step).parameters)[1:])

@@ -62,7 +62,7 @@ from .checkpoint import (
 )
 from .compiled_step import clip_by_seed_norm, compiled_step
 from .config import PROJECTIONS, TrainConfig, planned_iterations
-from .envs import make_vec_env
+from .envs import envpool_pool, make_vec_env
 from .evaluation import MAX_EVAL_STEPS, Evaluator, eval_seed
 from .losses import importance_ratio
 from .normalization import ObservationNormalizer, RewardNormalizer, RunningMeanStd
@@ -368,17 +368,10 @@ class SeedEnvs:
     bit for bit."""
 
     def __init__(self, cfgs: list[TrainConfig], seed_offset: int = 0):
-        from .envs import ENVPOOL_TASKS
-
         c0, S, N = cfgs[0], len(cfgs), cfgs[0].num_envs
-        self.num_seeds, self.num_envs, self.fused = S, N, None
-        if S > 1 and c0.env_backend != "gymnasium" and c0.env_id.split("-")[0] in ENVPOOL_TASKS:
-            seeds = [c.seed + seed_offset + i for c in cfgs for i in range(N)]
-            env = make_vec_env(c0.env_id, S * N, seeds, backend=c0.env_backend)
-            if env.backend == "envpool":
-                self.fused = env
-            else:
-                env.close()
+        self.num_seeds, self.num_envs = S, N
+        seeds = [c.seed + seed_offset + i for c in cfgs for i in range(N)]
+        self.fused = envpool_pool(c0.env_id, seeds, c0.env_backend) if S > 1 else None
         self.envs: list = []
         if self.fused is None:
             try:
@@ -714,9 +707,10 @@ class StackedEvaluator:
     """Every seed's evaluation (as :class:`Evaluator`: ``eval_episodes`` episodes of the
     mean action, its own seed stream), stepped in lockstep with one batched forward.
 
-    With EnvPool all seeds' episodes run in one pool (S x E sub-envs, each seeded as its
-    single run's evaluation env), stepped once for all seeds: the evaluation is most of a
-    batched iteration's simulator steps. The pool steps until every seed's episodes are
+    With EnvPool (``auto`` included: one pool steps several envs) all seeds' episodes run
+    in one pool (S x E sub-envs, each seeded as its single run's EnvPool evaluation env),
+    stepped once for all seeds: the evaluation is most of a batched iteration's simulator
+    steps. (``auto`` gives a single run with ``eval_episodes=1`` Gymnasium's env instead.) The pool steps until every seed's episodes are
     done; a seed's returns count its own episodes only. (Its envs may then be stepped
     past the point a single run stops at, so with tasks whose episodes end early the
     later evaluations start elsewhere than the single run's -- EnvPool evaluations are
@@ -724,19 +718,13 @@ class StackedEvaluator:
     per evaluation as the single run's, each seed stopping when its episodes are done."""
 
     def __init__(self, cfg: TrainConfig, seeds: list[int], first_iteration: int):
-        from .envs import ENVPOOL_TASKS
-
         E = cfg.eval_episodes
         self.episodes, self.clip_actions, self.max_steps = E, cfg.clip_actions, MAX_EVAL_STEPS
         self.evaluators, self.fused = [], None
         try:
-            if len(seeds) > 1 and cfg.env_backend != "gymnasium" and cfg.env_id.split("-")[0] in ENVPOOL_TASKS:
+            if len(seeds) > 1:
                 env_seeds = [eval_seed(s, first_iteration, E) + i for s in seeds for i in range(E)]
-                env = make_vec_env(cfg.env_id, len(seeds) * E, env_seeds, backend=cfg.env_backend)
-                if env.backend == "envpool":
-                    self.fused = env
-                else:
-                    env.close()
+                self.fused = envpool_pool(cfg.env_id, env_seeds, cfg.env_backend)
             if self.fused is None:
                 for s in seeds:
                     self.evaluators.append(
@@ -1093,6 +1081,7 @@ def train_seeds(
             if checkpoint_due(cfg, iteration, n_iterations, time.perf_counter() - last_saved):
                 save_all(last_good)
                 last_saved = time.perf_counter()
+        check_terminated()  # a SIGTERM whose raise was lost in the last iteration
     except KeyboardInterrupt:
         save_all(last_good, interrupted=True)
         raise

@@ -63,8 +63,7 @@ class TrainingDiverged(RuntimeError):
 
 def shuffled_minibatches(tensors: tuple[Tensor, ...], size: int, gen: torch.Generator):
     """One epoch of minibatches: the rows of ``tensors`` (each (n, ...)) in the order of a
-    fresh random permutation, ``size`` rows at a
-    time, as tuples of views. One gather per tensor per epoch instead of one per minibatch
+    fresh random permutation, ``size`` rows at a time, as tuples of views. One gather per tensor per epoch instead of one per minibatch
     (each index op costs a few microseconds, several per step at the paper's sizes)."""
     perm = torch.randperm(len(tensors[0]), generator=gen).to(tensors[0].device)
     return zip(*(t[perm].split(size) for t in tensors))
@@ -245,8 +244,9 @@ class Updater:
         )
         self.policy_step, self.value_step = self._policy_step, self._value_step
         if compile:
-            # the compiled steps guard on this run's modules: a previous run's graphs in the
-            # same process (experiment workers, benchmarks) would only count towards
+            # where a step falls back to compiling the eager step (graph breaks at zero_grad /
+            # backward), its graphs guard on this run's modules: a previous run's graphs in
+            # the same process (experiment workers, benchmarks) would only count towards
             # dynamo's recompile limit, after which it silently runs eager
             torch.compiler.reset()
             # each step one graph: loss, gradient, clipping and Adam (compiled_step.py;
@@ -646,6 +646,7 @@ def train(
             if checkpoint_due(cfg, iteration, n_iterations, time.perf_counter() - last_saved):
                 save_checkpoint(ckpt_path, last_good)
                 last_saved = time.perf_counter()
+        check_terminated()  # a SIGTERM whose raise was lost in the last iteration
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (Terminated)
         # the networks may be mid-iteration: write the end of the last completed one
         save_checkpoint(ckpt_path, {**last_good, "interrupted": True})
