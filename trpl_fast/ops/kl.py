@@ -24,6 +24,7 @@ from torch import Tensor
 from ..kernels.kl import MAX_ITER, TOL_F32, TOL_F64, launch_kl_diag_bwd, launch_kl_diag_fwd, launch_kl_newton
 from ..kernels.kl_full import MAX_D, launch_kl_full_bwd, launch_kl_full_fwd
 from ._common import Aux, ProjectionOp, to_float64
+from ._layout import rows_to_columns
 from ._linalg import cholesky_backward, solve_lower, solve_lower_t
 from ._torch_mean import bound_or_value, mean_project, mean_project_backward
 
@@ -46,27 +47,28 @@ def kl_phi(x: Tensor) -> Tensor:
     return torch.where(x.abs() < cut, x * x * p, torch.log1p(x) - x / (1.0 + x))
 
 
-def kl_at_one(r: Tensor) -> Tensor:
+def kl_at_one(r: Tensor, dim: int = -1) -> Tensor:
     """``KLc(1) = 0.5 sum_i phi(r_i)`` for rows of ``r`` (rows, d): the divergence of the
     target itself, which decides whether a row is projected. A ratio that rounded to
     ``r <= -1`` (``m`` below the dtype's resolution of 1) or overflowed to ``inf`` is
     infinitely far (``phi`` there is NaN in floating point), so the row is projected:
-    a NaN here once let such rows through unprojected (issue 13)."""
+    a NaN here once let such rows through unprojected (issue 13). ``dim``: the dimension
+    of ``r`` that holds a row's d ratios (0 for the transposed layout (d, rows))."""
     ok = (r > -1.0) & (r < float("inf"))
-    return 0.5 * torch.where(ok, kl_phi(torch.where(ok, r, 0.0)), float("inf")).sum(-1)
+    return 0.5 * torch.where(ok, kl_phi(torch.where(ok, r, 0.0)), float("inf")).sum(dim)
 
 
-def _newton_step(r, t, lo, hi, eps, tol):
+def _newton_step(r, t, lo, hi, eps, tol, dim=-1):
     """One safeguarded Newton step on ``log KLc(t) - log eps`` for rows of ``r``; returns
     ``(t_next, lo, hi, converged)`` (``t_next = t`` on converged rows).
 
     Written in ``x = t r`` and ``x / g`` only: ``r^2`` overflows float32 for ``|r| > 2^64``
     (std ratios past 2^32) while ``x / g = x / (1 + x)`` stays below 1 on ``x > 0``.
-    ``KLc'(t) = s2 / (2 t)`` with ``s2 = sum (x / g)^2``."""
-    x = t.unsqueeze(-1) * r
+    ``KLc'(t) = s2 / (2 t)`` with ``s2 = sum (x / g)^2``. ``dim`` as in :func:`kl_at_one`."""
+    x = t.unsqueeze(dim) * r
     g = 1.0 + x
-    kl = 0.5 * kl_phi(x).sum(-1)
-    s2 = ((x / g) ** 2).sum(-1)
+    kl = 0.5 * kl_phi(x).sum(dim)
+    s2 = ((x / g) ** 2).sum(dim)
     pos = kl > 0  # KLc underflowed to 0 (t far too small): not a root, bisect
     h = torch.log(torch.where(pos, kl, eps) / eps)
     done = pos & (h.abs() <= tol)
@@ -78,16 +80,17 @@ def _newton_step(r, t, lo, hi, eps, tol):
     return torch.where(done, t, t_new), lo, hi, done
 
 
-def _newton_start(r, eps):
+def _newton_start(r, eps, dim=-1):
     """``(r_safe, solvable, active, t0)``: rows with an overflowed ratio (``r = inf``) cannot
     be solved in this dtype; they get ``r_safe = 0`` and are flagged by the caller.
-    ``t0 = min(1, 2 sqrt(eps) / ||r||)`` with the norm scaled by ``max |r|`` (no overflow)."""
-    active = kl_at_one(r) > eps
-    solvable = (r < float("inf")).all(-1)
-    r = torch.where(solvable.unsqueeze(-1), r, 0.0)
-    big = r.abs().amax(-1)
+    ``t0 = min(1, 2 sqrt(eps) / ||r||)`` with the norm scaled by ``max |r|`` (no overflow).
+    ``dim`` as in :func:`kl_at_one`."""
+    active = kl_at_one(r, dim) > eps
+    solvable = (r < float("inf")).all(dim)
+    r = torch.where(solvable.unsqueeze(dim), r, 0.0)
+    big = r.abs().amax(dim)
     big = torch.where(active & (big > 0), big, 1.0)
-    norm = big * torch.sqrt(((r / big.unsqueeze(-1)) ** 2).sum(-1))
+    norm = big * torch.sqrt(((r / big.unsqueeze(dim)) ** 2).sum(dim))
     root_eps = torch.sqrt(eps) if isinstance(eps, Tensor) else math.sqrt(eps)
     t = torch.clamp(2.0 * root_eps / torch.where(active & (norm > 0), norm, 1.0), max=1.0)
     return r, solvable, active, torch.where(active, t, 1.0)
@@ -109,25 +112,35 @@ def kl_dual_newton(r: Tensor, eps, early_exit: bool = False):
     all rows with no host sync (traceable, and what the GPU would do without the kernel).
     """
     tol = TOL_F64 if r.dtype == torch.float64 else TOL_F32
+    if not early_exit:
+        # rows innermost, (d, rows), materialized by an operator of its own: compiled, the
+        # loop over rows vectorizes (see ``_layout``)
+        shape = r.shape[:-1]
+        r_t = rows_to_columns(r.reshape(-1, r.shape[-1]))
+        eps_t = eps.reshape(-1) if isinstance(eps, Tensor) and eps.dim() > 0 else eps
+        r_t, solvable, active, t = _newton_start(r_t, eps_t, dim=0)
+        lo, hi = torch.zeros_like(t), torch.ones_like(t)
+        done = ~active
+        for _ in range(min(MAX_ITER, UNROLLED_ITER)):
+            t_next, lo, hi, newly = _newton_step(r_t, t, lo, hi, eps_t, tol, dim=0)
+            t = torch.where(done, t, t_next)  # rows done before (or inactive) stay put
+            done = done | newly
+        done = done & solvable
+        t = torch.where(done, t, torch.where(solvable, lo, 0.0))
+        return t.reshape(shape), done.reshape(shape), active.reshape(shape)
     r, solvable, active, t = _newton_start(r, eps)
     lo, hi = torch.zeros_like(t), torch.ones_like(t)
     done = ~active
-    if not early_exit:
-        for _ in range(min(MAX_ITER, UNROLLED_ITER)):
-            t_next, lo, hi, newly = _newton_step(r, t, lo, hi, eps, tol)
-            t = torch.where(done, t, t_next)  # rows done before (or inactive) stay put
-            done = done | newly
-    else:
-        per_row_eps = isinstance(eps, Tensor) and eps.dim() > 0
-        open_rows = (~done).nonzero().squeeze(-1)
-        for _ in range(MAX_ITER):
-            if open_rows.numel() == 0:
-                break
-            e = eps[open_rows] if per_row_eps else eps
-            t_o, lo_o, hi_o, newly = _newton_step(r[open_rows], t[open_rows], lo[open_rows], hi[open_rows], e, tol)
-            t[open_rows], lo[open_rows], hi[open_rows] = t_o, lo_o, hi_o
-            done[open_rows] = newly
-            open_rows = open_rows[~newly]
+    per_row_eps = isinstance(eps, Tensor) and eps.dim() > 0
+    open_rows = (~done).nonzero().squeeze(-1)
+    for _ in range(MAX_ITER):
+        if open_rows.numel() == 0:
+            break
+        e = eps[open_rows] if per_row_eps else eps
+        t_o, lo_o, hi_o, newly = _newton_step(r[open_rows], t[open_rows], lo[open_rows], hi[open_rows], e, tol)
+        t[open_rows], lo[open_rows], hi[open_rows] = t_o, lo_o, hi_o
+        done[open_rows] = newly
+        open_rows = open_rows[~newly]
     done = done & solvable
     return torch.where(done, t, torch.where(solvable, lo, 0.0)), done, active
 
