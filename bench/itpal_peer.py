@@ -1,0 +1,157 @@
+"""The KL projection on the CPU against ITPAL (ALRhub/ITPAL: the C++/OpenMP/NLopt code the
+original TRPL implementation and its successors call), in one process, float64, forward +
+backward, every row projected (issue 12's CPU target: >= 10x ITPAL for full covariance
+512 x 17 and diagonal 65,536 x 17).
+
+ITPAL projects the covariance only (the original computes the mean part in Python, in closed
+form); ours projects mean and covariance, so its time includes the mean part. Per case: the
+median over ``--rounds`` of one forward + backward, the largest relative difference between
+the two projected covariances (ITPAL's optimizer stops at its own tolerance), and the ratio.
+
+    python -m bench.itpal_peer --threads 2 --out bench/results/itpal_peer_cpu.json
+
+Needs ITPAL's ``cpp_projection`` module (``../shared/tools/build-itpal.sh SRC .venv/bin/python``).
+``OMP_NUM_THREADS`` is set to ``--threads`` before it loads. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+
+def _cases(n_diag: int, n_full: int, d: int, seed: int):
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    f64 = torch.float64
+    # diagonal: target std a factor e^{+-0.5} away per dimension -> KL far above the bound
+    old_std = torch.exp(0.3 * torch.randn(n_diag, d, generator=gen, dtype=f64))
+    std = old_std * torch.exp(0.5 * torch.randn(n_diag, d, generator=gen, dtype=f64))
+    old_mean = torch.randn(n_diag, d, generator=gen, dtype=f64)
+    mean = old_mean + 0.5 * old_std * torch.randn(n_diag, d, generator=gen, dtype=f64)
+    diag = (mean, std, old_mean, old_std)
+
+    def chol(n):
+        a = torch.randn(n, d, d, generator=gen, dtype=f64) / d**0.5
+        return torch.linalg.cholesky(a @ a.mT + 0.5 * torch.eye(d, dtype=f64))
+
+    old_factor, factor = chol(n_full), chol(n_full)
+    old_mean_f = torch.randn(n_full, d, generator=gen, dtype=f64)
+    mean_f = old_mean_f + 0.5 * torch.randn(n_full, d, generator=gen, dtype=f64)
+    full = (mean_f, factor, old_mean_f, old_factor)
+    return diag, full
+
+
+def _median_time(fn, rounds: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--n-diag", type=int, default=65536)
+    p.add_argument("--n-full", type=int, default=512)
+    p.add_argument("--dim", type=int, default=17)
+    p.add_argument("--mean-bound", type=float, default=0.03)
+    p.add_argument("--cov-bound", type=float, default=0.01)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before ITPAL's OpenMP runtime starts
+    import cpp_projection
+    import numpy as np
+    import torch
+
+    import trpl_fast
+    from trpl_fast import distances as D
+
+    torch.set_num_threads(args.threads)
+    d, eps = args.dim, args.cov_bound
+    (mean, std, old_mean, old_std), (mean_f, factor, old_mean_f, old_factor) = _cases(
+        args.n_diag, args.n_full, d, 0
+    )
+    out: dict = {
+        "threads": args.threads,
+        "dtype": "float64",
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "cases": {},
+    }
+
+    # -- diagonal -------------------------------------------------------------------------
+    n = len(std)
+    assert bool((D.cov_part("kl", "diag", std, old_std) > eps).all()), "every row must be projected"
+    g_mean, g_std = torch.randn_like(mean), torch.randn_like(std)
+
+    def ours_diag():
+        m, s = mean.clone().requires_grad_(True), std.clone().requires_grad_(True)
+        m_t, s_t = trpl_fast.project_diag(
+            m, s, old_mean, old_std, kind="kl", mean_bound=args.mean_bound, cov_bound=eps, check_values=False
+        )
+        torch.autograd.backward((m_t, s_t), (g_mean, g_std))
+        return s_t.detach()
+
+    itpal_diag = cpp_projection.BatchedDiagCovOnlyProjection(n, d, max_eval=100)
+    epss, old_var, var = np.full(n, eps), (old_std**2).numpy(), (std**2).numpy()
+    g_var = (g_std / (2 * std)).numpy()  # the same upstream gradient, w.r.t. the variance
+
+    def itpal_diag_step():
+        v = itpal_diag.forward(epss, old_var, var)
+        itpal_diag.backward(g_var)
+        return v
+
+    t_ours, t_peer = _median_time(ours_diag, args.rounds), _median_time(itpal_diag_step, args.rounds)
+    ours_var = ours_diag().pow(2).numpy()
+    rel = float(np.max(np.abs(ours_var - itpal_diag_step()) / ours_var))
+    out["cases"][f"diag {n}x{d}"] = {"ours_s": t_ours, "itpal_s": t_peer, "ratio": t_peer / t_ours, "max_rel_diff": rel}
+
+    # -- full covariance --------------------------------------------------------------------
+    n = len(factor)
+    cov, old_cov = factor @ factor.mT, old_factor @ old_factor.mT
+    assert bool((D.cov_part("kl", "full", factor, old_factor) > eps).all()), "every row must be projected"
+    gf_mean, gf_factor = torch.randn_like(mean_f), torch.randn_like(factor).tril()
+
+    def ours_full():
+        m, f = mean_f.clone().requires_grad_(True), factor.clone().requires_grad_(True)
+        m_t, f_t = trpl_fast.project_full(
+            m, f, old_mean_f, old_factor, kind="kl", mean_bound=args.mean_bound, cov_bound=eps, check_values=False
+        )
+        torch.autograd.backward((m_t, f_t), (gf_mean, gf_factor))
+        return f_t.detach()
+
+    itpal_full = cpp_projection.BatchedCovOnlyProjection(n, d, max_eval=100)
+    epss_f = np.full(n, eps)
+    old_chols, chols, covs = old_factor.numpy(), factor.numpy(), cov.numpy()
+    g_cov = np.ascontiguousarray(np.random.default_rng(0).standard_normal((n, d, d)))
+
+    def itpal_full_step():
+        c = itpal_full.forward(epss_f, old_chols, chols, covs)
+        itpal_full.backward(g_cov)
+        return c
+
+    t_ours, t_peer = _median_time(ours_full, args.rounds), _median_time(itpal_full_step, args.rounds)
+    f_t = ours_full()
+    ours_cov = (f_t @ f_t.mT).numpy()
+    rel = float(np.max(np.abs(ours_cov - itpal_full_step())) / np.max(np.abs(ours_cov)))
+    out["cases"][f"full {n}x{d}"] = {"ours_s": t_ours, "itpal_s": t_peer, "ratio": t_peer / t_ours, "max_rel_diff": rel}
+
+    print(json.dumps(out, indent=2))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=2)
+    return out
+
+
+if __name__ == "__main__":
+    main()
