@@ -78,9 +78,7 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(args.threads)
     d, eps = args.dim, args.cov_bound
-    (mean, std, old_mean, old_std), (mean_f, factor, old_mean_f, old_factor) = _cases(
-        args.n_diag, args.n_full, d, 0
-    )
+    (mean, std, old_mean, old_std), (mean_f, factor, old_mean_f, old_factor) = _cases(args.n_diag, args.n_full, d, 0)
     out: dict = {
         "threads": args.threads,
         "dtype": "float64",
@@ -118,7 +116,7 @@ def main(argv=None) -> dict:
 
     # -- full covariance --------------------------------------------------------------------
     n = len(factor)
-    cov, old_cov = factor @ factor.mT, old_factor @ old_factor.mT
+    cov = factor @ factor.mT
     assert bool((D.cov_part("kl", "full", factor, old_factor) > eps).all()), "every row must be projected"
     gf_mean, gf_factor = torch.randn_like(mean_f), torch.randn_like(factor).tril()
 
