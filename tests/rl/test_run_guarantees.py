@@ -137,6 +137,32 @@ def test_a_sigterm_whose_raise_is_swallowed_still_stops_the_run(tmp_path, monkey
         assert ckpt["interrupted"] and ckpt["iteration"] == 2 and ckpt["global_step"] == 512
 
 
+def test_a_second_sigterm_does_not_abort_the_checkpoint_the_first_one_writes(tmp_path, monkeypatch):
+    import trpl_fast.rl.train as T
+
+    real_gae, real_save, calls, seen = T.gae, T.save_checkpoint, {"n": 0}, []
+
+    def gae(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:  # in iteration 2, after its rollout
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_gae(*args, **kw)
+
+    def save(path, state):
+        if state.get("interrupted"):  # the write the first SIGTERM asked for: a second one now
+            os.kill(os.getpid(), signal.SIGTERM)
+            seen.append("second")
+        real_save(path, state)
+
+    monkeypatch.setattr(T, "gae", gae)
+    monkeypatch.setattr(T, "save_checkpoint", save)
+    with pytest.raises(KeyboardInterrupt) as info:
+        run(small(total_steps=1024, checkpoint_every=100, checkpoint_seconds=3600.0), tmp_path)
+    assert type(info.value).__name__ == "Terminated" and seen == ["second"]
+    ckpt = read_checkpoint(tmp_path)
+    assert ckpt["interrupted"] and ckpt["iteration"] == 2
+
+
 def _cli(out, *extra):
     return [
         sys.executable,
