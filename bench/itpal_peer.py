@@ -47,6 +47,20 @@ def _cases(n_diag: int, n_full: int, d: int, seed: int):
     return diag, full
 
 
+def _ours(form: str, case, grads, mean_bound: float, cov_bound: float):
+    """One forward + backward of our KL projection of ``case`` (mean, cov, old_mean,
+    old_cov) with upstream gradients ``grads``; returns the projected covariance input-form
+    (std or Cholesky factor)."""
+    import torch
+
+    from trpl_fast.functional import project
+
+    mean, cov = (x.clone().requires_grad_(True) for x in case[:2])
+    out = project(form, mean, cov, *case[2:], kind="kl", mean_bound=mean_bound, cov_bound=cov_bound, check_values=False)
+    torch.autograd.backward(out, grads)
+    return out[1].detach()
+
+
 def _median_time(fn, rounds: int) -> float:
     fn()  # warm-up
     times = []
@@ -73,7 +87,6 @@ def main(argv=None) -> dict:
     import numpy as np
     import torch
 
-    import trpl_fast
     from trpl_fast import distances as D
 
     torch.set_num_threads(args.threads)
@@ -93,12 +106,7 @@ def main(argv=None) -> dict:
     g_mean, g_std = torch.randn_like(mean), torch.randn_like(std)
 
     def ours_diag():
-        m, s = mean.clone().requires_grad_(True), std.clone().requires_grad_(True)
-        m_t, s_t = trpl_fast.project_diag(
-            m, s, old_mean, old_std, kind="kl", mean_bound=args.mean_bound, cov_bound=eps, check_values=False
-        )
-        torch.autograd.backward((m_t, s_t), (g_mean, g_std))
-        return s_t.detach()
+        return _ours("diag", (mean, std, old_mean, old_std), (g_mean, g_std), args.mean_bound, eps)
 
     itpal_diag = cpp_projection.BatchedDiagCovOnlyProjection(n, d, max_eval=100)
     epss, old_var, var = np.full(n, eps), (old_std**2).numpy(), (std**2).numpy()
@@ -121,12 +129,7 @@ def main(argv=None) -> dict:
     gf_mean, gf_factor = torch.randn_like(mean_f), torch.randn_like(factor).tril()
 
     def ours_full():
-        m, f = mean_f.clone().requires_grad_(True), factor.clone().requires_grad_(True)
-        m_t, f_t = trpl_fast.project_full(
-            m, f, old_mean_f, old_factor, kind="kl", mean_bound=args.mean_bound, cov_bound=eps, check_values=False
-        )
-        torch.autograd.backward((m_t, f_t), (gf_mean, gf_factor))
-        return f_t.detach()
+        return _ours("full", (mean_f, factor, old_mean_f, old_factor), (gf_mean, gf_factor), args.mean_bound, eps)
 
     itpal_full = cpp_projection.BatchedCovOnlyProjection(n, d, max_eval=100)
     epss_f = np.full(n, eps)

@@ -112,10 +112,10 @@ def kl_dual_newton(r: Tensor, eps, early_exit: bool = False):
     all rows with no host sync (traceable, and what the GPU would do without the kernel).
     """
     tol = TOL_F64 if r.dtype == torch.float64 else TOL_F32
+    shape = r.shape[:-1]
     if not early_exit:
         # rows innermost, (d, rows), materialized by an operator of its own: compiled, the
         # loop over rows vectorizes (see ``_layout``)
-        shape = r.shape[:-1]
         r_t = rows_to_columns(r.reshape(-1, r.shape[-1]))
         eps_t = eps.reshape(-1) if isinstance(eps, Tensor) and eps.dim() > 0 else eps
         r_t, solvable, active, t = _newton_start(r_t, eps_t, dim=0)
@@ -125,24 +125,23 @@ def kl_dual_newton(r: Tensor, eps, early_exit: bool = False):
             t_next, lo, hi, newly = _newton_step(r_t, t, lo, hi, eps_t, tol, dim=0)
             t = torch.where(done, t, t_next)  # rows done before (or inactive) stay put
             done = done | newly
-        done = done & solvable
-        t = torch.where(done, t, torch.where(solvable, lo, 0.0))
-        return t.reshape(shape), done.reshape(shape), active.reshape(shape)
-    r, solvable, active, t = _newton_start(r, eps)
-    lo, hi = torch.zeros_like(t), torch.ones_like(t)
-    done = ~active
-    per_row_eps = isinstance(eps, Tensor) and eps.dim() > 0
-    open_rows = (~done).nonzero().squeeze(-1)
-    for _ in range(MAX_ITER):
-        if open_rows.numel() == 0:
-            break
-        e = eps[open_rows] if per_row_eps else eps
-        t_o, lo_o, hi_o, newly = _newton_step(r[open_rows], t[open_rows], lo[open_rows], hi[open_rows], e, tol)
-        t[open_rows], lo[open_rows], hi[open_rows] = t_o, lo_o, hi_o
-        done[open_rows] = newly
-        open_rows = open_rows[~newly]
+    else:
+        r, solvable, active, t = _newton_start(r, eps)
+        lo, hi = torch.zeros_like(t), torch.ones_like(t)
+        done = ~active
+        per_row_eps = isinstance(eps, Tensor) and eps.dim() > 0
+        open_rows = (~done).nonzero().squeeze(-1)
+        for _ in range(MAX_ITER):
+            if open_rows.numel() == 0:
+                break
+            e = eps[open_rows] if per_row_eps else eps
+            t_o, lo_o, hi_o, newly = _newton_step(r[open_rows], t[open_rows], lo[open_rows], hi[open_rows], e, tol)
+            t[open_rows], lo[open_rows], hi[open_rows] = t_o, lo_o, hi_o
+            done[open_rows] = newly
+            open_rows = open_rows[~newly]
     done = done & solvable
-    return torch.where(done, t, torch.where(solvable, lo, 0.0)), done, active
+    t = torch.where(done, t, torch.where(solvable, lo, 0.0))
+    return t.reshape(shape), done.reshape(shape), active.reshape(shape)
 
 
 def _ratio_minus_one(std, old_std):
