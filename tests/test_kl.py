@@ -204,6 +204,24 @@ def test_masked_newton_equals_the_early_exit_one(dtype):
         assert_close(t_m.reshape(-1), t_e, 1e-12 if dtype == F64 else 1e-5, "t")
 
 
+@pytest.mark.parametrize("shape", [(5, 3), (1, 4), (6, 1), (1, 1)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_rows_to_columns_is_the_contiguous_transpose(shape, compiled):
+    """The masked Newton's (d, rows) layout: the transpose's values, contiguous (rows
+    innermost), eager and inside a compiled graph."""
+    from trpl_fast.ops._layout import rows_to_columns
+
+    x = torch.arange(shape[0] * shape[1], dtype=F64).reshape(shape) + 0.5
+
+    def transpose_plus_one(x):
+        return rows_to_columns(x) + 1.0, rows_to_columns(x)
+
+    fn = torch.compile(transpose_plus_one, fullgraph=True, dynamic=False) if compiled else transpose_plus_one
+    plus_one, y = fn(x)
+    assert y.shape == (shape[1], shape[0]) and y.is_contiguous()
+    assert torch.equal(y, x.T) and torch.equal(plus_one, x.T + 1.0)
+
+
 # -- the Triton kernels (interpreter on CPU, or the GPU) ---------------------------------
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"

@@ -114,8 +114,8 @@ def kl_dual_newton(r: Tensor, eps, early_exit: bool = False):
     tol = TOL_F64 if r.dtype == torch.float64 else TOL_F32
     shape = r.shape[:-1]
     if not early_exit:
-        # rows innermost, (d, rows), materialized by an operator of its own: compiled, the
-        # loop over rows vectorizes (see ``_layout``)
+        # rows innermost, (d, rows), a materialized copy even when compiled: the loop
+        # over rows then vectorizes (see ``_layout``)
         r_t = rows_to_columns(r.reshape(-1, r.shape[-1]))
         eps_t = eps.reshape(-1) if isinstance(eps, Tensor) and eps.dim() > 0 else eps
         r_t, solvable, active, t = _newton_start(r_t, eps_t, dim=0)
