@@ -222,6 +222,115 @@ def test_rows_to_columns_is_the_contiguous_transpose(shape, compiled):
     assert torch.equal(y, x.T) and torch.equal(plus_one, x.T + 1.0)
 
 
+@pytest.fixture
+def large_batch_path(monkeypatch):
+    """The compiled CPU path for large batches, forced on for every batch size; counts the
+    compiled calls."""
+    from trpl_fast.ops import _compiled_cpu
+
+    monkeypatch.setattr(_compiled_cpu, "_min_elements", 1)
+    monkeypatch.setattr(_compiled_cpu, "_unavailable", False)
+    calls = []
+    real = kl_ops.run_compiled
+
+    def counted(fn, *args):
+        calls.append(fn.__name__)
+        return real(fn, *args)
+
+    monkeypatch.setattr(kl_ops, "run_compiled", counted)
+    return calls
+
+
+def _diag_forward_backward(case, dtype, bounds, seed=3):
+    """Outputs (mean_t, std_t, t, converged) and the gradients of mean and std of the
+    KL diagonal op for upstream gradients that are not ones."""
+    n, d = case[0].shape
+    gen = torch.Generator().manual_seed(seed)
+    mean, std = (x.to(dtype).clone().requires_grad_(True) for x in case[:2])
+    if bounds == "per_state":
+        kw = dict(mean_bound=0.05 * (0.5 + torch.rand(n, generator=gen, dtype=F64)).to(dtype))
+        kw["cov_bound"] = (0.01 * (0.5 + torch.rand(n, generator=gen, dtype=F64))).to(dtype)
+        kw["cov_bound"][:4] = 10.0  # the hardest rows: spread 1e8 and a bound of 10
+    else:
+        kw = dict(mean_bound=0.05, cov_bound=10.0)
+    out = trpl_fast.functional.project(
+        "diag", mean, std, *[x.to(dtype) for x in case[2:]], kind="kl", return_aux=True, **kw
+    )
+    g_mean = torch.randn(n, d, generator=gen, dtype=F64).to(dtype)
+    g_std = torch.randn(n, d, generator=gen, dtype=F64).to(dtype)
+    grads = torch.autograd.grad((out[0] * g_mean).sum() + (out[1] * g_std).sum(), (mean, std))
+    return [o.detach() for o in out[:4]], grads
+
+
+@pytest.mark.parametrize("bounds", ["scalar", "per_state"])
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["float64", "float32"])
+def test_large_batch_path_equals_the_eager_one(dtype, bounds, large_batch_path, monkeypatch):
+    """The compiled CPU path for large batches (forced on here for 45 rows): values, flags
+    and both gradients as the eager path gives them, including the rows its masked solve
+    leaves open (spread 1e8 with a bound of 10, an overflowed ratio), solved again."""
+    from trpl_fast.ops import _compiled_cpu
+
+    n, d = 45, 7
+    case = list(whitened_case("diag", n, d, 1e8, seed=11))
+    gen = torch.Generator().manual_seed(4)
+    case[0] = case[2] + 0.3 * torch.randn(n, d, generator=gen, dtype=F64)
+    case[1][5::7] = case[3][5::7] * (1 + 1e-6)  # inside the region
+    case[1][6, 0] = case[3][6, 0] * (2.0**-70 if dtype == torch.float32 else 2.0**-600)  # r overflows
+    got, got_grads = _diag_forward_backward(case, dtype, bounds)
+    assert large_batch_path == ["_kl_diag_masked", "_kl_diag_backward_rows"]
+    # the masked solve alone leaves rows open: the eager second solve is exercised
+    rows = [x.to(dtype) for x in case]
+    eps = torch.full((n,), 10.0, dtype=dtype)
+    masked = kl_ops._kl_diag_masked(*rows, torch.full((n,), 0.05, dtype=dtype), eps)
+    assert (~masked[3]).sum() >= 2
+    monkeypatch.setattr(_compiled_cpu, "_min_elements", None)
+    want, want_grads = _diag_forward_backward(case, dtype, bounds)
+    assert len(large_batch_path) == 2  # the eager run did not compile
+    assert torch.equal(got[3], want[3]) and not got[3][6]  # the overflowed row is flagged
+    tol = 1e-12 if dtype == F64 else 2e-6
+    for name, a, b in zip(("mean_t", "std_t", "t"), got[:3], want[:3]):
+        assert_close(a, b, tol, name)
+    assert_close(got_grads[0], want_grads[0], 100 * tol, "grad mean", atol=100 * tol)
+    assert_close(got_grads[1], want_grads[1], 100 * tol, "grad std", atol=100 * tol)
+
+
+def test_large_batch_path_falls_back_to_eager_without_a_compiler(large_batch_path, monkeypatch):
+    """A compile failure (no C++ compiler) warns once and leaves the results to the eager
+    path; later calls do not try again."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    from trpl_fast.ops import _compiled_cpu
+
+    def no_compiler(fn, **kw):
+        def fails(*args):
+            raise TorchDynamoException("no C++ compiler")
+
+        return fails
+
+    monkeypatch.setattr(_compiled_cpu, "_compiled", {})
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    case = whitened_case("diag", 9, 5, 30.0, seed=2)
+    with pytest.warns(RuntimeWarning, match="run eagerly"):
+        got, got_grads = _diag_forward_backward(case, F64, "scalar")
+    assert _compiled_cpu._unavailable and large_batch_path == ["_kl_diag_masked"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _diag_forward_backward(case, F64, "scalar")
+    assert large_batch_path == ["_kl_diag_masked"]
+    monkeypatch.setattr(_compiled_cpu, "_min_elements", None)
+    want, want_grads = _diag_forward_backward(case, F64, "scalar")
+    for a, b in zip(got + list(got_grads), want + list(want_grads)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "1"], ids=repr)
+def test_cpu_compile_threshold_rejects_bad_values(bad):
+    from trpl_fast.ops._compiled_cpu import set_cpu_compile_min_elements
+
+    with pytest.raises(ValueError, match="min_elements"):
+        set_cpu_compile_min_elements(bad)
+
+
 # -- the Triton kernels (interpreter on CPU, or the GPU) ---------------------------------
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"

@@ -3,10 +3,12 @@
 Importing this package registers, for each kind and covariance form, a forward op
 ``trpl::project_<kind>_<form>`` and its backward op ``trpl::project_<kind>_<form>_backward``
 (see :class:`trpl_fast.ops._common.ProjectionOp` for the schema). Triton kernels are used
-for CUDA tensors; vectorized torch everywhere else.
+for CUDA tensors; vectorized torch everywhere else, compiled by inductor for large CPU
+batches of the KL diagonal op (:func:`set_cpu_compile_min_elements`).
 """
 
 from ._common import in_torch_func_mode, torch_func_mode
+from ._compiled_cpu import cpu_compile_min_elements, set_cpu_compile_min_elements
 from .frobenius import FROB_DIAG, FROB_FULL
 from .kl import KL_DIAG, KL_FULL
 from .wasserstein import W2_DIAG, W2_FULL
@@ -20,4 +22,10 @@ OPS = {
     ("kl", "full"): KL_FULL,
 }
 
-__all__ = ["OPS", "in_torch_func_mode", "torch_func_mode"]
+__all__ = [
+    "OPS",
+    "cpu_compile_min_elements",
+    "in_torch_func_mode",
+    "set_cpu_compile_min_elements",
+    "torch_func_mode",
+]

@@ -10,6 +10,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ._compiled_cpu import wants_compiled
+
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 # Set by :func:`torch_func_mode`: the ops are being differentiated by ``torch.func.grad``.
@@ -163,6 +165,7 @@ class ProjectionOp:
         launch: Callable | None = None,
         launch_backward: Callable | None = None,
         aux: tuple[Aux, ...] = (),
+        large_batch: tuple[Callable, Callable] | None = None,
     ):
         self.name = name
         self.cov_name = "std" if cov_event_dims == 1 else "factor"
@@ -174,6 +177,9 @@ class ProjectionOp:
         if not all(isinstance(a, Aux) for a in aux):
             raise TypeError("aux must be a tuple of Aux(name, rank, dtype)")
         self.aux = tuple(aux)
+        # (forward, backward) for large batches of real CPU tensors, same arguments as the
+        # impls: compiled kernels (``_compiled_cpu``)
+        self.large_batch = large_batch
         self.forward_op = self._define_forward()
         self.backward_op = self._define_backward()
         self._register_autograd()
@@ -200,6 +206,11 @@ class ProjectionOp:
         has one (and the caller allows it), else the vectorized-torch implementation."""
         launch = self.launch_backward if backward else self.launch
         return allow_kernel and launch is not None and mean.device.type == "cuda"
+
+    def uses_large_batch_path(self, rows: Tensor, real_cpu: bool) -> bool:
+        """Whether real CPU (rows, d[, d]) tensors take the compiled large-batch
+        implementations (``_compiled_cpu``: the op has them and the batch is large)."""
+        return real_cpu and self.large_batch is not None and rows.device.type == "cpu" and wants_compiled(rows)
 
     def _to_rows(self, tensors, d, use_kernel, cdt):
         # (mean-like, cov-like) pairs: event dims alternate 1, cov_event_dims
@@ -232,7 +243,8 @@ class ProjectionOp:
             outs = self.launch(*rows, mb, cb, float(mbv), float(cbv))
         else:
             kw = {"early_exit": early_exit} if self.aux else {}
-            outs = self.impl(*rows, mb, cb, float(mbv), float(cbv), **kw)
+            impl = self.large_batch[0] if self.uses_large_batch_path(rows[1], early_exit) else self.impl
+            outs = impl(*rows, mb, cb, float(mbv), float(cbv), **kw)
         # contiguous, as the fake kernel allocates them (a QR-built factor comes out transposed)
         aux = [a.reshape(tuple(batch) + tuple(a.shape[1:])).contiguous() for a in outs[2:]]
         return (
@@ -264,7 +276,9 @@ class ProjectionOp:
         mbv,
         cbv,
         allow_kernel: bool,
+        real_cpu: bool = False,
     ):
+        """``real_cpu``: the tensors are real CPU tensors (the CPU kernel), not traced."""
         batch, d = self.check(mean, cov, old_mean, old_cov, mean_bound, cov_bound)
         if grad_mean.shape != mean.shape or grad_cov.shape != cov.shape:
             raise ValueError("grad_mean / grad_cov must have the shapes of mean / cov")
@@ -281,7 +295,8 @@ class ProjectionOp:
         elif use_kernel:
             outs = self.launch_backward(*rows, *aux_rows, mb, cb, float(mbv), float(cbv))
         else:
-            outs = self.impl_backward(*rows, *aux_rows, mb, cb, float(mbv), float(cbv))
+            impl = self.large_batch[1] if self.uses_large_batch_path(rows[3], real_cpu) else self.impl_backward
+            outs = impl(*rows, *aux_rows, mb, cb, float(mbv), float(cbv))
         return (
             outs[0].to(mean.dtype).reshape(mean.shape).contiguous(),
             outs[1].to(mean.dtype).reshape(cov.shape).contiguous(),
@@ -387,6 +402,7 @@ class ProjectionOp:
                 mbv,
                 cbv,
                 allow_kernel=False,
+                real_cpu=True,
             )
 
         return op

@@ -24,6 +24,7 @@ from torch import Tensor
 from ..kernels.kl import MAX_ITER, TOL_F32, TOL_F64, launch_kl_diag_bwd, launch_kl_diag_fwd, launch_kl_newton
 from ..kernels.kl_full import MAX_D, launch_kl_full_bwd, launch_kl_full_fwd
 from ._common import Aux, ProjectionOp, to_float64
+from ._compiled_cpu import run_compiled
 from ._layout import rows_to_columns
 from ._linalg import cholesky_backward, solve_lower, solve_lower_t
 from ._torch_mean import bound_or_value, mean_project, mean_project_backward
@@ -32,6 +33,10 @@ from ._torch_mean import bound_or_value, mean_project, mean_project_backward
 # torch.compile, or on CUDA): the hardest tested rows (eigenvalue spread 1e8, eps_cov 10)
 # needed 10; rows still open after these are flagged, never hidden.
 UNROLLED_ITER = 16
+# Masked iterations of the compiled CPU path for large batches (:func:`kl_diag_large`):
+# ``bench.itpal_peer``'s rows converge within 5 (float64), training rows within 2-3; rows
+# still open after these are solved again eagerly, with early exit.
+LARGE_BATCH_ITER = 6
 
 # phi(x) = log1p(x) - x / (1 + x): series coefficients of x^2 * P(x), highest first
 _PHI_SERIES = (-8.0 / 9.0, 7.0 / 8.0, -6.0 / 7.0, 5.0 / 6.0, -4.0 / 5.0, 3.0 / 4.0, -2.0 / 3.0, 0.5)
@@ -96,7 +101,7 @@ def _newton_start(r, eps, dim=-1):
     return r, solvable, active, torch.where(active, t, 1.0)
 
 
-def kl_dual_newton(r: Tensor, eps, early_exit: bool = False):
+def kl_dual_newton(r: Tensor, eps, early_exit: bool = False, iterations: int | None = None):
     """Safeguarded Newton on ``h(t) = log KLc(t) - log eps`` for every row of ``r`` (rows, d)
     (whitened precision ratios minus one, ``r >= -1``). Returns ``(t, converged, active)``,
     (rows,) each.
@@ -109,7 +114,8 @@ def kl_dual_newton(r: Tensor, eps, early_exit: bool = False):
     With ``early_exit`` (real CPU tensors only) each iteration works on the rows still
     open (gathered by index) and the loop stops when none is, at most ``MAX_ITER``
     iterations; otherwise it runs ``min(MAX_ITER, UNROLLED_ITER)`` masked iterations over
-    all rows with no host sync (traceable, and what the GPU would do without the kernel).
+    all rows with no host sync (traceable, and what the GPU would do without the kernel),
+    or ``iterations`` of them where given.
     """
     tol = TOL_F64 if r.dtype == torch.float64 else TOL_F32
     shape = r.shape[:-1]
@@ -121,7 +127,7 @@ def kl_dual_newton(r: Tensor, eps, early_exit: bool = False):
         r_t, solvable, active, t = _newton_start(r_t, eps_t, dim=0)
         lo, hi = torch.zeros_like(t), torch.ones_like(t)
         done = ~active
-        for _ in range(min(MAX_ITER, UNROLLED_ITER)):
+        for _ in range(min(MAX_ITER, UNROLLED_ITER if iterations is None else iterations)):
             t_next, lo, hi, newly = _newton_step(r_t, t, lo, hi, eps_t, tol, dim=0)
             t = torch.where(done, t, t_next)  # rows done before (or inactive) stay put
             done = done | newly
@@ -151,11 +157,11 @@ def _ratio_minus_one(std, old_std):
     return ((old_std - std) / std) * ((old_std + std) / std)
 
 
-def kl_diag(mean, std, old_mean, old_std, mean_bound, cov_bound, mbv, cbv, early_exit=False):
+def kl_diag(mean, std, old_mean, old_std, mean_bound, cov_bound, mbv, cbv, early_exit=False, iterations=None):
     old_var = old_std * old_std
     mean_t = mean_project(mean, old_mean, (mean - old_mean) / old_var, 2.0 * bound_or_value(mean_bound, mbv))
     r = _ratio_minus_one(std, old_std)
-    t, conv, active = kl_dual_newton(r, bound_or_value(cov_bound, cbv), early_exit)
+    t, conv, active = kl_dual_newton(r, bound_or_value(cov_bound, cbv), early_exit, iterations)
     # unsolvable rows have t = 0: 0 * inf would be NaN, they return the old std
     x = t.unsqueeze(-1) * torch.where(r < float("inf"), r, 0.0)
     std_t = old_std / torch.sqrt(1.0 + x)
@@ -185,6 +191,45 @@ def kl_diag_backward(g_mean, g_std, mean, std, old_mean, old_std, t, conv, mean_
     c = -((old_std / root_g) * g_std * xg).sum(-1, keepdim=True) / torch.where(s2 > 0, s2, 1.0)
     g_sd = (t + x) * (old_std / std) / (g * root_g) * (g_std + c * x / (old_std * root_g))
     return g_mean, torch.where(active.unsqueeze(-1), g_sd, g_std)
+
+
+def _per_row(bound, value, rows: Tensor) -> Tensor:
+    """The bound as a (rows,) tensor (a float becomes one: no float enters a compiled graph)."""
+    return bound if bound is not None else torch.full(rows.shape[:1], value, dtype=rows.dtype)
+
+
+def _kl_diag_masked(mean, std, old_mean, old_std, mean_bound, cov_bound):
+    return kl_diag(mean, std, old_mean, old_std, mean_bound, cov_bound, 0.0, 0.0, iterations=LARGE_BATCH_ITER)
+
+
+def _kl_diag_backward_rows(g_mean, g_std, mean, std, old_mean, old_std, t, mean_bound, cov_bound):
+    return kl_diag_backward(g_mean, g_std, mean, std, old_mean, old_std, t, None, mean_bound, cov_bound, 0.0, 0.0)
+
+
+def kl_diag_large(mean, std, old_mean, old_std, mean_bound, cov_bound, mbv, cbv, early_exit=True):
+    """:func:`kl_diag` for large batches of real CPU tensors (``_compiled_cpu``): the
+    masked solve, ``LARGE_BATCH_ITER`` iterations, compiled, then the rows it left open
+    (not converged, or flagged) solved again by the eager early-exit solve and written
+    back -- every row ends as the eager path would leave it: converged, or flagged."""
+    mb, cb = _per_row(mean_bound, mbv, mean), _per_row(cov_bound, cbv, mean)
+    out = run_compiled(_kl_diag_masked, mean, std, old_mean, old_std, mb, cb)
+    if out is None:
+        return kl_diag(mean, std, old_mean, old_std, mean_bound, cov_bound, mbv, cbv, early_exit)
+    open_rows = (~out[3]).nonzero().squeeze(-1)
+    if open_rows.numel():
+        again = kl_diag(*(x[open_rows] for x in (mean, std, old_mean, old_std, mb, cb)), 0.0, 0.0, early_exit=True)
+        for o, a in zip(out, again):
+            o[open_rows] = a
+    return out
+
+
+def kl_diag_backward_large(g_mean, g_std, mean, std, old_mean, old_std, t, conv, mean_bound, cov_bound, mbv, cbv):
+    """:func:`kl_diag_backward` compiled, for large batches of real CPU tensors."""
+    mb, cb = _per_row(mean_bound, mbv, mean), _per_row(cov_bound, cbv, mean)
+    out = run_compiled(_kl_diag_backward_rows, g_mean, g_std, mean, std, old_mean, old_std, t, mb, cb)
+    if out is None:
+        return kl_diag_backward(g_mean, g_std, mean, std, old_mean, old_std, t, conv, mean_bound, cov_bound, mbv, cbv)
+    return out
 
 
 def _solve_newton(r, cov_bound, cbv, early_exit):
@@ -319,6 +364,7 @@ KL_DIAG = ProjectionOp(
     launch_kl_diag_fwd,
     _launch_kl_diag_bwd,
     aux=(Aux("t", 0, "compute"), Aux("converged", 0, torch.bool)),
+    large_batch=(kl_diag_large, kl_diag_backward_large),
 )
 # full covariance: computed in float64 inside (module docstring), its aux outputs too
 KL_FULL = ProjectionOp(
