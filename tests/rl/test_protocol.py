@@ -31,6 +31,7 @@ def small(algo, **kw):
         epochs_vf=1,
         minibatch_size=100,
         eval_episodes=2,
+        eval_in_background=False,  # in-process: the worker's start-up per run (tests/rl/test_background_eval.py)
         checkpoint_every=1,
         device="cpu",
         env_backend="gymnasium",

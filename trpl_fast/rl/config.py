@@ -91,6 +91,9 @@ class TrainConfig:
     env_backend: str = "auto"  # auto (EnvPool where it has the task, for >1 env) | envpool | gymnasium
     eval_episodes: int = 5  # deterministic episodes per evaluation (paper: 5)
     eval_every: int = 1  # iterations between evaluations (paper: every iteration)
+    # evaluate in a worker process beside the next iteration (another core; same returns,
+    # each row written when its evaluation is in); False: in the training process
+    eval_in_background: bool = True
     checkpoint_every: int = 10  # iterations
     # also checkpoint after this much wall time: with the paper presets 10 iterations are
     # 20,480 to 163,840 steps, too much to lose to a SIGKILL early in a run

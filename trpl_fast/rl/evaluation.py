@@ -14,7 +14,17 @@ uninterrupted one), EnvPool (which cannot reseed) continues its own stream.
 
 from __future__ import annotations
 
+import copy
 import math
+import multiprocessing.connection
+import os
+import signal
+import socket
+import subprocess
+import sys
+import traceback
+import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -133,6 +143,238 @@ def evaluate(
         return ev(policy, obs_norm, 0)
     finally:
         ev.close()
+
+
+# -- evaluation beside training ---------------------------------------------------------------
+
+
+class FrozenMeanPolicy:
+    """What an evaluation reads of a policy: its mean network as numpy ops (copies of the
+    weights, :func:`~.policies.numpy_layers`), picklable -- a snapshot that later updates
+    do not touch."""
+
+    def __init__(self, ops: list):
+        self.ops = ops
+
+    def numpy_mean(self) -> list:
+        return self.ops
+
+
+def frozen_policy_and_normalizer(policy, obs_norm):
+    """``(FrozenMeanPolicy, normalizer copy)`` of the current weights and statistics, or
+    None where numpy does not reach the policy (other layers than Linear / Tanh / ReLU:
+    such a policy is evaluated in the training process)."""
+    ops = policy.numpy_mean()
+    return None if ops is None else (FrozenMeanPolicy(ops), copy.deepcopy(obs_norm))
+
+
+def _evaluation_worker(conn, make_evaluator: Callable) -> None:
+    """The worker process: builds the evaluator, then evaluates every ``(policy, obs_norm,
+    iteration)`` it receives until ``None`` or the end of the pipe (the parent is gone)."""
+    # the parent stops the run (Ctrl-C, SIGTERM to the process group) and then this worker
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    torch.set_num_threads(1)
+    try:
+        evaluator = make_evaluator()
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+        return
+    try:
+        while True:
+            try:
+                msg = conn.recv()
+            except EOFError:
+                break
+            if msg is None:
+                break
+            try:
+                conn.send(("ok", evaluator(*msg)))
+            except Exception:
+                conn.send(("error", traceback.format_exc()))
+    finally:
+        evaluator.close()
+
+
+def _worker_main(fd: int) -> None:
+    """Entry point of the worker interpreter: the connection on socket ``fd``, then the
+    evaluator's factory as its first message."""
+    conn = multiprocessing.connection.Connection(fd)
+    try:
+        make_evaluator = conn.recv()
+    except EOFError:
+        return
+    _evaluation_worker(conn, make_evaluator)
+
+
+class BackgroundEvaluator:
+    """An evaluator (:class:`Evaluator`, or the many-seeds one) in a worker process of its
+    own: :meth:`submit` hands it a frozen copy of the policy's mean network and normalizer
+    and returns at once; :meth:`result` waits for the return(s). The evaluation then runs
+    on another core beside the next iteration's collection and updates; its results are
+    those the evaluator gives in the training process (same environments, seeds and
+    arithmetic).
+
+    ``make_evaluator``: a picklable callable building the evaluator. The worker is a fresh
+    interpreter that imports this module only (not the caller's ``__main__``, as
+    ``multiprocessing``'s ``spawn`` would: a training script needs no entry-point guard),
+    connected by a socket pair. Where it cannot start or dies, the evaluations continue in
+    the training process (warned) with an evaluator built there, from the first evaluation
+    the worker did not return."""
+
+    def __init__(self, make_evaluator: Callable):
+        self.make_evaluator = make_evaluator
+        self._local = None  # the fallback evaluator, in this process
+        self._pending: tuple | None = None
+        self._conn = self._proc = None
+        try:
+            ours, theirs = socket.socketpair()
+            with theirs:
+                # the worker imports what this process can (a source checkout, a test's path)
+                env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+                code = f"from trpl_fast.rl.evaluation import _worker_main; _worker_main({theirs.fileno()})"
+                self._proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(theirs.fileno(),), env=env)
+            self._conn = multiprocessing.connection.Connection(ours.detach())
+            self._conn.send(make_evaluator)
+        except Exception as e:  # noqa: BLE001 - no subprocess here: evaluate in this process
+            self._fall_back(f"{type(e).__name__}: {e}")
+
+    def submit(self, policy, obs_norm, iteration: int) -> None:
+        """Start evaluating the (frozen) ``policy`` and ``obs_norm`` after ``iteration``."""
+        if self._pending is not None:
+            raise RuntimeError("BackgroundEvaluator.submit: the previous evaluation's result was not taken")
+        self._pending = (policy, obs_norm, iteration)
+        if self._local is None:
+            try:
+                self._conn.send(self._pending)
+            except (OSError, ValueError) as e:
+                self._fall_back(f"{type(e).__name__}: {e}")
+
+    def result(self):
+        """The submitted evaluation's return (one float, or one per seed), waited for."""
+        if self._pending is None:
+            raise RuntimeError("BackgroundEvaluator.result: nothing was submitted")
+        msg = None
+        if self._local is None:
+            try:
+                msg = self._conn.recv()
+            except (EOFError, OSError) as e:
+                self._fall_back(f"the worker exited ({type(e).__name__}, exit code {self._proc.poll()})")
+        pending, self._pending = self._pending, None
+        if msg is not None and msg[0] == "ok":
+            return msg[1]
+        if msg is not None:  # the evaluator raised in the worker: the same error here
+            raise RuntimeError(f"the evaluation failed in its worker process:\n{msg[1]}")
+        return self._local(*pending)
+
+    def _fall_back(self, why: str) -> None:
+        warnings.warn(
+            f"evaluating in the training process instead of a worker process ({why}); "
+            "set eval_in_background=False to do so from the start",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        self._stop_worker()
+        self._local = self.make_evaluator()
+
+    def _stop_worker(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.send(None)
+            except (OSError, ValueError):
+                pass
+            self._conn.close()
+            self._conn = None
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+
+    def close(self) -> None:
+        self._stop_worker()
+        if self._local is not None:
+            self._local.close()
+            self._local = None
+
+
+class EvaluatedRows:
+    """The loop's evaluate-and-log phase, with the evaluation in the background or not.
+
+    Per iteration: :meth:`settle` (rows still waiting for a background evaluation are
+    completed and written), :meth:`evaluate` where one is due (in this process: the
+    results; in the background: submitted, ``None``), then :meth:`log` of the iteration's
+    rows (one per run: one, or one per seed) with the state a checkpoint after it would
+    write. Rows whose evaluation runs in the background wait until the next
+    :meth:`settle` (the next iteration, before a checkpoint, at the end).
+    :attr:`last_good` is the state after the last iteration whose rows are written: what
+    a checkpoint holds, so that ``progress.csv`` and the checkpoint never disagree (an
+    interrupted run redoes the iteration it had not logged)."""
+
+    def __init__(self, evaluator, write: Callable[[list[dict]], None], state):
+        self.evaluator, self.write, self.last_good = evaluator, write, state
+        self._submitted = False
+        self._pending: tuple[list[dict], object] | None = None
+
+    def settle(self) -> None:
+        """Complete and write the rows waiting for their evaluation (waits for it)."""
+        if self._pending is None:
+            return
+        results = self.evaluator.result()
+        rows, state = self._pending
+        self._pending = None
+        self._fill(rows, results)
+        self._write(rows, state)
+
+    def evaluate(self, policy, obs_norm, iteration: int):
+        """The evaluation after ``iteration``: its return(s), or ``None`` when it was
+        handed to the background (its rows are then completed by :meth:`settle`)."""
+        self.settle()  # one evaluation in flight at most
+        if not isinstance(self.evaluator, BackgroundEvaluator):
+            return self.evaluator(policy, obs_norm, iteration)
+        self.evaluator.submit(*frozen_policy_and_normalizer(policy, obs_norm), iteration)
+        self._submitted = True
+        return None
+
+    def log(self, rows: list[dict], state) -> None:
+        """Write ``rows`` (or keep them until their background evaluation is in)."""
+        if self._submitted:
+            self._submitted = False
+            self._pending = (rows, state)
+        else:
+            self._write(rows, state)
+
+    @staticmethod
+    def _fill(rows: list[dict], results) -> None:
+        results = results if isinstance(results, list) else [results]
+        for row, value in zip(rows, results):
+            row["eval_return_mean"] = value
+
+    def _write(self, rows: list[dict], state) -> None:
+        self.write(rows)
+        self.last_good = state
+
+
+def settle_for_checkpoint(evaluated: EvaluatedRows) -> None:
+    """On Ctrl-C / SIGTERM: complete the rows whose evaluation is still running (the
+    worker ignores both signals and finishes it within an evaluation's time), so that the
+    interrupted checkpoint loses no completed iteration. A second Ctrl-C, or a failed
+    worker, gives up on those rows: the checkpoint then holds the iteration before."""
+    try:
+        evaluated.settle()
+    except (KeyboardInterrupt, Exception):  # noqa: BLE001 - the checkpoint must still be written
+        pass
+
+
+def make_evaluator(make: Callable, background: bool, policy):
+    """``make()`` (the evaluator) in a worker process beside training when ``background``
+    and numpy reaches the policy's mean network (see :func:`frozen_policy_and_normalizer`),
+    else in this process."""
+    if background and policy.numpy_mean() is not None:
+        return BackgroundEvaluator(make)
+    return make()
 
 
 def run_summary(

@@ -39,6 +39,7 @@ Not batched: ``trpo`` (a per-seed line search) and full covariances.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import re
@@ -63,7 +64,14 @@ from .checkpoint import (
 from .compiled_step import clip_by_seed_norm, compiled_step
 from .config import PROJECTIONS, TrainConfig, planned_iterations
 from .envs import envpool_pool, make_vec_env
-from .evaluation import MAX_EVAL_STEPS, Evaluator, eval_seed
+from .evaluation import (
+    MAX_EVAL_STEPS,
+    EvaluatedRows,
+    Evaluator,
+    eval_seed,
+    make_evaluator,
+    settle_for_checkpoint,
+)
 from .losses import importance_ratio
 from .normalization import ObservationNormalizer, RewardNormalizer, RunningMeanStd
 from .policies import GaussianPolicy, ValueNetwork, run_numpy_layers
@@ -746,7 +754,7 @@ class StackedEvaluator:
     def __call__(
         self, policy: StackedPolicy, obs_norm: StackedObservationNormalizer | None, iteration: int
     ) -> list[float]:
-        S, E, device = self.num_seeds, self.episodes, next(policy.parameters()).device
+        S, E = self.num_seeds, self.episodes
         evs = self.evaluators
         for ev in evs:
             if ev.env.backend == "gymnasium":
@@ -766,6 +774,7 @@ class StackedEvaluator:
             if ops is not None:
                 action = run_numpy_layers(ops, x).astype(np.float64)
             else:
+                device = next(policy.parameters()).device
                 action = policy.mean_action(torch.from_numpy(x).to(device)).cpu().double().numpy()
             if self.fused is not None:
                 o, rew, term, trunc = self.fused.step(action.reshape(S * E, -1), clip=self.clip_actions)
@@ -1020,15 +1029,23 @@ def train_seeds(
                     purge_step=global_step + 1 if saved else None,
                 )
             )
-        if cfg.eval_episodes > 0:
-            evaluator = StackedEvaluator(cfg, seeds, start_iteration)
+        if cfg.eval_episodes > 0:  # in a worker process of its own unless eval_in_background is off
+            evaluator = make_evaluator(
+                functools.partial(StackedEvaluator, cfg, seeds, start_iteration), cfg.eval_in_background, policy
+            )
     except BaseException:
         for log in logs:
             log.close()
         envs.close()
         raise
     t_start = time.perf_counter()
-    last_good = snapshot(start_iteration)
+
+    def write_rows(rows: list[dict]) -> None:
+        for k, (log, row) in enumerate(zip(logs, rows)):
+            log.write(row, cfg.rollout_steps * S if k == 0 else cfg.rollout_steps)
+
+    # its last_good: what Ctrl-C / SIGTERM write, the last iteration completed and logged
+    evaluated = EvaluatedRows(evaluator, write_rows, snapshot(start_iteration))
     last_saved = t_start
     restore_sigterm = catch_sigterm()
     try:
@@ -1051,11 +1068,13 @@ def train_seeds(
             t_value = clock.lap()
             evals = [math.nan] * S
             check_terminated()
+            evaluated.settle()  # the previous rows, if their evaluation ran in the background
             if evaluator is not None and evaluation_due(cfg, iteration, n_iterations):
-                evals = evaluator(policy, obs_norm, iteration)
+                evals = evaluated.evaluate(policy, obs_norm, iteration) or evals
             t_eval = clock.lap()
+            rows = []
             elapsed = clock.total
-            for k, log in enumerate(logs):
+            for k in range(S):
                 recent = collector.finished_returns[k][-20:]
                 # steps_per_second: each seed's own rate (its steps over the batch's time),
                 # comparable with a single run's; the batch trains S times as many
@@ -1076,14 +1095,17 @@ def train_seeds(
                     "time_eval": t_eval,
                 }
                 row.update({c: metrics[k].get(c, math.nan) for c in CSV_COLUMNS if c in metrics[k]})
-                log.write(row, cfg.rollout_steps * S if k == 0 else cfg.rollout_steps)
-            last_good = snapshot(iteration + 1)
+                rows.append(row)
+            evaluated.log(rows, snapshot(iteration + 1))
             if checkpoint_due(cfg, iteration, n_iterations, time.perf_counter() - last_saved):
-                save_all(last_good)
+                evaluated.settle()  # a checkpoint holds a logged iteration: wait for its evaluation
+                save_all(evaluated.last_good)
                 last_saved = time.perf_counter()
+        evaluated.settle()
         check_terminated()  # a SIGTERM whose raise was lost in the last iteration
     except KeyboardInterrupt:
-        save_all(last_good, interrupted=True)
+        settle_for_checkpoint(evaluated)
+        save_all(evaluated.last_good, interrupted=True)
         raise
     finally:
         restore_sigterm()

@@ -20,6 +20,7 @@ shapes (reset steps ride along with weight 0), so ``compile_update`` can hand it
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import time
@@ -46,7 +47,7 @@ from .checkpoint import (  # noqa: F401
 from .compiled_step import clip_by_total_norm, compiled_step, func_grad_reaches
 from .config import ALGOS, PROJECTIONS, TrainConfig, planned_iterations  # noqa: F401  (re-exported)
 from .envs import make_vec_env
-from .evaluation import Evaluator
+from .evaluation import EvaluatedRows, Evaluator, make_evaluator, settle_for_checkpoint
 from .losses import ppo_clip_loss, surrogate_loss, value_loss
 from .normalization import ObservationNormalizer, RewardNormalizer
 from .policies import FACTOR_OF_PROJECTION, GaussianPolicy, ValueNetwork
@@ -571,21 +572,28 @@ def train(
         progress=progress,
         purge_step=global_step + 1 if saved else None,
     )  # drops an interrupted run's later events
-    # one batched evaluation env for the run; new start states for every evaluation
+    # one batched evaluation env for the run (in a worker process of its own unless
+    # eval_in_background is off); new start states for every evaluation
     evaluator = (
-        Evaluator(
-            cfg.env_id,
-            cfg.eval_episodes,
-            cfg.seed,
-            backend=cfg.env_backend,
-            clip_actions=cfg.clip_actions,
-            first_iteration=start_iteration,
+        make_evaluator(
+            functools.partial(
+                Evaluator,
+                cfg.env_id,
+                cfg.eval_episodes,
+                cfg.seed,
+                backend=cfg.env_backend,
+                clip_actions=cfg.clip_actions,
+                first_iteration=start_iteration,
+            ),
+            cfg.eval_in_background,
+            policy,
         )
         if cfg.eval_episodes > 0
         else None
     )
     t_start = time.perf_counter()
-    last_good = snapshot(start_iteration)  # what Ctrl-C / SIGTERM write: the last completed iteration
+    # its last_good: what Ctrl-C / SIGTERM write, the last iteration completed and logged
+    evaluated = EvaluatedRows(evaluator, lambda rows: log.write(rows[0], cfg.rollout_steps), snapshot(start_iteration))
     last_saved = t_start
     restore_sigterm = catch_sigterm()
     try:
@@ -616,10 +624,13 @@ def train(
             t_value = clock.lap()
 
             # -- 5. evaluate and log --------------------------------------------------------
+            # (an evaluation in the background completes the previous row here, and this
+            # iteration's row waits for its own)
             eval_return = math.nan
             check_terminated()
+            evaluated.settle()
             if evaluator is not None and evaluation_due(cfg, iteration, n_iterations):
-                eval_return = evaluator(policy, obs_norm, iteration)
+                eval_return = evaluated.evaluate(policy, obs_norm, iteration)  # None: in the background
             t_eval = clock.lap()
             recent = collector.finished_returns[-20:]
             row = {
@@ -639,17 +650,19 @@ def train(
                 "time_eval": t_eval,
             }
             row.update({k: metrics.get(k, math.nan) for k in CSV_COLUMNS if k in metrics})
-            log.write(row, cfg.rollout_steps)
+            evaluated.log([row], snapshot(iteration + 1))
 
             # -- 6. checkpoint ----------------------------------------------------------------
-            last_good = snapshot(iteration + 1)
             if checkpoint_due(cfg, iteration, n_iterations, time.perf_counter() - last_saved):
-                save_checkpoint(ckpt_path, last_good)
+                evaluated.settle()  # a checkpoint holds a logged iteration: wait for its evaluation
+                save_checkpoint(ckpt_path, evaluated.last_good)
                 last_saved = time.perf_counter()
+        evaluated.settle()
         check_terminated()  # a SIGTERM whose raise was lost in the last iteration
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (Terminated)
         # the networks may be mid-iteration: write the end of the last completed one
-        save_checkpoint(ckpt_path, {**last_good, "interrupted": True})
+        settle_for_checkpoint(evaluated)
+        save_checkpoint(ckpt_path, {**evaluated.last_good, "interrupted": True})
         raise
     finally:
         restore_sigterm()

@@ -1,0 +1,124 @@
+"""Evaluation in a worker process beside training (``eval_in_background``, the default): the
+same returns as evaluating in the training process, rows written in order once their
+evaluation is in, checkpoints that always match ``progress.csv`` (Ctrl-C waits for the
+evaluation in flight), and a fall-back to the training process when the worker cannot
+start or dies."""
+
+import dataclasses
+import functools
+import subprocess
+
+import pytest
+import torch
+
+from trpl_fast.rl.evaluation import BackgroundEvaluator
+from trpl_fast.rl.multiseed import train_seeds
+
+from .test_resume import assert_same_state, interrupt_in_iteration, progress, run, small
+
+pytest.importorskip("gymnasium")
+
+
+def in_background(cfg, on=True):
+    return dataclasses.replace(cfg, eval_in_background=on)
+
+
+def test_rows_and_state_equal_the_in_process_evaluation(tmp_path):
+    cfg = small("kl", eval_episodes=2, total_steps=1024, checkpoint_every=3)
+    rows_here = run(in_background(cfg, False), tmp_path / "here")
+    rows_bg = run(in_background(cfg), tmp_path / "background")
+    assert [r["iteration"] for r in rows_bg] == [0, 1, 2, 3]
+    assert all(r["eval_return_mean"] == r["eval_return_mean"] for r in rows_bg)  # every row evaluated
+    assert progress(tmp_path / "background") == progress(tmp_path / "here")
+    assert [r["eval_return_mean"] for r in rows_bg] == [r["eval_return_mean"] for r in rows_here]
+    assert_same_state(tmp_path / "here", tmp_path / "background")
+
+
+def test_many_seeds_rows_equal_the_in_process_evaluation(tmp_path):
+    cfg = small("ppo", eval_episodes=1, total_steps=768, eval_every=2)
+    seeds = [0, 3]
+    train_seeds(in_background(cfg, False), seeds, tmp_path / "here", progress=False, log_tensorboard=False)
+    bg = train_seeds(in_background(cfg), seeds, tmp_path / "bg", progress=False, log_tensorboard=False)
+    for s in seeds:
+        assert progress(tmp_path / "bg" / f"seed{s}") == progress(tmp_path / "here" / f"seed{s}")
+        evaluated = [r["iteration"] for r in bg[s] if r["eval_return_mean"] == r["eval_return_mean"]]
+        assert evaluated == [1, 2]  # every second iteration and the last
+
+
+def test_ctrl_c_waits_for_the_evaluation_in_flight_then_resumes_bit_for_bit(tmp_path, monkeypatch):
+    cfg = in_background(small("kl", checkpoint_every=3))
+    run(cfg, tmp_path / "full")
+    # Ctrl-C in iteration 2: iteration 1's evaluation is still running in the worker
+    interrupt_in_iteration(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, tmp_path / "cut")
+    ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    assert ckpt["interrupted"] and ckpt["iteration"] == 2 and len(progress(tmp_path / "cut")) == 2
+    monkeypatch.undo()
+    run(cfg, tmp_path / "cut", resume=True)
+    assert progress(tmp_path / "cut") == progress(tmp_path / "full")
+    assert_same_state(tmp_path / "full", tmp_path / "cut")
+
+
+def test_a_worker_that_cannot_start_falls_back_to_the_training_process(tmp_path, monkeypatch):
+    cfg = small("ppo", eval_episodes=1, total_steps=512)
+    run(in_background(cfg, False), tmp_path / "here")
+
+    def refuse(*args, **kw):
+        raise OSError("no processes left")
+
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+    with pytest.warns(RuntimeWarning, match="evaluating in the training process"):
+        run(in_background(cfg), tmp_path / "fallback")
+    assert progress(tmp_path / "fallback") == progress(tmp_path / "here")
+
+
+class Doubling:
+    """A stand-in evaluator (picklable, instant): twice the iteration, or an error."""
+
+    def __init__(self, fail_at=None):
+        self.fail_at = fail_at
+
+    def __call__(self, policy, obs_norm, iteration):
+        if iteration == self.fail_at:
+            raise ValueError(f"no evaluation at iteration {iteration}")
+        return 2.0 * iteration
+
+    def close(self):
+        pass
+
+
+def test_results_come_back_in_order_and_errors_with_the_worker_traceback():
+    ev = BackgroundEvaluator(functools.partial(Doubling, fail_at=2))
+    try:
+        for it in (0, 1):
+            ev.submit(None, None, it)
+            assert ev.result() == 2.0 * it
+        ev.submit(None, None, 2)
+        with pytest.raises(RuntimeError, match="(?s)failed in its worker process.*no evaluation at iteration 2"):
+            ev.result()
+        with pytest.raises(RuntimeError, match="nothing was submitted"):
+            ev.result()
+        ev.submit(None, None, 3)
+        with pytest.raises(RuntimeError, match="was not taken"):
+            ev.submit(None, None, 4)
+        assert ev.result() == 6.0
+    finally:
+        ev.close()
+    assert ev._proc is None
+
+
+def test_a_worker_that_dies_is_replaced_by_an_evaluator_here():
+    ev = BackgroundEvaluator(Doubling)
+    try:
+        ev.submit(None, None, 1)
+        assert ev.result() == 2.0
+        ev._proc.kill()
+        ev._proc.wait()
+        with pytest.warns(RuntimeWarning, match="evaluating in the training process"):
+            ev.submit(None, None, 5)  # the pipe may refuse the job, or the answer never comes
+            assert ev.result() == 10.0
+        ev.submit(None, None, 6)
+        assert ev.result() == 12.0 and ev._local is not None
+    finally:
+        ev.close()
