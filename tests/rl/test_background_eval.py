@@ -6,7 +6,10 @@ start or dies."""
 
 import dataclasses
 import functools
+import math
+import os
 import subprocess
+import time
 
 import pytest
 import torch
@@ -28,7 +31,7 @@ def test_rows_and_state_equal_the_in_process_evaluation(tmp_path):
     rows_here = run(in_background(cfg, False), tmp_path / "here")
     rows_bg = run(in_background(cfg), tmp_path / "background")
     assert [r["iteration"] for r in rows_bg] == [0, 1, 2, 3]
-    assert all(r["eval_return_mean"] == r["eval_return_mean"] for r in rows_bg)  # every row evaluated
+    assert all(math.isfinite(r["eval_return_mean"]) for r in rows_bg)  # every row evaluated
     assert progress(tmp_path / "background") == progress(tmp_path / "here")
     assert [r["eval_return_mean"] for r in rows_bg] == [r["eval_return_mean"] for r in rows_here]
     assert_same_state(tmp_path / "here", tmp_path / "background")
@@ -41,7 +44,7 @@ def test_many_seeds_rows_equal_the_in_process_evaluation(tmp_path):
     bg = train_seeds(in_background(cfg), seeds, tmp_path / "bg", progress=False, log_tensorboard=False)
     for s in seeds:
         assert progress(tmp_path / "bg" / f"seed{s}") == progress(tmp_path / "here" / f"seed{s}")
-        evaluated = [r["iteration"] for r in bg[s] if r["eval_return_mean"] == r["eval_return_mean"]]
+        evaluated = [r["iteration"] for r in bg[s] if math.isfinite(r["eval_return_mean"])]
         assert evaluated == [1, 2]  # every second iteration and the last
 
 
@@ -122,3 +125,69 @@ def test_a_worker_that_dies_is_replaced_by_an_evaluator_here():
         assert ev.result() == 12.0 and ev._local is not None
     finally:
         ev.close()
+
+
+class FailsInAWorker:
+    """Builds :class:`Doubling` in the process that made it, fails in any other."""
+
+    def __init__(self):
+        self.pid = os.getpid()
+
+    def __call__(self):
+        if os.getpid() != self.pid:
+            raise ImportError("this environment is registered in the training script only")
+        return Doubling()
+
+
+def test_a_worker_that_cannot_build_the_evaluator_falls_back_naming_why():
+    ev = BackgroundEvaluator(FailsInAWorker())
+    try:
+        ev.submit(None, None, 4)
+        with pytest.warns(RuntimeWarning, match="could not build the evaluator: ImportError: this environment"):
+            assert ev.result() == 8.0
+        ev.submit(None, None, 5)
+        assert ev.result() == 10.0
+    finally:
+        ev.close()
+
+
+class Slow(Doubling):
+    def __call__(self, policy, obs_norm, iteration):
+        time.sleep(3.0)
+        return super().__call__(policy, obs_norm, iteration)
+
+
+def test_a_result_not_in_within_the_timeout_stops_the_worker():
+    """What an interrupted run does with an evaluation that does not come back: give up
+    on it after a bounded wait; the worker (whose late answer would be taken for the next
+    evaluation's) is stopped, and evaluations go on in this process."""
+    ev = BackgroundEvaluator(Slow)
+    try:
+        ev.submit(None, None, 1)
+        t = time.monotonic()
+        with pytest.raises(TimeoutError):
+            ev.result(timeout=0.5)
+        assert time.monotonic() - t < 2.5 and ev._proc is None
+        with pytest.warns(RuntimeWarning, match="it was stopped"):
+            ev.submit(None, None, 2)
+        assert ev.result() == 4.0
+    finally:
+        ev.close()
+
+
+def test_the_frozen_policy_does_not_follow_later_updates():
+    """A (1, n) mean head transposes without a copy: the snapshot must copy it."""
+    from trpl_fast.rl.config import preset
+    from trpl_fast.rl.evaluation import frozen_policy_and_normalizer
+    from trpl_fast.rl.train import make_policy
+
+    policy = make_policy(preset("mujoco", "ppo", env_id="Pendulum-v1"), 3, 1)
+    frozen, _ = frozen_policy_and_normalizer(policy, None)
+    before = [tuple(a.copy() for a in op) for op in frozen.numpy_mean() if isinstance(op, tuple)]
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(1.0)
+    after = [op for op in frozen.numpy_mean() if isinstance(op, tuple)]
+    assert len(after) == len(before) == 3
+    for b, a in zip(before, after):
+        assert all((x == y).all() for x, y in zip(b, a))

@@ -25,6 +25,7 @@ RESUMABLE_CHANGES = (
     "device",
     "eval_episodes",
     "eval_every",
+    "eval_in_background",
     "checkpoint_every",
     "checkpoint_seconds",
     "compile_update",

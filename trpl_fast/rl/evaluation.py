@@ -18,10 +18,10 @@ import copy
 import math
 import multiprocessing.connection
 import os
-import signal
 import socket
 import subprocess
 import sys
+import time
 import traceback
 import warnings
 from collections.abc import Callable
@@ -163,23 +163,32 @@ class FrozenMeanPolicy:
 def frozen_policy_and_normalizer(policy, obs_norm):
     """``(FrozenMeanPolicy, normalizer copy)`` of the current weights and statistics, or
     None where numpy does not reach the policy (other layers than Linear / Tanh / ReLU:
-    such a policy is evaluated in the training process)."""
+    such a policy is evaluated in the training process). The arrays are copied here:
+    ``numpy_layers`` may share a weight's memory (a (1, n) or (n, 1) weight needs no copy
+    to transpose), and later updates write into the weights in place."""
     ops = policy.numpy_mean()
-    return None if ops is None else (FrozenMeanPolicy(ops), copy.deepcopy(obs_norm))
+    if ops is None:
+        return None
+    ops = [tuple(a.copy() for a in op) if isinstance(op, tuple) else op for op in ops]
+    return FrozenMeanPolicy(ops), copy.deepcopy(obs_norm)
+
+
+# how long an interrupted run waits for the evaluation in flight before it writes its
+# checkpoint without that iteration (an evaluation takes well under a second here)
+INTERRUPT_WAIT_SECONDS = 20.0
 
 
 def _evaluation_worker(conn, make_evaluator: Callable) -> None:
-    """The worker process: builds the evaluator, then evaluates every ``(policy, obs_norm,
+    """The worker process: builds the evaluator (answering ``("ready", None)`` or
+    ``("startup-error", traceback)``), then evaluates every ``(policy, obs_norm,
     iteration)`` it receives until ``None`` or the end of the pipe (the parent is gone)."""
-    # the parent stops the run (Ctrl-C, SIGTERM to the process group) and then this worker
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(1)
     try:
         evaluator = make_evaluator()
     except BaseException:
-        conn.send(("error", traceback.format_exc()))
+        conn.send(("startup-error", traceback.format_exc()))
         return
+    conn.send(("ready", None))
     try:
         while True:
             try:
@@ -189,9 +198,13 @@ def _evaluation_worker(conn, make_evaluator: Callable) -> None:
             if msg is None:
                 break
             try:
-                conn.send(("ok", evaluator(*msg)))
+                result = ("ok", evaluator(*msg))
             except Exception:
-                conn.send(("error", traceback.format_exc()))
+                result = ("error", traceback.format_exc())
+            try:
+                conn.send(result)
+            except OSError:  # the parent is gone
+                break
     finally:
         evaluator.close()
 
@@ -207,6 +220,14 @@ def _worker_main(fd: int) -> None:
     _evaluation_worker(conn, make_evaluator)
 
 
+# the worker's first statements: the parent stops the run (Ctrl-C, SIGTERM to the process
+# group) and then this worker, so it ignores both from the start (before its imports)
+_WORKER_CODE = (
+    "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "from trpl_fast.rl.evaluation import _worker_main; _worker_main({fd})"
+)
+
+
 class BackgroundEvaluator:
     """An evaluator (:class:`Evaluator`, or the many-seeds one) in a worker process of its
     own: :meth:`submit` hands it a frozen copy of the policy's mean network and normalizer
@@ -218,54 +239,97 @@ class BackgroundEvaluator:
     ``make_evaluator``: a picklable callable building the evaluator. The worker is a fresh
     interpreter that imports this module only (not the caller's ``__main__``, as
     ``multiprocessing``'s ``spawn`` would: a training script needs no entry-point guard),
-    connected by a socket pair. Where it cannot start or dies, the evaluations continue in
-    the training process (warned) with an evaluator built there, from the first evaluation
-    the worker did not return."""
+    connected by a socket pair. Where it cannot start, cannot build the evaluator or dies,
+    the evaluations continue in the training process (warned) with an evaluator built
+    there, from the first evaluation the worker did not return. (That evaluator starts
+    its own start-state stream: with EnvPool, whose evaluation env cannot be reseeded, the
+    later evaluations then differ from an uninterrupted worker's.)"""
 
     def __init__(self, make_evaluator: Callable):
         self.make_evaluator = make_evaluator
         self._local = None  # the fallback evaluator, in this process
         self._pending: tuple | None = None
+        self._local_result = None
+        self._ready = False
         self._conn = self._proc = None
+        ours = theirs = None
         try:
             ours, theirs = socket.socketpair()
-            with theirs:
-                # the worker imports what this process can (a source checkout, a test's path)
-                env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-                code = f"from trpl_fast.rl.evaluation import _worker_main; _worker_main({theirs.fileno()})"
-                self._proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(theirs.fileno(),), env=env)
+            # the worker imports what this process can (a source checkout, a test's path)
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+            code = _WORKER_CODE.format(fd=theirs.fileno())
+            self._proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(theirs.fileno(),), env=env)
             self._conn = multiprocessing.connection.Connection(ours.detach())
             self._conn.send(make_evaluator)
         except Exception as e:  # noqa: BLE001 - no subprocess here: evaluate in this process
+            if ours is not None and ours.fileno() != -1:
+                ours.close()
             self._fall_back(f"{type(e).__name__}: {e}")
+        finally:
+            if theirs is not None:
+                theirs.close()
 
     def submit(self, policy, obs_norm, iteration: int) -> None:
-        """Start evaluating the (frozen) ``policy`` and ``obs_norm`` after ``iteration``."""
+        """Start evaluating the (frozen) ``policy`` and ``obs_norm`` after ``iteration``
+        (without a worker: evaluated here and now)."""
         if self._pending is not None:
             raise RuntimeError("BackgroundEvaluator.submit: the previous evaluation's result was not taken")
         self._pending = (policy, obs_norm, iteration)
+        if self._local is None and self._conn is None:  # stopped after a timeout
+            self._fall_back("it was stopped")
         if self._local is None:
             try:
                 self._conn.send(self._pending)
             except (OSError, ValueError) as e:
                 self._fall_back(f"{type(e).__name__}: {e}")
+        if self._local is not None:
+            self._local_result = self._local(*self._pending)
 
-    def result(self):
-        """The submitted evaluation's return (one float, or one per seed), waited for."""
+    def result(self, timeout: float | None = None):
+        """The submitted evaluation's return (one float, or one per seed), waited for;
+        ``TimeoutError`` after ``timeout`` seconds (the evaluation is then dropped)."""
         if self._pending is None:
             raise RuntimeError("BackgroundEvaluator.result: nothing was submitted")
-        msg = None
         if self._local is None:
-            try:
+            msg = self._receive(timeout)
+            if msg is not None and msg[0] == "startup-error":
+                self._fall_back(f"it could not build the evaluator: {msg[1].strip().splitlines()[-1]}")
+                self._local_result = self._local(*self._pending)
+            elif msg is not None:
+                self._pending = None
+                if msg[0] == "error":  # the evaluator raised in the worker: the same error here
+                    raise RuntimeError(f"the evaluation failed in its worker process:\n{msg[1]}")
+                return msg[1]
+        self._pending = None
+        result, self._local_result = self._local_result, None
+        return result
+
+    def _receive(self, timeout: float | None):
+        """The worker's next answer after its start-up message; ``None`` (and the
+        fall-back, with this evaluation done here) when the worker is gone."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                while not self._conn.poll(0.2):
+                    if self._proc.poll() is not None and not self._conn.poll(0):
+                        raise EOFError
+                    if deadline is not None and time.monotonic() > deadline:
+                        # its late answer would be taken for the next evaluation's: stopped
+                        self._pending = None
+                        self._proc.kill()
+                        self._stop_worker()
+                        raise TimeoutError(f"no evaluation result within {timeout} s")
                 msg = self._conn.recv()
-            except (EOFError, OSError) as e:
-                self._fall_back(f"the worker exited ({type(e).__name__}, exit code {self._proc.poll()})")
-        pending, self._pending = self._pending, None
-        if msg is not None and msg[0] == "ok":
-            return msg[1]
-        if msg is not None:  # the evaluator raised in the worker: the same error here
-            raise RuntimeError(f"the evaluation failed in its worker process:\n{msg[1]}")
-        return self._local(*pending)
+                if msg[0] == "ready":
+                    self._ready = True
+                    continue
+                return msg
+        except TimeoutError:
+            raise
+        except (EOFError, OSError) as e:
+            self._fall_back(f"the worker exited ({type(e).__name__}, exit code {self._proc.poll()})")
+            self._local_result = self._local(*self._pending)
+            return None
 
     def _fall_back(self, why: str) -> None:
         warnings.warn(
@@ -318,11 +382,16 @@ class EvaluatedRows:
         self._submitted = False
         self._pending: tuple[list[dict], object] | None = None
 
-    def settle(self) -> None:
-        """Complete and write the rows waiting for their evaluation (waits for it)."""
+    def settle(self, timeout: float | None = None) -> None:
+        """Complete and write the rows waiting for their evaluation (waits for it;
+        ``TimeoutError`` after ``timeout`` seconds, the rows then dropped)."""
         if self._pending is None:
             return
-        results = self.evaluator.result()
+        try:
+            results = self.evaluator.result(timeout)
+        except TimeoutError:
+            self._pending = None
+            raise
         rows, state = self._pending
         self._pending = None
         self._fill(rows, results)
@@ -360,10 +429,11 @@ class EvaluatedRows:
 def settle_for_checkpoint(evaluated: EvaluatedRows) -> None:
     """On Ctrl-C / SIGTERM: complete the rows whose evaluation is still running (the
     worker ignores both signals and finishes it within an evaluation's time), so that the
-    interrupted checkpoint loses no completed iteration. A second Ctrl-C, or a failed
-    worker, gives up on those rows: the checkpoint then holds the iteration before."""
+    interrupted checkpoint loses no completed iteration. A second Ctrl-C, a failed worker
+    or no answer within ``INTERRUPT_WAIT_SECONDS`` gives up on those rows: the checkpoint
+    then holds the iteration before."""
     try:
-        evaluated.settle()
+        evaluated.settle(timeout=INTERRUPT_WAIT_SECONDS)
     except (KeyboardInterrupt, Exception):  # noqa: BLE001 - the checkpoint must still be written
         pass
 

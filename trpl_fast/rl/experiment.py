@@ -173,6 +173,10 @@ def run_jobs(batch: list[dict], jobs: int | None, batch_seeds: bool = False) -> 
     further run, and re-raises: the same command resumes the experiment."""
     batch = plan_jobs(batch, batch_seeds)
     jobs = jobs or max(1, min(len(batch), os.cpu_count() or 1))
+    if 2 * jobs > (os.cpu_count() or 1):
+        # the runs fill the cores: an evaluation worker per run would only compete with
+        # them (and hold another interpreter's memory); evaluate in each run's process
+        batch = [{**job, "config": {**job["config"], "eval_in_background": False}} for job in batch]
     if jobs == 1:
         for job in batch:
             print(_run(job), flush=True)
