@@ -280,7 +280,8 @@ def test_ctrl_c_stops_every_worker_after_its_checkpoint(tmp_path):
     assert proc.returncode == 130, err.decode()[-2000:]
     assert "run the same command to continue" in err.decode()
     for r in runs:
-        assert torch.load(r / "checkpoint.pt", weights_only=False)["interrupted"] is True
+        ckpt = torch.load(r / "checkpoint.pt", weights_only=False)
+        assert ckpt["interrupted"] is True, f"{r.name}: iteration {ckpt['iteration']}\n" + err.decode()[-3000:]
     assert not (out / "Pendulum_ppo_s2").exists()  # no further run was started
     with pytest.raises(ProcessLookupError):  # nothing left behind in the group
         time.sleep(1)
