@@ -1,0 +1,96 @@
+"""Return against wall-clock time for groups of runs (issue 11's throughput preset beside the
+paper preset): per group the mean +- 95% interval over seeds of "final" (last 20
+evaluations), the return reached by given wall times (each run's mean of its last 5
+evaluations by then), and each run's wall time to reach a target return (the first time the
+mean of 5 consecutive evaluations reaches it); a figure of the curves against wall time.
+
+    python -m bench.throughput_report --groups paper=runs/tp3/kl_paper_s* \
+        throughput=runs/tp3/kl_throughput_s* e10_mb512=runs/tp3/kl_tp_e10_mb512_s* \
+        --target-group paper --out bench/results/throughput_3seeds
+
+Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from trpl_fast.rl.plotting import ci95, load_run
+
+
+def _curve(run_dir):
+    _, cols = load_run(run_dir)
+    ok = np.isfinite(cols["eval_return_mean"])
+    return cols["wall_time"][ok], cols["global_step"][ok], cols["eval_return_mean"][ok]
+
+
+def _at(wall, ret, t, window=5):
+    have = ret[wall <= t]
+    return float(np.mean(have[-window:])) if len(have) else math.nan
+
+
+def _time_to(wall, ret, target, window=5):
+    if len(ret) < window:
+        return math.nan
+    smooth = np.convolve(ret, np.ones(window) / window, mode="valid")
+    hit = np.nonzero(smooth >= target)[0]
+    return float(wall[hit[0] + window - 1]) if len(hit) else math.nan
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--groups", nargs="+", required=True, help="NAME=GLOB of run directories")
+    p.add_argument("--target-group", required=True, help="the group whose final return is the target")
+    p.add_argument("--times", type=float, nargs="+", default=[30, 60, 90, 120])
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    groups = {}
+    for spec in args.groups:
+        name, pattern = spec.split("=", 1)
+        groups[name] = sorted(glob.glob(pattern))
+    curves = {n: [_curve(d) for d in dirs] for n, dirs in groups.items()}
+    finals = {n: [float(np.mean(r[-20:])) for _, _, r in cs] for n, cs in curves.items()}
+    target = float(np.mean(finals[args.target_group]))
+    report: dict = {"target": target, "target_group": args.target_group, "groups": {}}
+    for n, cs in curves.items():
+        mean, half, _ = ci95(finals[n])
+        report["groups"][n] = {
+            "runs": groups[n],
+            "final": [mean, half],
+            "final_per_run": finals[n],
+            "steps": [int(s[-1]) for _, s, _ in cs],
+            "wall_s": [float(w[-1]) for w, _, _ in cs],
+            "at_wall_s": {str(t): [_at(w, r, t) for w, _, r in cs] for t in args.times},
+            "time_to_target_s": [_time_to(w, r, target) for w, _, r in cs],
+        }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "report.json", "w") as f:
+        json.dump(report, f, indent=2)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (n, cs) in enumerate(curves.items()):
+        for j, (w, _, r) in enumerate(cs):
+            ax.plot(w, r, color=f"C{i}", alpha=0.8, lw=1, label=n if j == 0 else None)
+    ax.axhline(target, color="k", ls=":", lw=1, label=f"{args.target_group} final ({target:,.0f})")
+    ax.set_xlabel("wall time (s)")
+    ax.set_ylabel("evaluation return")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "curves_wall.png", dpi=120)
+    print(json.dumps({n: {k: v for k, v in g.items() if k != "runs"} for n, g in report["groups"].items()}, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
