@@ -10,7 +10,9 @@ Per iteration, in named phases:
    / ``frob``, PPO's clipped ratio for ``ppo`` / ``ppo-m``; or one TRPO step;
 4. **value update**: ``epochs_vf`` passes with the value function's own optimizer;
 5. **evaluate** (every ``eval_every`` iterations) and **log** one row (:mod:`.runlog`);
-6. **checkpoint** atomically (:mod:`.checkpoint`).
+   with ``eval_in_background`` the evaluation runs in a worker process beside the next
+   iteration and its row is written when it is in (:class:`.evaluation.EvaluatedRows`);
+6. **checkpoint** atomically (:mod:`.checkpoint`) the last iteration whose row is written.
 
 A minibatch step does no host sync (losses are checked once per epoch) and has static
 shapes (reset steps ride along with weight 0), so ``compile_update`` can hand it to
