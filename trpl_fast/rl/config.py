@@ -339,9 +339,10 @@ def preset(name: str, algo: str, **overrides) -> TrainConfig:
         )
         if name == "throughput":
             # KL: 10 epochs of 512-state minibatches (320 policy steps per iteration) instead
-            # of 5 of 4,096 (20): HalfCheetah-v5, 5 seeds x 1.5M steps, final 657 +- 658 ->
-            # 2,728 +- 1,481, paired +2,071 +- 1,307 (bench/RESULTS.md); W2 / Frobenius / the
-            # baselines keep the large minibatches (not measured)
+            # of 5 of 4,096 (20): 1.5M steps, final on the same seeds HalfCheetah-v5 657 +-
+            # 658 -> 2,728 +- 1,481 (5 seeds, paired +2,071 +- 1,307), Hopper-v5 481 +- 12 ->
+            # 879 +- 856 (4 seeds, paired +398 +- 863) (bench/RESULTS.md); W2 / Frobenius /
+            # the baselines keep the large minibatches (not measured)
             kl = algo == "kl"
             cfg = dataclasses.replace(
                 cfg,
