@@ -191,3 +191,34 @@ def test_the_frozen_policy_does_not_follow_later_updates():
     assert len(after) == len(before) == 3
     for b, a in zip(before, after):
         assert all((x == y).all() for x, y in zip(b, a))
+
+
+def test_many_seeds_ctrl_c_with_an_evaluation_in_flight_resumes_exactly(tmp_path, monkeypatch):
+    """The batched loop: Ctrl-C in iteration 1 while iteration 0's evaluation runs in the
+    worker (no checkpoint due in between) writes iteration 0's rows and checkpoints for
+    every seed; the batch then resumes to the uninterrupted run's rows and state."""
+    import trpl_fast.rl.multiseed as M
+
+    cfg = in_background(small("ppo", total_steps=768, checkpoint_every=3))
+    seeds = [0, 3]
+    train_seeds(cfg, seeds, tmp_path / "full", progress=False, log_tensorboard=False)
+    real, calls = M.gae, {"n": 0}
+
+    def gae(*args, **kw):  # Ctrl-C in the second iteration's advantages
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(M, "gae", gae)
+    with pytest.raises(KeyboardInterrupt):
+        train_seeds(cfg, seeds, tmp_path / "cut", progress=False, log_tensorboard=False)
+    for s in seeds:
+        ckpt = torch.load(tmp_path / "cut" / f"seed{s}" / "checkpoint.pt", weights_only=False)
+        assert ckpt["interrupted"] and ckpt["iteration"] == 1
+        assert len(progress(tmp_path / "cut" / f"seed{s}")) == 1
+    monkeypatch.setattr(M, "gae", real)
+    train_seeds(cfg, seeds, tmp_path / "cut", resume=True, progress=False, log_tensorboard=False)
+    for s in seeds:
+        assert progress(tmp_path / "cut" / f"seed{s}") == progress(tmp_path / "full" / f"seed{s}")
+        assert_same_state(tmp_path / "full" / f"seed{s}", tmp_path / "cut" / f"seed{s}")
