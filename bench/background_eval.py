@@ -15,6 +15,8 @@ import argparse
 import json
 import tempfile
 
+from ._output import emit
+
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -58,10 +60,7 @@ def main(argv=None) -> dict:
                 "eval_returns_seed0": [r["eval_return_mean"] for r in rows],
             }
             print(key, json.dumps(out["runs"][key]), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=2)
-    return out
+    return emit(out, args.out)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,12 @@ Needs ITPAL's ``cpp_projection`` module (``../shared/tools/build-itpal.sh SRC .v
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import time
+
+from ._output import emit
 
 
 def _cases(n_diag: int, n_full: int, d: int, seed: int):
@@ -161,11 +162,7 @@ def main(argv=None) -> dict:
     rel = float(np.max(np.abs(ours_cov - itpal_full_step())) / np.max(np.abs(ours_cov)))
     out["cases"][f"full {n}x{d}"] = {"ours_s": t_ours, "itpal_s": t_peer, "ratio": t_peer / t_ours, "max_rel_diff": rel}
 
-    print(json.dumps(out, indent=2))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=2)
-    return out
+    return emit(out, args.out)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,14 @@ Needs the ``bench`` extra (``pip install -e .[bench]``: stable-baselines3). Not 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import tempfile
 import time
 
 import torch
+
+from ._output import emit
 
 
 def sb3_ppo(env_id: str, steps: int, seed: int) -> list[float]:
@@ -134,11 +135,7 @@ def main(argv=None) -> dict:
         result["kl_vs_bypassed"] = rates["kl"] / rates["kl-bypassed"]
     if "kl-compiled" in rates and "kl-bypassed-compiled" in rates:
         result["kl_vs_bypassed_compiled"] = rates["kl-compiled"] / rates["kl-bypassed-compiled"]
-    print(json.dumps({k: v for k, v in result.items() if k != "per_round"}, indent=2))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return emit(result, args.out, shown={k: v for k, v in result.items() if k != "per_round"})
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Not a test.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import tempfile
@@ -23,6 +22,8 @@ import torch
 from trpl_fast.rl.config import preset
 from trpl_fast.rl.multiseed import train_seeds
 from trpl_fast.rl.train import train
+
+from ._output import emit
 
 
 def main(argv=None) -> dict:
@@ -57,11 +58,7 @@ def main(argv=None) -> dict:
         "batched_aggregate_steps_per_second": many,
         "ratio": many / one,
     }
-    print(json.dumps(result, indent=2))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

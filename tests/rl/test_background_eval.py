@@ -202,22 +202,14 @@ def test_many_seeds_ctrl_c_with_an_evaluation_in_flight_resumes_exactly(tmp_path
     cfg = in_background(small("ppo", total_steps=768, checkpoint_every=3))
     seeds = [0, 3]
     train_seeds(cfg, seeds, tmp_path / "full", progress=False, log_tensorboard=False)
-    real, calls = M.gae, {"n": 0}
-
-    def gae(*args, **kw):  # Ctrl-C in the second iteration's advantages
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kw)
-
-    monkeypatch.setattr(M, "gae", gae)
+    interrupt_in_iteration(monkeypatch, 1, loop=M)
     with pytest.raises(KeyboardInterrupt):
         train_seeds(cfg, seeds, tmp_path / "cut", progress=False, log_tensorboard=False)
     for s in seeds:
         ckpt = torch.load(tmp_path / "cut" / f"seed{s}" / "checkpoint.pt", weights_only=False)
         assert ckpt["interrupted"] and ckpt["iteration"] == 1
         assert len(progress(tmp_path / "cut" / f"seed{s}")) == 1
-    monkeypatch.setattr(M, "gae", real)
+    monkeypatch.undo()
     train_seeds(cfg, seeds, tmp_path / "cut", resume=True, progress=False, log_tensorboard=False)
     for s in seeds:
         assert progress(tmp_path / "cut" / f"seed{s}") == progress(tmp_path / "full" / f"seed{s}")

@@ -21,6 +21,8 @@ from trpl_fast.rl.policies import ValueNetwork
 from trpl_fast.rl.runlog import CSV_COLUMNS
 from trpl_fast.rl.train import Batch, load_policy, make_policy, read_checkpoint, train
 
+from .test_resume import interrupt_in_iteration
+
 pytest.importorskip("gymnasium")
 
 SEEDS = [0, 3]
@@ -240,21 +242,13 @@ def test_ctrl_c_checkpoints_every_seed_and_the_batch_resumes_exactly(tmp_path, m
 
     cfg = small("ppo", total_steps=768)
     full = train_seeds(cfg, SEEDS, tmp_path / "full", progress=False, log_tensorboard=False)
-    real, calls = M.gae, {"n": 0}
-
-    def gae(*args, **kw):  # Ctrl-C in the second iteration's advantages
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kw)
-
-    monkeypatch.setattr(M, "gae", gae)
+    interrupt_in_iteration(monkeypatch, 1, loop=M)  # Ctrl-C in the second iteration's advantages
     with pytest.raises(KeyboardInterrupt):
         train_seeds(cfg, SEEDS, tmp_path / "cut", progress=False, log_tensorboard=False)
     for seed in SEEDS:
         ckpt = read_checkpoint(tmp_path / "cut" / f"seed{seed}")
         assert ckpt["interrupted"] and ckpt["iteration"] == 1
-    monkeypatch.setattr(M, "gae", real)
+    monkeypatch.undo()
     resumed = train_seeds(cfg, SEEDS, tmp_path / "cut", resume=True, progress=False, log_tensorboard=False)
     for seed in SEEDS:
         assert [r["policy_loss"] for r in resumed[seed]] == [r["policy_loss"] for r in full[seed]]

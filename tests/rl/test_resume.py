@@ -68,11 +68,14 @@ def assert_same_state(a, b):
             assert torch.equal(t, cb["obs_norm"][name]), f"obs_norm.{name} differs"
 
 
-def interrupt_in_iteration(monkeypatch, n):
-    """Make Ctrl-C arrive in iteration ``n`` (0-based), after its rollout."""
+def interrupt_in_iteration(monkeypatch, n, loop=None):
+    """Make Ctrl-C arrive in iteration ``n`` (0-based), after its rollout (in its
+    advantages), in the loop of module ``loop`` (default: the single run's, ``train``; the
+    batched seeds': ``multiseed``)."""
     import trpl_fast.rl.train as T
 
-    real, calls = T.gae, {"n": 0}
+    loop = loop or T
+    real, calls = loop.gae, {"n": 0}
 
     def gae(*args, **kw):
         calls["n"] += 1
@@ -80,7 +83,7 @@ def interrupt_in_iteration(monkeypatch, n):
             raise KeyboardInterrupt
         return real(*args, **kw)
 
-    monkeypatch.setattr(T, "gae", gae)
+    monkeypatch.setattr(loop, "gae", gae)
 
 
 # kl with entropy control (the schedule's initial entropy must survive the resume), ppo with

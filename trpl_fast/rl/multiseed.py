@@ -718,8 +718,9 @@ class StackedEvaluator:
     With EnvPool (``auto`` included: one pool steps several envs) all seeds' episodes run
     in one pool (S x E sub-envs, each seeded as its single run's EnvPool evaluation env),
     stepped once for all seeds: the evaluation is most of a batched iteration's simulator
-    steps. (``auto`` gives a single run with ``eval_episodes=1`` Gymnasium's env instead.) The pool steps until every seed's episodes are
-    done; a seed's returns count its own episodes only. (Its envs may then be stepped
+    steps. (``auto`` gives a single run with ``eval_episodes=1`` Gymnasium's env instead.)
+    The pool steps until every seed's episodes are done; a seed's returns count its own
+    episodes only. (Its envs may then be stepped
     past the point a single run stops at, so with tasks whose episodes end early the
     later evaluations start elsewhere than the single run's -- EnvPool evaluations are
     not reproducible across resumes either.) Gymnasium: one evaluator per seed, reseeded

@@ -66,8 +66,9 @@ class TrainingDiverged(RuntimeError):
 
 def shuffled_minibatches(tensors: tuple[Tensor, ...], size: int, gen: torch.Generator):
     """One epoch of minibatches: the rows of ``tensors`` (each (n, ...)) in the order of a
-    fresh random permutation, ``size`` rows at a time, as tuples of views. One gather per tensor per epoch instead of one per minibatch
-    (each index op costs a few microseconds, several per step at the paper's sizes)."""
+    fresh random permutation, ``size`` rows at a time, as tuples of views. One gather per
+    tensor per epoch instead of one per minibatch (each index op costs a few microseconds,
+    several per step at the paper's sizes)."""
     perm = torch.randperm(len(tensors[0]), generator=gen).to(tensors[0].device)
     return zip(*(t[perm].split(size) for t in tensors))
 
