@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from trpl_fast.kernels.kl import TOL_F64
 
 import trpl_fast
 from trpl_fast import reference as R
@@ -262,14 +263,18 @@ def _diag_forward_backward(case, dtype, bounds, seed=3):
     return [o.detach() for o in out[:4]], grads
 
 
+@pytest.mark.parametrize("solve", ["columns", "masked"])
 @pytest.mark.parametrize("bounds", ["scalar", "per_state"])
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["float64", "float32"])
-def test_large_batch_path_equals_the_eager_one(dtype, bounds, large_batch_path, monkeypatch):
+def test_large_batch_path_equals_the_eager_one(dtype, bounds, solve, large_batch_path, monkeypatch):
     """The compiled CPU path for large batches (forced on here for 45 rows): values, flags
     and both gradients as the eager path gives them, including the rows its masked solve
-    leaves open (spread 1e8 with a bound of 10, an overflowed ratio), solved again."""
+    leaves open (spread 1e8 with a bound of 10, an overflowed ratio), solved again. Both
+    solves: unrolled over the columns (d <= MAX_UNROLLED_D) and per element (larger d)."""
     from trpl_fast.ops import _compiled_cpu
 
+    if solve == "masked":
+        monkeypatch.setattr(kl_ops, "MAX_UNROLLED_D", 6)
     n, d = 45, 7
     case = list(whitened_case("diag", n, d, 1e8, seed=11))
     gen = torch.Generator().manual_seed(4)
@@ -277,21 +282,49 @@ def test_large_batch_path_equals_the_eager_one(dtype, bounds, large_batch_path, 
     case[1][5::7] = case[3][5::7] * (1 + 1e-6)  # inside the region
     case[1][6, 0] = case[3][6, 0] * (2.0**-70 if dtype == torch.float32 else 2.0**-600)  # r overflows
     got, got_grads = _diag_forward_backward(case, dtype, bounds)
-    assert large_batch_path == ["_kl_diag_masked", "_kl_diag_backward_rows"]
+    forward = "_kl_diag_columns" if solve == "columns" else "_kl_diag_masked"
+    backward = "_kl_diag_backward_columns" if dtype == F64 else "_kl_diag_backward_rows"
+    assert large_batch_path == [forward, backward]
     # the masked solve alone leaves rows open: the eager second solve is exercised
     rows = [x.to(dtype) for x in case]
     eps = torch.full((n,), 10.0, dtype=dtype)
-    masked = kl_ops._kl_diag_masked(*rows, torch.full((n,), 0.05, dtype=dtype), eps)
+    masked = getattr(kl_ops, forward)(*rows, torch.full((n,), 0.05, dtype=dtype), eps)
     assert (~masked[3]).sum() >= 2
     monkeypatch.setattr(_compiled_cpu, "_min_elements", None)
     want, want_grads = _diag_forward_backward(case, dtype, bounds)
     assert len(large_batch_path) == 2  # the eager run did not compile
     assert torch.equal(got[3], want[3]) and not got[3][6]  # the overflowed row is flagged
-    tol = 1e-12 if dtype == F64 else 2e-6
+    # two solves of the same tolerance (TOL_F64 on log KLc) by different formulas
+    tol = 2e-12 if dtype == F64 else 2e-6
     for name, a, b in zip(("mean_t", "std_t", "t"), got[:3], want[:3]):
         assert_close(a, b, tol, name)
     assert_close(got_grads[0], want_grads[0], 100 * tol, "grad mean", atol=100 * tol)
     assert_close(got_grads[1], want_grads[1], 100 * tol, "grad std", atol=100 * tol)
+
+
+@pytest.mark.parametrize("d", [1, 2, 6, 17, 64])
+def test_kl_of_columns_is_accurate_at_every_scale(d):
+    """The product form of ``KLc`` (one log per row) against the per-element sum of
+    ``phi`` (float64, a sum of non-negative terms each accurate to the last digits) on
+    rows with ``|x|`` from 1e-8 to 100, mixed and one-signed: within TOL_F64 / 5 relative,
+    so the solve's tolerance stays meaningful. Products that leave float64's range are NaN."""
+    gen = torch.Generator().manual_seed(d)
+    rows = []
+    for scale in (1e-8, 1e-5, 1e-3, 1e-2, 0.1, 0.3, 1.0, 5.0, 100.0):
+        x = scale * torch.randn(300, d, generator=gen, dtype=F64)
+        rows += [x, x.abs(), -x.abs()]
+    x = torch.cat(rows).clamp_min(-1 + 1e-12)
+    want = 0.5 * kl_ops.kl_phi(x).sum(-1)
+    got, s2 = kl_ops.kl_of_columns(list(x.T), torch.ones(x.shape[0], dtype=F64))
+    finite = ~got.isnan()
+    product = (1 + x).prod(-1)  # NaN exactly where it leaves float64's normal range
+    assert torch.equal(finite, (product >= torch.finfo(F64).tiny) & (product < math.inf))
+    assert finite.float().mean() > 0.85
+    assert_close(got[finite], want[finite], TOL_F64 / 5, "KLc")
+    assert_close(s2, ((x / (1 + x)) ** 2).sum(-1), 1e-14, "s2")
+    # outside float64's range: 1e-200 ** 2 underflows, 1e200 ** 2 overflows
+    far = torch.tensor([[1e-200 - 1, 1e-200 - 1], [1e200, 1e200]], dtype=F64)
+    assert kl_ops.kl_of_columns(list(far.T), torch.ones(2, dtype=F64))[0].isnan().all()
 
 
 def test_large_batch_path_falls_back_to_eager_without_a_compiler(large_batch_path, monkeypatch):
@@ -312,11 +345,11 @@ def test_large_batch_path_falls_back_to_eager_without_a_compiler(large_batch_pat
     case = whitened_case("diag", 9, 5, 30.0, seed=2)
     with pytest.warns(RuntimeWarning, match="run eagerly"):
         got, got_grads = _diag_forward_backward(case, F64, "scalar")
-    assert _compiled_cpu._unavailable and large_batch_path == ["_kl_diag_masked"]
+    assert _compiled_cpu._unavailable and large_batch_path == ["_kl_diag_columns"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _diag_forward_backward(case, F64, "scalar")
-    assert large_batch_path == ["_kl_diag_masked"]
+    assert large_batch_path == ["_kl_diag_columns"]
     monkeypatch.setattr(_compiled_cpu, "_min_elements", None)
     want, want_grads = _diag_forward_backward(case, F64, "scalar")
     for a, b in zip(got + list(got_grads), want + list(want_grads)):
