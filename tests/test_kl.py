@@ -104,6 +104,63 @@ def test_hard_cases_float32(form, d, scenario, spread, eps):
     check_against_reference(form, case, eps, torch.float32, rtol=1e-4, kl_tol=1e-3)
 
 
+def _full_forward_backward(case, eps, seed=5):
+    """Outputs (mean_t, factor_t, t, converged) and the gradients of mean and factor of
+    the full KL op (per-state bounds, upstream gradients that are not ones)."""
+    n, d = case[0].shape
+    gen = torch.Generator().manual_seed(seed)
+    mean, factor = (x.clone().requires_grad_(True) for x in case[:2])
+    mean_bound = 0.05 * (0.5 + torch.rand(n, generator=gen, dtype=F64))
+    out = trpl_fast.functional.project(
+        "full", mean, factor, *case[2:], kind="kl", mean_bound=mean_bound, cov_bound=eps, return_aux=True
+    )
+    g_mean = torch.randn(n, d, generator=gen, dtype=F64)
+    g_factor = torch.randn(n, d, d, generator=gen, dtype=F64)
+    grads = torch.autograd.grad((out[0] * g_mean).sum() + (out[1] * g_factor).sum(), (mean, factor))
+    return [o.detach() for o in out[:4]], grads
+
+
+@pytest.mark.parametrize("eps", [1e-3, 0.1, 10.0], ids=lambda e: f"eps={e:g}")
+@pytest.mark.parametrize("scenario,spread", [("random", 1e4), ("one_far", 1e4), ("random", 3.0)])
+@pytest.mark.parametrize("d", [1, 7, 17, 40], ids=lambda d: f"d={d}")
+def test_full_factor_path_equals_the_eigenvector_path(d, scenario, spread, eps, monkeypatch):
+    """The full op's CPU path without eigenvectors (eigenvalues, then ``G = U U^T``,
+    ``chol(S_t) = C_o U^-T``, the implicit backward in ``U``) against the eigenvector
+    path it replaced on the CPU (still CUDA's for d > MAX_D): values, flags and both
+    gradients, on rows far outside (spread 1e4, bound 10) and near the region."""
+    case = list(whitened_case("full", 12, d, spread, seed=d + 7, scenario=scenario))
+    gen = torch.Generator().manual_seed(d)
+    case[0] = case[2] + 0.3 * torch.randn(12, d, generator=gen, dtype=F64)
+    case[1][3] = case[3][3]  # inside the region: the identity
+    assert kl_ops.uses_factor_path(case[0])
+    got, got_grads = _full_forward_backward(case, eps)
+    monkeypatch.setattr(kl_ops, "FACTOR_PATH_DEVICE_TYPES", ())
+    assert not kl_ops.uses_factor_path(case[0])
+    want, want_grads = _full_forward_backward(case, eps)
+    assert torch.equal(got[3], want[3]) and got[3].all()
+    for name, a, b in zip(("mean_t", "factor_t", "t"), got[:3], want[:3]):
+        assert_close(a, b, 1e-9, name, atol=1e-12)
+    assert_close(got_grads[0], want_grads[0], 1e-8, "grad mean", atol=1e-10)
+    assert_close(got_grads[1], want_grads[1], 1e-7, "grad factor", atol=1e-8 * float(want_grads[1].abs().max()))
+
+
+def test_full_factor_path_flags_rows_whose_g_fails_to_factor(monkeypatch):
+    """A row whose ``G = I + t (M - I)`` does not factor (forced here) comes back as the
+    old policy (``t = 0``), flagged, with a zero gradient through its factor."""
+    case = whitened_case("full", 6, 5, 1e3, seed=3)
+    real = kl_ops._reverse_cholesky
+
+    def fails_on_row_2(g):
+        u, info = real(g)
+        return u, torch.where(torch.arange(len(info)) == 2, 1, info)
+
+    monkeypatch.setattr(kl_ops, "_reverse_cholesky", fails_on_row_2)
+    (mean_t, factor_t, t, conv), (_, g_factor) = _full_forward_backward(list(case), 0.01)
+    assert not conv[2] and conv[[0, 1, 3, 4, 5]].all()
+    assert t[2] == 0 and torch.allclose(factor_t[2], case[3][2], rtol=1e-14, atol=0)
+    assert torch.equal(g_factor[2], torch.zeros_like(g_factor[2]))
+
+
 @pytest.mark.parametrize("form", ["diag", "full"])
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["float64", "float32"])
 def test_barely_and_far_outside(form, dtype):

@@ -1,17 +1,21 @@
 """KL projection operators (MATH.md "KL covariance projection"):
-``trpl::project_kl_diag`` (std vectors; one fused Triton kernel on CUDA) and
-``trpl::project_kl_full`` (lower Cholesky factors: whitening and eigen-decomposition in
-batched torch, the Newton solve on the eigenvalues in Triton on CUDA), each with an
-implicit ``_backward`` op. Mean part: ``0.5 maha <= eps_mu``.
+``trpl::project_kl_diag`` (std vectors; one fused Triton kernel on CUDA; large CPU batches
+compiled, the Newton solve unrolled over the columns) and ``trpl::project_kl_full`` (lower
+Cholesky factors), each with an implicit ``_backward`` op. Mean part: ``0.5 maha <= eps_mu``.
 
 Both forward ops return ``[mean_t, cov_t, t, converged, ...]``: the dual variable ``t`` per
 state (``L_t = t L + (1 - t) L_o``; 1 for states inside the region) and whether its Newton
 solve met the tolerance. The full op also returns the eigenvalues (..., d) (ascending) of
 the whitened target precision ``M = C_o^T L C_o`` and a (..., d, d) matrix its backward
-reuses, both float64: the eigenvectors of ``M`` on the torch path; on CUDA for
-``d <= MAX_D`` (the fused kernel, ``kernels/kl_full.py``) the upper factor ``U`` of
-``(1 - t) I + t M = U U^T`` instead. Forward and backward choose the path by the same test
-(:func:`uses_fused_kernel`), so each backward gets what its forward saved.
+reuses, both float64, which depends on the path (:func:`uses_fused_kernel`,
+:func:`uses_factor_path`; forward and backward choose by the same tests, so each backward
+gets what its forward saved):
+
+* CUDA, ``d <= MAX_D``: the fused kernel (``kernels/kl_full.py``) and the upper factor
+  ``U`` of ``G = (1 - t) I + t M = U U^T``;
+* CPU: the same algorithm in batched torch (eigenvalues only, no eigenvectors) and ``U^-1``;
+* elsewhere (CUDA for larger d): whitening and ``eigh`` in batched torch, the Newton solve
+  in Triton, and the eigenvectors of ``M``.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from ..kernels.kl_full import MAX_D, launch_kl_full_bwd, launch_kl_full_fwd
 from ._common import Aux, ProjectionOp, to_float64
 from ._compiled_cpu import run_compiled
 from ._layout import rows_to_columns
-from ._linalg import cholesky_backward, solve_lower, solve_lower_t
+from ._linalg import cholesky_backward, inner, solve_lower, solve_lower_t
 from ._torch_mean import bound_or_value, mean_project, mean_project_backward
 
 # Masked iterations of the torch Newton where it cannot stop early (traced by
@@ -437,6 +441,77 @@ def uses_fused_kernel(mean: Tensor) -> bool:
     return mean.device.type in FUSED_DEVICE_TYPES and mean.shape[-1] <= MAX_D and not is_fake(mean)
 
 
+# Device types on which the full op's torch path runs without eigenvectors (the factor
+# path below); elsewhere (CUDA for d > MAX_D) it keeps the eigen-decomposition. The tests
+# empty it to exercise the eigenvector path on CPU.
+FACTOR_PATH_DEVICE_TYPES = ("cpu",)
+
+
+def uses_factor_path(mean: Tensor) -> bool:
+    """Whether the full op's torch path (not the fused kernel) runs the factor path for
+    these (rows, d) means; forward and backward decide by this same test."""
+    return not uses_fused_kernel(mean) and mean.device.type in FACTOR_PATH_DEVICE_TYPES
+
+
+def _reverse_cholesky(g: Tensor) -> tuple[Tensor, Tensor]:
+    """``(U, info)``: the upper factor of SPD ``g = U U^T`` (the lower factor of the
+    matrix with rows and columns reversed, reversed back) and LAPACK's per-matrix info."""
+    k, info = torch.linalg.cholesky_ex(g.flip(-2, -1))
+    return k.flip(-2, -1), info
+
+
+def _kl_full_factor(mean, factor, old_mean, old_factor, mean_bound, cov_bound, mbv, cbv, early_exit):
+    """The full-covariance KL projection without eigenvectors (the fused kernel's algorithm,
+    ``kernels/kl_full.py``, in batched torch; float64 rows): eigenvalues only
+    (``eigvalsh``, half the cost of ``eigh``), then ``G = I + t (M - I) = U U^T`` and
+    ``chol(S_t) = C_o U^-T``. Returns the op's outputs with ``U^-1`` in the eigvecs slot.
+    A row whose ``G`` fails to factor (cond(G) beyond float64; not seen for bounds <= 10)
+    is returned as the old policy (``t = 0``) and flagged, never wrong."""
+    chol, old_chol = factor.tril(), old_factor.tril()
+    a = torch.linalg.solve_triangular(chol, old_chol, upper=False)  # C^-1 C_o
+    m_mat = a.mT @ a
+    m_mat = 0.5 * (m_mat + m_mat.mT)
+    m = torch.linalg.eigvalsh(m_mat)
+    prec_delta = solve_lower_t(old_chol, solve_lower(old_chol, mean - old_mean))
+    mean_t = mean_project(mean, old_mean, prec_delta, 2.0 * bound_or_value(mean_bound, mbv))
+    r = _whitened_r(m)
+    t, conv, active = _solve_newton(r, cov_bound, cbv, early_exit)
+    eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
+    g = eye + t[..., None, None] * (m_mat - eye)
+    u, info = _reverse_cholesky(torch.where(active[..., None, None], g, eye))
+    failed = info != 0
+    t = torch.where(failed, 0.0, t)
+    # U^-1 by a left solve and a product: a right-hand solve (X U^T = C_o) costs 3x as much
+    u_inv = torch.linalg.solve_triangular(torch.where(failed[..., None, None], eye, u), eye, upper=True)
+    x = old_chol @ u_inv.mT  # C_o U^-T
+    return mean_t, torch.where(active[..., None, None], x, chol), t, conv & ~failed, m, u_inv
+
+
+def _kl_full_factor_backward(
+    g_mean, g_factor, mean, factor, old_mean, old_factor, t, m, u_inv, mean_bound, cov_bound, mbv, cbv
+):
+    """Implicit gradient of :func:`_kl_full_factor` (``kernels/kl_full.py``'s derivation:
+    ``Z = U^-1 (G - I) U^-T = I - U^-1 U^-T``, ``Htil = sym(Phi(X^T Xbar))``,
+    ``W = (<Htil, Z> / <Z, Z>) Z - Htil``, ``Cbar = tril(-2 t C^-T V W V^T)``,
+    ``V = A U^-T``); float64 rows."""
+    chol, old_chol = factor.tril(), old_factor.tril()
+    prec_delta = solve_lower_t(old_chol, solve_lower(old_chol, mean - old_mean))
+    g_mean = mean_project_backward(g_mean, mean, old_mean, prec_delta, 2.0 * bound_or_value(mean_bound, mbv))
+    active = kl_at_one(_whitened_r(m)) > bound_or_value(cov_bound, cbv)
+    eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
+    x = old_chol @ u_inv.mT  # C_o U^-T
+    phi = x.mT @ g_factor.tril()
+    phi = phi.tril() - 0.5 * torch.diag_embed(phi.diagonal(dim1=-2, dim2=-1))
+    h = 0.5 * (phi + phi.mT)
+    z = eye - u_inv @ u_inv.mT
+    zz = inner(z, z)
+    w = (inner(h, z) / torch.where(zz > 0, zz, 1.0))[..., None, None] * z - h
+    v = torch.linalg.solve_triangular(chol, x, upper=False)  # A U^-T = C^-1 C_o U^-T
+    c_bar = torch.linalg.solve_triangular(chol.mT, v @ w @ v.mT, upper=True)  # C^-T V W V^T
+    g_chol = (-2.0 * t[..., None, None] * c_bar).tril()
+    return g_mean, torch.where(active[..., None, None], g_chol, g_factor.tril())
+
+
 def kl_full(mean, factor, old_mean, old_factor, mean_bound, cov_bound, mbv, cbv, early_exit=False):
     if uses_fused_kernel(mean):
         return launch_kl_full_fwd(mean, factor, old_mean, old_factor, mean_bound, cov_bound, mbv, cbv)
@@ -444,6 +519,9 @@ def kl_full(mean, factor, old_mean, old_factor, mean_bound, cov_bound, mbv, cbv,
     mean, factor, old_mean, old_factor, mean_bound, cov_bound = _float64(
         mean, factor, old_mean, old_factor, mean_bound, cov_bound
     )
+    if uses_factor_path(mean):
+        out = _kl_full_factor(mean, factor, old_mean, old_factor, mean_bound, cov_bound, mbv, cbv, early_exit)
+        return (out[0].to(dtype), out[1].to(dtype), *out[2:])
     chol, old_chol, m, u = _whiten(factor, old_factor)
     prec_delta = solve_lower_t(old_chol, solve_lower(old_chol, mean - old_mean))
     mean_t = mean_project(mean, old_mean, prec_delta, 2.0 * bound_or_value(mean_bound, mbv))
@@ -474,6 +552,11 @@ def kl_full_backward(
     g_mean, g_factor, mean, factor, old_mean, old_factor, t, mean_bound, cov_bound = _float64(
         g_mean, g_factor, mean, factor, old_mean, old_factor, t, mean_bound, cov_bound
     )
+    if uses_factor_path(mean):
+        out = _kl_full_factor_backward(
+            g_mean, g_factor, mean, factor, old_mean, old_factor, t, m, u, mean_bound, cov_bound, mbv, cbv
+        )
+        return out[0].to(dtype), out[1].to(dtype)
     chol, old_chol = factor.tril(), old_factor.tril()
     prec_delta = solve_lower_t(old_chol, solve_lower(old_chol, mean - old_mean))
     g_mean = mean_project_backward(g_mean, mean, old_mean, prec_delta, 2.0 * bound_or_value(mean_bound, mbv))
