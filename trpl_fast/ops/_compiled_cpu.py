@@ -6,7 +6,7 @@ projection of 65,536 x 17 float64 states took ~126 ms forward + backward on 2 th
 most of it ~100 unfused elementwise passes. Compiled by inductor (dynamic shapes, so one
 graph serves every batch size), the same math runs as a few vectorized, OpenMP-parallel
 loops. Compiling costs seconds once per process (inductor's on-disk cache keeps the
-kernels between processes: measured ~24 s cold, ~7 s warm for the KL forward and
+kernels between processes: measured ~50 s cold, ~5 s warm for the KL forward and
 backward), so only batches of at least :func:`cpu_compile_min_elements` elements take
 this path; smaller ones stay eager. Where no C++ compiler is available the first call
 warns once and everything stays eager.
@@ -23,8 +23,9 @@ from collections.abc import Callable
 import torch
 
 # Batches of at least this many elements (rows x d) take the compiled path by default: at
-# 2^18 float64 elements an eager KL forward + backward costs ~30 ms, so the ~7 s warm-cache
-# compile pays for itself within a few hundred calls of a training run.
+# 2^18 float64 elements (2 threads) an eager KL forward + backward costs ~38 ms and the
+# compiled one ~7 ms, so the ~5 s warm-cache compile pays for itself within a few hundred
+# calls of a training run (the ~50 s cold one within a few thousand).
 DEFAULT_MIN_ELEMENTS = 1 << 18
 
 _min_elements: int | None = DEFAULT_MIN_ELEMENTS
