@@ -240,11 +240,15 @@ def test_newton_needs_few_iterations():
     assert iters[7] == 1.0, iters  # every row within 8 iterations
 
 
+@pytest.mark.parametrize("early_exit", ["all_rows", "open_rows"])
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["float64", "float32"])
-def test_masked_newton_equals_the_early_exit_one(dtype):
+def test_masked_newton_equals_the_early_exit_one(dtype, early_exit, monkeypatch):
     """The traced / GPU-shaped solve (a fixed number of masked iterations over all rows)
-    against the early-exit CPU one: hard spreads, ratios at -1 and past overflow, rows
+    against the early-exit CPU one, both of its forms (few rows: all rows per iteration;
+    many: the open rows gathered): hard spreads, ratios at -1 and past overflow, rows
     inside the region, per-row bounds, leading batch dimensions."""
+    if early_exit == "open_rows":
+        monkeypatch.setattr(kl_ops, "SMALL_BATCH_ROWS", 0)
     gen = torch.Generator().manual_seed(5)
     big = 2.0**120 if dtype == F64 else 2.0**100
     r = torch.exp(3 * torch.randn(4, 10, 7, generator=gen, dtype=F64)) - 1.0
