@@ -41,7 +41,7 @@ for p in "$@"; do
       st=(); $PY -m pytest --help 2>/dev/null | grep -q -- --session-timeout && st=(--session-timeout "${CHECK_LIMIT:-240}")
       phase check "$(( ${CHECK_LIMIT:-240} + 60 ))" env OMP_NUM_THREADS=1 $PY -m pytest -q -p no:cacheprovider \
         -p no:benchmark -n 12 --tb=short -rf "${st[@]}" --junitxml "$OUT/check.xml" \
-        tests/test_cuda.py tests/test_kernels.py tests/test_kl.py -k "cuda or kernel or triton" ;;
+        tests/test_cuda.py tests/test_kernels.py tests/test_kl.py tests/test_deferred_checks.py -k "cuda or kernel or triton" ;;
     bench_kl)
       phase bench_kl "${BENCH_LIMIT:-200}" $PY -m pytest -q -p no:cacheprovider bench/test_bench_kl.py -k "cuda and ${KL_FILTER:-cuda}" \
         --benchmark-json "$OUT/cuda_kl.json" ;;

@@ -7,6 +7,7 @@ regression loss and the constraint metrics; ``reference`` is the float64 oracle.
 
 from . import ops  # noqa: F401  (registers torch.ops.trpl.*)
 from .functional import project_diag, project_full
+from .ops.validation import pending_value_checks, raise_deferred_errors
 from .projection import EntropySchedule, TrustRegionProjection
 
 
@@ -23,5 +24,12 @@ def _register_envs() -> None:
 
 _register_envs()
 
-__all__ = ["project_diag", "project_full", "TrustRegionProjection", "EntropySchedule"]
+__all__ = [
+    "project_diag",
+    "project_full",
+    "TrustRegionProjection",
+    "EntropySchedule",
+    "raise_deferred_errors",
+    "pending_value_checks",
+]
 __version__ = "0.1.0"

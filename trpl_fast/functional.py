@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from .ops import OPS
-from .ops.validation import check_kind, split_bound, validate_values
+from .ops.validation import check_kind, check_mode, split_bound, validate_values
 
 __all__ = ["project_diag", "project_full", "project"]
 
@@ -21,7 +21,7 @@ def project(
     kind: str,
     mean_bound,
     cov_bound,
-    check_values: bool = True,
+    check_values: bool | str = True,
     return_aux: bool = False,
 ):
     """Shared body of :func:`project_diag` / :func:`project_full` (``form`` 'diag' / 'full')."""
@@ -42,11 +42,17 @@ def project(
     mb_t, mb_v = split_bound("mean_bound", mean_bound, mean)
     cb_t, cb_v = split_bound("cov_bound", cov_bound, mean)
     op = OPS[(kind, form)]
-    if check_values and not torch.compiler.is_compiling():
+    mode = check_mode(check_values, mean.device)
+    if mode != "off" and not torch.compiler.is_compiling() and not _capturing(mean):
         op.check(mean, cov, old_mean, old_cov, mb_t, cb_t)  # shapes first: clearer errors
-        validate_values(form, kind, mean, cov, old_mean, old_cov, mb_t, cb_t)
+        validate_values(form, kind, mean, cov, old_mean, old_cov, mb_t, cb_t, mode)
     out = op.apply(mean, cov, old_mean, old_cov, mb_t, cb_t, mb_v, cb_v)
     return tuple(out) if return_aux else (out[0], out[1])
+
+
+def _capturing(t: Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the current stream (no host reads then)."""
+    return t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def project_diag(
@@ -58,7 +64,7 @@ def project_diag(
     kind: str,
     mean_bound,
     cov_bound,
-    check_values: bool = True,
+    check_values: bool | str = True,
 ):
     """Project a diagonal Gaussian onto the trust region around the old one.
 
@@ -69,7 +75,11 @@ def project_diag(
         mean_bound, cov_bound: floats > 0, or tensors broadcastable to the batch shape
             (...) for per-state trust regions. For ``"kl"`` the mean bound is on
             ``0.5 * maha``; for ``"frob"`` and ``"w2"`` on ``maha``.
-        check_values: check values (finite, positive; one host sync). Shapes, dtypes and
+        check_values: check values (finite, positive): ``True`` checks without blocking
+            the host on CUDA (a bad input raises at a later checked call or at
+            :func:`trpl_fast.raise_deferred_errors`) and at once on the CPU; ``"sync"``
+            raises in this call everywhere (one host sync on CUDA; the debug switch);
+            ``"deferred"`` defers everywhere; ``False`` skips them. Shapes, dtypes and
             devices are always checked.
 
     Returns:
@@ -98,7 +108,7 @@ def project_full(
     kind: str,
     mean_bound,
     cov_bound,
-    check_values: bool = True,
+    check_values: bool | str = True,
 ):
     """Project a full-covariance Gaussian onto the trust region around the old one.
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from . import distances as D
 from .functional import project
 from .ops import in_torch_func_mode
-from .ops.validation import FORMS, check_kind
+from .ops.validation import FORMS, check_kind, check_mode
 
 __all__ = ["TrustRegionProjection", "EntropySchedule"]
 
@@ -84,7 +84,9 @@ class TrustRegionProjection(nn.Module):
         contextual_cov: whether the covariance depends on the state; decides the form of
             the regression loss (MATH.md "Training with the layer").
         regression_weight: ``alpha`` of the regression loss.
-        check_values: run the value checks of the functional API (one host sync per call).
+        check_values: the value checks of the functional API (``True``: deferred on CUDA,
+            at once on the CPU; ``"sync"``, ``"deferred"``, ``False``; see
+            :func:`trpl_fast.project_diag`).
     """
 
     def __init__(
@@ -98,7 +100,7 @@ class TrustRegionProjection(nn.Module):
         entropy_schedule: EntropySchedule | None = None,
         contextual_cov: bool = False,
         regression_weight: float = 1.0,
-        check_values: bool = True,
+        check_values: bool | str = True,
     ):
         super().__init__()
         self.kind = check_kind(kind)
@@ -124,6 +126,7 @@ class TrustRegionProjection(nn.Module):
         self.entropy_schedule = entropy_schedule
         self.contextual_cov = contextual_cov
         self.regression_weight = float(regression_weight)
+        check_mode(check_values, torch.device("cpu"))  # a bad value fails here, not at the first call
         self.check_values = check_values
         # KL only: per-state Newton convergence flags of the last forward (no host sync),
         # and weak references to the outputs they belong to (see ``metrics``)

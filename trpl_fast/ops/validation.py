@@ -1,15 +1,25 @@
-"""Value checks for the public API: one fused reduction and one host sync per call.
+"""Value checks for the public API: one fused reduction per call, read on the host.
 
 Shape, dtype and device checks need no data and live in the op bodies
 (:func:`trpl_fast.ops._common.check_metadata`); the checks here read values (finite,
-positive, triangular, symmetric positive definite), so they cost a device-to-host sync.
-They run in eager mode by default and are skipped while ``torch.compile`` traces
+positive, triangular, symmetric positive definite). They run in eager mode by default and
+are skipped while ``torch.compile`` traces or a CUDA graph is captured
 (``check_values=False`` skips them on a hot path).
+
+Modes (:func:`check_mode`): ``"sync"`` reads the result at once and raises in the call
+that got the bad input -- a device-to-host sync on CUDA, free on the CPU, where it is the
+default. ``"deferred"`` (the default on CUDA) keeps the host free: the checks' result is
+copied to pinned host memory behind the call's work and read once it has arrived -- at the
+next checked call, or at :func:`raise_deferred_errors` (which waits) -- and raised there as
+the same ``ValueError``, marked as deferred. ``check_values="sync"`` is the debug switch.
 """
 
 from __future__ import annotations
 
+import collections
 import numbers
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -42,6 +52,78 @@ def split_bound(name: str, bound, like: Tensor):
     raise ValueError(f"{name} must be a positive float or a tensor of the batch shape, got {type(bound).__name__}")
 
 
+def check_mode(check_values, device: torch.device) -> str:
+    """``"off"``, ``"sync"`` or ``"deferred"`` for a ``check_values`` argument (``True``:
+    deferred on CUDA, sync elsewhere; ``False``: off; or the mode's name)."""
+    if check_values is True:
+        return "deferred" if device.type == "cuda" else "sync"
+    if check_values is False:
+        return "off"
+    if isinstance(check_values, str) and check_values in ("sync", "deferred"):
+        return check_values
+    raise ValueError(f"check_values must be True, False, 'sync' or 'deferred', got {check_values!r}")
+
+
+class _Deferred(NamedTuple):
+    """One call's checks in flight: their messages, the host copy of their results and
+    whether (``ready``) / until when (``wait``) that copy is complete."""
+
+    messages: tuple[str, ...]
+    ok: Tensor
+    ready: Callable[[], bool]
+    wait: Callable[[], None]
+
+
+_pending: collections.deque[_Deferred] = collections.deque()
+# Checks in flight kept at most (a caller that never syncs): beyond, the oldest is waited for.
+MAX_PENDING_CHECKS = 256
+DEFERRED_NOTE = (
+    "(deferred value check: found after the call that got this input returned; check_values='sync' raises in that call)"
+)
+
+
+def _defer(messages: tuple[str, ...], ok: Tensor) -> None:
+    if ok.device.type == "cuda":
+        host = torch.empty(ok.shape, dtype=ok.dtype, pin_memory=True)
+        host.copy_(ok, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        _pending.append(_Deferred(messages, host, event.query, event.synchronize))
+    else:  # already computed: ready now, read at the next checked call
+        _pending.append(_Deferred(messages, ok, lambda: True, lambda: None))
+    while len(_pending) > MAX_PENDING_CHECKS:
+        _read(_pending.popleft(), wait=True)
+
+
+def _read(item: _Deferred, wait: bool = False) -> None:
+    """Raise the first failed check of ``item`` (waiting for its copy first if asked)."""
+    if wait:
+        item.wait()
+    for message, good in zip(item.messages, item.ok.tolist()):
+        if not good:
+            raise ValueError(f"{message} {DEFERRED_NOTE}")
+
+
+def _raise_ready() -> None:
+    """Raise the first failure among the oldest checks whose results are in (no waiting);
+    checks still in flight stay pending."""
+    while _pending and _pending[0].ready():
+        _read(_pending.popleft())
+
+
+def raise_deferred_errors() -> None:
+    """Wait for every deferred value check in flight and raise the first failure as the
+    ``ValueError`` its call would have raised with ``check_values="sync"``; a no-op when
+    none is pending (or on the CPU, where checks are synchronous by default)."""
+    while _pending:
+        _read(_pending.popleft(), wait=True)
+
+
+def pending_value_checks() -> int:
+    """How many deferred value checks are still unread."""
+    return len(_pending)
+
+
 def validate_values(
     form: str,
     kind: str,
@@ -51,9 +133,14 @@ def validate_values(
     old_cov: Tensor,
     mean_bound: Tensor | None,
     cov_bound: Tensor | None,
+    mode: str = "sync",
 ) -> None:
-    """Raise ``ValueError`` naming the first bad argument. ``cov`` is std (diag) or the
-    factor (full): a lower Cholesky factor (frob, kl) or a symmetric root (w2)."""
+    """Raise ``ValueError`` naming the first bad argument (``mode="sync"``), or queue the
+    checks and raise the failures of earlier deferred ones whose results are in
+    (``"deferred"``; see the module). ``cov`` is std (diag) or the factor (full): a lower
+    Cholesky factor (frob, kl) or a symmetric root (w2)."""
+    if mode == "deferred":
+        _raise_ready()
     cov_name = "std" if form == "diag" else "factor"
     checks: list[tuple[str, Tensor]] = []  # (message, bool tensor that must be True)
     for name, t in (("mean", mean), (cov_name, cov), ("old_mean", old_mean), (f"old_{cov_name}", old_cov)):
@@ -86,8 +173,11 @@ def validate_values(
                 (f"{name} must have a positive diagonal (a Cholesky factor)", (c.diagonal(dim1=-2, dim2=-1) > 0).all())
             )
     checks += _range_checks(form, kind, cov, old_cov, cov_name)
-    ok = torch.stack([c for _, c in checks]).tolist()  # the one host sync
-    for (message, _), good in zip(checks, ok):
+    ok = torch.stack([c for _, c in checks])
+    if mode == "deferred":
+        _defer(tuple(m for m, _ in checks), ok)
+        return
+    for (message, _), good in zip(checks, ok.tolist()):  # the one host read
         if not good:
             raise ValueError(message)
 
