@@ -52,7 +52,10 @@ def project(
 
 def _capturing(t: Tensor) -> bool:
     """Whether a CUDA graph is being captured on the current stream (no host reads then)."""
-    return t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if t.device.type != "cuda":
+        return False
+    with torch.cuda.device(t.device):
+        return torch.cuda.is_current_stream_capturing()
 
 
 def project_diag(

@@ -29,7 +29,7 @@ import torch
 DEFAULT_MIN_ELEMENTS = 1 << 18
 
 _min_elements: int | None = DEFAULT_MIN_ELEMENTS
-_compiled: dict[Callable, Callable] = {}
+_compiled: dict[tuple[Callable, object], Callable] = {}
 _unavailable = False
 
 
@@ -52,14 +52,16 @@ def wants_compiled(rows: torch.Tensor) -> bool:
     return not _unavailable and _min_elements is not None and rows.numel() >= _min_elements
 
 
-def run_compiled(fn: Callable, *args):
+def run_compiled(fn: Callable, *args, key=None):
     """``fn(*args)`` compiled (inductor, dynamic shapes, one graph), or ``None`` where
     compilation is unavailable (warned once; the caller then runs eagerly). ``fn`` takes
-    tensors only: a float argument would be guarded on, and a new value would recompile."""
+    tensors only: a float argument would be guarded on, and a new value would recompile.
+    ``key``: what ``fn``'s graph is specialized to (e.g. a dimension it unrolls over); each
+    key gets a compiled function of its own."""
     global _unavailable
-    compiled = _compiled.get(fn)
+    compiled = _compiled.get((fn, key))
     if compiled is None:
-        compiled = _compiled[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+        compiled = _compiled[(fn, key)] = torch.compile(fn, dynamic=True, fullgraph=True)
     # detached: an input that requires grad (the backward op gets the forward's leaves)
     # made the compiled call 2.5x slower, no_grad notwithstanding (measured: KL diag
     # backward, 65,536 x 17 float64, 16.5 vs 6.8 ms)

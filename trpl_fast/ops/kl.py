@@ -96,7 +96,7 @@ def _newton_step(r, t, lo, hi, eps, tol, dim=-1):
     return torch.where(done, t, t_new), lo, hi, done
 
 
-def _newton_start(r, eps, dim=-1):
+def _newton_start(r, eps, dim=-1, t_start=None):
     """``(r_safe, solvable, active, t0)``: rows with an overflowed ratio (``r = inf``) cannot
     be solved in this dtype; they get ``r_safe = 0`` and are flagged by the caller.
     ``t0 = min(1, 2 sqrt(eps) / ||r||)`` with the norm scaled by ``max |r|`` (no overflow).
@@ -109,13 +109,20 @@ def _newton_start(r, eps, dim=-1):
     norm = big * torch.sqrt(((r / big.unsqueeze(dim)) ** 2).sum(dim))
     root_eps = torch.sqrt(eps) if isinstance(eps, Tensor) else math.sqrt(eps)
     t = torch.clamp(2.0 * root_eps / torch.where(active & (norm > 0), norm, 1.0), max=1.0)
+    if t_start is not None:
+        t = torch.where((t_start > 0) & (t_start < 1), t_start.to(t.dtype), t)
     return r, solvable, active, torch.where(active, t, 1.0)
 
 
-def kl_dual_newton(r: Tensor, eps, early_exit: bool = False, iterations: int | None = None):
+def kl_dual_newton(
+    r: Tensor, eps, early_exit: bool = False, iterations: int | None = None, t_start: Tensor | None = None
+):
     """Safeguarded Newton on ``h(t) = log KLc(t) - log eps`` for every row of ``r`` (rows, d)
     (whitened precision ratios minus one, ``r >= -1``). Returns ``(t, converged, active)``,
     (rows,) each.
+
+    ``t_start`` (rows,), early exit only: a first guess per row (used where it lies in
+    (0, 1); the compiled large-batch solve hands over the rows it left open this way).
 
     Guarantee (issue 13): a row is either converged (``|h| <= tol``, so ``KLc(t)`` is
     ``eps`` to the tolerance) or flagged, and a flagged row gets ``t`` = the lower end of its
@@ -145,7 +152,7 @@ def kl_dual_newton(r: Tensor, eps, early_exit: bool = False, iterations: int | N
     elif r.shape[0] <= SMALL_BATCH_ROWS:
         # few rows: every iteration on all of them, stopping when all are done (gathering
         # the open rows costs more dispatch than it saves arithmetic here)
-        r, solvable, active, t = _newton_start(r, eps)
+        r, solvable, active, t = _newton_start(r, eps, t_start=t_start)
         lo, hi = torch.zeros_like(t), torch.ones_like(t)
         done = ~active
         for _ in range(MAX_ITER):
@@ -155,7 +162,7 @@ def kl_dual_newton(r: Tensor, eps, early_exit: bool = False, iterations: int | N
             t = torch.where(done, t, t_next)
             done = done | newly
     else:
-        r, solvable, active, t = _newton_start(r, eps)
+        r, solvable, active, t = _newton_start(r, eps, t_start=t_start)
         lo, hi = torch.zeros_like(t), torch.ones_like(t)
         done = ~active
         per_row_eps = isinstance(eps, Tensor) and eps.dim() > 0
@@ -180,11 +187,13 @@ def _ratio_minus_one(std, old_std):
     return ((old_std - std) / std) * ((old_std + std) / std)
 
 
-def kl_diag(mean, std, old_mean, old_std, mean_bound, cov_bound, mbv, cbv, early_exit=False, iterations=None):
+def kl_diag(
+    mean, std, old_mean, old_std, mean_bound, cov_bound, mbv, cbv, early_exit=False, iterations=None, t_start=None
+):
     old_var = old_std * old_std
     mean_t = mean_project(mean, old_mean, (mean - old_mean) / old_var, 2.0 * bound_or_value(mean_bound, mbv))
     r = _ratio_minus_one(std, old_std)
-    t, conv, active = kl_dual_newton(r, bound_or_value(cov_bound, cbv), early_exit, iterations)
+    t, conv, active = kl_dual_newton(r, bound_or_value(cov_bound, cbv), early_exit, iterations, t_start)
     # unsolvable rows have t = 0: 0 * inf would be NaN, they return the old std
     x = t.unsqueeze(-1) * torch.where(r < float("inf"), r, 0.0)
     std_t = old_std / torch.sqrt(1.0 + x)
@@ -225,14 +234,15 @@ def _per_row(bound, value, rows: Tensor) -> Tensor:
 # The compiled large-batch path evaluates KLc once per row and iteration with a single
 # logarithm (of the product of the g_i) instead of one log1p per element, which made the
 # masked solve transcendental-bound. Rows of more than this many dimensions keep the
-# per-element formulation (the unrolled graph grows with d).
-MAX_UNROLLED_D = 64
+# per-element formulation (the unrolled graph grows with d, one compiled graph per d, and
+# the error bound of the product form stops certifying one-signed rows near d = 32).
+MAX_UNROLLED_D = 32
 # psi(z) = z - log1p(z) = z^2 / (2 + z) - 2 w^3 sum_k w^(2k) / (2k + 3), w = z / (2 + z):
 # the series' coefficients, highest first; |z| < _PSI_SERIES_CUT gives w^2 < 0.021, and
 # the 11 terms reach float64's resolution.
 _PSI_SERIES = tuple(1.0 / (2 * k + 3) for k in range(10, -1, -1))
 _PSI_SERIES_CUT = 0.25
-# Above this e = prod(g) - 1 the row's KLc is taken as 0.5 (log prod g - sum q): D and
+# Above this p - 1 (p = prod g) the row's KLc is taken as 0.5 (log p - sum q): D and
 # psi(e) below would both be of the size of e and cancel.
 _LARGE_PRODUCT = 2.5
 
@@ -249,49 +259,67 @@ def _psi(e: Tensor, log_p: Tensor) -> Tensor:
     return torch.where(e.abs() < _PSI_SERIES_CUT, series, e - log_p)
 
 
-def kl_of_columns(r_cols: list[Tensor], t: Tensor) -> tuple[Tensor, Tensor]:
-    """``(KLc(t), s2)`` per row for a row's ratios given as d columns ``r_cols`` ((rows,)
-    each, float64) and ``t`` (rows,); ``s2 = sum (x / g)^2`` (``KLc' = s2 / (2 t)``).
+def kl_of_columns(r_cols: list[Tensor], t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(KLc(t), s2, certified)`` per row for a row's ratios given as d columns ``r_cols``
+    ((rows,) each, float64) and ``t`` (rows,); ``s2 = sum (x / g)^2`` (``KLc' = s2 / (2 t)``);
+    ``certified``: ``KLc`` is known to a quarter of the solve's tolerance (below).
 
     With ``x = t r``, ``g = 1 + x``, ``q = x / g`` (MATH.md "KL covariance projection"):
-    ``2 KLc = sum (log g - q) = log1p(e) - sum q`` with ``e = prod g - 1``. Both terms are of
-    the size of ``sum x`` and cancel to ``~sum x^2``, so the small-``e`` form tracks
-    ``D = e - sum q`` (second order: ``D += x q + e x`` per column, no cancellation) and
-    ``2 KLc = D - psi(e)``; for large ``e`` the plain form is the accurate one. Measured
-    against 60-digit arithmetic on random rows (d <= 64, |x| from 1e-8 to 100): relative
-    error <= 2e-13, one log per row. A product that over- or underflows gives ``NaN``: the
-    solve cannot settle such a row and leaves it open (the eager solve takes it)."""
-    e = d2 = q_sum = s2 = None
+    ``2 KLc = sum (log g - q) = log(p) - sum q`` with ``p = prod g``. Both terms are of the
+    size of ``sum x`` and cancel to ``~sum x^2``, so where ``p`` is moderate the row tracks
+    ``e = p - 1`` and the second-order ``D = e - sum q`` (``D += x q + e x`` per column, no
+    cancellation) and ``2 KLc = D - psi(e)``; for large ``p`` the plain form is the
+    accurate one. The recurrences lose digits when ``e`` swings (a few large ``x`` whose
+    product later columns bring back near 1): each row carries a rounding-error estimate,
+    ``d u (|D| + 2 sum|e x|)``; a row whose estimate
+    exceeds a quarter of the solve's tolerance is not ``certified`` (its value still steers
+    Newton, but cannot end the solve), and a product that over- or underflows gives
+    ``NaN``. Measured against 60-digit arithmetic on random rows (d <= 64, |x| from 1e-8 to
+    100): relative error <= 2e-13. The bound is pessimistic for one-signed rows of many
+    small ``x`` (their true error grows like ``d^2 u``). One log per row."""
+    e = d2 = q_sum = s2 = ex_abs = None
     p = torch.ones_like(t)
     for r in r_cols:
         x = t * r
         g = 1.0 + x
         q = x / g
+        xq = x * q
         if e is None:
-            e, d2, q_sum, s2 = x, x * q, q, q * q
+            e, d2, q_sum, s2, ex_abs = x, xq, q, q * q, torch.zeros_like(x)
         else:
-            d2 = d2 + x * q + e * x
-            e = e + x + e * x
+            ex = e * x
+            d2 = d2 + xq + ex
+            e = e + x + ex
             q_sum = q_sum + q
             s2 = s2 + q * q
+            ex_abs = ex_abs + ex.abs()
         p = p * g
     normal = (p >= torch.finfo(p.dtype).tiny) & (p < float("inf"))
-    log_p = torch.log(torch.where(normal, p, 1.0))
-    # log1p(e) is the more accurate log near p = 1, log(p) where e lost p's digits (p -> 0)
-    log_p = torch.where(p < 0.5, log_p, torch.log1p(torch.where(normal, e, 0.0)))
-    kl = 0.5 * torch.where(e > _LARGE_PRODUCT, log_p - q_sum, d2 - _psi(e, log_p))
-    return torch.where(normal, kl, float("nan")), s2
+    # log1p(e) near p = 1 (a certified e is accurate there), log(p) elsewhere (p itself is
+    # accurate to d roundings whatever e did)
+    near_one = (p - 1.0).abs() < 0.5
+    log_p = torch.where(near_one, torch.log1p(torch.where(near_one, e, 0.0)), torch.log(torch.where(normal, p, 1.0)))
+    kl_small = 0.5 * (d2 - _psi(e, log_p))
+    # the terms D sums (sum |e x| + sum x q <= |D| + 2 sum |e x|) bound its rounding, and
+    # e's own rounding (u sum |e| over the columns) reaches D through the x that follow,
+    # at most d u sum |e x| -- which is also what a swing of e makes large
+    err = (len(r_cols) * torch.finfo(p.dtype).eps) * (d2.abs() + 2.0 * ex_abs)
+    large = p > 1.0 + _LARGE_PRODUCT
+    certified = normal & (large | (err <= (0.5 * TOL_F64) * kl_small))  # |error| <= tol / 4 of 2 KLc
+    kl = torch.where(large, 0.5 * (log_p - q_sum), kl_small)
+    return torch.where(normal, kl, float("nan")), s2, certified
 
 
 def kl_dual_newton_columns(r_cols: list[Tensor], eps: Tensor, iterations: int):
     """:func:`kl_dual_newton`'s masked solve (``iterations`` safeguarded Newton steps on
     ``log KLc(t) - log eps``, here in ``log t``, no host sync) on :func:`kl_of_columns`. ``r_cols``: d (rows,)
     float64 columns of finite ratios (``r >= -1``); ``eps`` (rows,). Returns
-    ``(t, converged, active)``; a row whose product over- or underflows counts as active
-    (its ``KLc(1)`` is that large) and stays open."""
+    ``(t, converged, active)``; a row whose ``KLc(1)`` is not certified (or whose product
+    over- or underflows) counts as active, and only certified values end a row's solve:
+    the rows left open are settled by the eager solve, started from this ``t``."""
     tol = TOL_F64
-    kl_one, _ = kl_of_columns(r_cols, torch.ones_like(eps))
-    active = ~(kl_one <= eps)
+    kl_one, _, certain = kl_of_columns(r_cols, torch.ones_like(eps))
+    active = ~(kl_one <= eps) | ~certain  # an uncertain row is solved (and settled eagerly)
     big = r_cols[0].abs()
     for r in r_cols[1:]:
         big = torch.maximum(big, r.abs())
@@ -302,10 +330,10 @@ def kl_dual_newton_columns(r_cols: list[Tensor], eps: Tensor, iterations: int):
     lo, hi = torch.zeros_like(t), torch.ones_like(t)
     done = ~active
     for _ in range(iterations):
-        kl, s2 = kl_of_columns(r_cols, t)
+        kl, s2, certain = kl_of_columns(r_cols, t)
         pos = kl > 0  # KLc underflowed to 0 (t far too small): not a root, bisect
         h = torch.log(torch.where(pos, kl, eps) / eps)
-        newly = pos & (h.abs() <= tol)
+        newly = pos & certain & (h.abs() <= tol)
         over = ~(kl <= eps)  # NaN: an overflowed product is above the bound
         hi = torch.where(over, t, hi)
         lo = torch.where(over, lo, t)
@@ -346,7 +374,10 @@ def _kl_diag_columns(mean, std, old_mean, old_std, mean_bound, cov_bound):
 def _kl_diag_backward_columns(g_mean, g_std, mean, std, old_mean, old_std, t, mean_bound, cov_bound):
     """:func:`kl_diag_backward` for the compiled large-batch path on float64 rows, with
     the active rows read off the forward's ``t`` (``t < 1``; inactive rows have ``t = 1``
-    exactly) instead of evaluating ``KLc(1)`` again, a log per element."""
+    exactly) instead of evaluating ``KLc(1)`` again, a log per element. One difference
+    from the eager backward: a row with ``KLc(1)`` within the solve's tolerance above the
+    bound may converge at ``t = 1`` exactly; its output is its input, and it gets the
+    identity gradient here, the implicit one there (one-sided derivatives at the kink)."""
     old_var = old_std * old_std
     g_mean = mean_project_backward(g_mean, mean, old_mean, (mean - old_mean) / old_var, 2.0 * mean_bound)
     r = _ratio_minus_one(std, old_std)
@@ -378,12 +409,20 @@ def kl_diag_large(mean, std, old_mean, old_std, mean_bound, cov_bound, mbv, cbv,
     back -- every row ends as the eager path would leave it: converged, or flagged."""
     mb, cb = _per_row(mean_bound, mbv, mean), _per_row(cov_bound, cbv, mean)
     masked = _kl_diag_columns if mean.shape[-1] <= MAX_UNROLLED_D else _kl_diag_masked
-    out = run_compiled(masked, mean, std, old_mean, old_std, mb, cb)
+    # the unrolled graph is specialized to d: one compiled function per d (a shared one
+    # would hit dynamo's recompile limit and fall back to eager after a few d)
+    key = mean.shape[-1] if masked is _kl_diag_columns else None
+    out = run_compiled(masked, mean, std, old_mean, old_std, mb, cb, key=key)
     if out is None:
         return kl_diag(mean, std, old_mean, old_std, mean_bound, cov_bound, mbv, cbv, early_exit)
     open_rows = (~out[3]).nonzero().squeeze(-1)
     if open_rows.numel():
-        again = kl_diag(*(x[open_rows] for x in (mean, std, old_mean, old_std, mb, cb)), 0.0, 0.0, early_exit=True)
+        rows = (x[open_rows] for x in (mean, std, old_mean, old_std, mb, cb))
+        # float64: started where the masked solve stopped, so its uncertified rows are
+        # settled in one exact evaluation (float32: its t is rounded, start afresh as the
+        # eager solve would)
+        t_start = out[2][open_rows] if mean.dtype == torch.float64 else None
+        again = kl_diag(*rows, 0.0, 0.0, early_exit=True, t_start=t_start)
         for o, a in zip(out, again):
             o[open_rows] = a
     return out

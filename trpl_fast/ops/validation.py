@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import numbers
+import threading
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -75,6 +76,7 @@ class _Deferred(NamedTuple):
 
 
 _pending: collections.deque[_Deferred] = collections.deque()
+_lock = threading.Lock()
 # Checks in flight kept at most (a caller that never syncs): beyond, the oldest is waited for.
 MAX_PENDING_CHECKS = 256
 DEFERRED_NOTE = (
@@ -84,15 +86,21 @@ DEFERRED_NOTE = (
 
 def _defer(messages: tuple[str, ...], ok: Tensor) -> None:
     if ok.device.type == "cuda":
-        host = torch.empty(ok.shape, dtype=ok.dtype, pin_memory=True)
-        host.copy_(ok, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        _pending.append(_Deferred(messages, host, event.query, event.synchronize))
+        # on the inputs' device (not necessarily the current one): the event must follow
+        # the copy on the stream that runs it
+        with torch.cuda.device(ok.device):
+            host = torch.empty(ok.shape, dtype=ok.dtype, pin_memory=True)
+            host.copy_(ok, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(ok.device))
+        item = _Deferred(messages, host, event.query, event.synchronize)
     else:  # already computed: ready now, read at the next checked call
-        _pending.append(_Deferred(messages, ok, lambda: True, lambda: None))
-    while len(_pending) > MAX_PENDING_CHECKS:
-        _read(_pending.popleft(), wait=True)
+        item = _Deferred(messages, ok, lambda: True, lambda: None)
+    with _lock:
+        _pending.append(item)
+        overflow = [_pending.popleft() for _ in range(len(_pending) - MAX_PENDING_CHECKS)]
+    for old in overflow:
+        _read(old, wait=True)
 
 
 def _read(item: _Deferred, wait: bool = False) -> None:
@@ -104,19 +112,30 @@ def _read(item: _Deferred, wait: bool = False) -> None:
             raise ValueError(f"{message} {DEFERRED_NOTE}")
 
 
+def _pop(ready_only: bool) -> _Deferred | None:
+    """The oldest check in flight (only if its result is in, with ``ready_only``), taken
+    off the queue under the lock, or None."""
+    with _lock:
+        if _pending and (not ready_only or _pending[0].ready()):
+            return _pending.popleft()
+    return None
+
+
 def _raise_ready() -> None:
     """Raise the first failure among the oldest checks whose results are in (no waiting);
     checks still in flight stay pending."""
-    while _pending and _pending[0].ready():
-        _read(_pending.popleft())
+    while (item := _pop(ready_only=True)) is not None:
+        _read(item)
 
 
 def raise_deferred_errors() -> None:
     """Wait for every deferred value check in flight and raise the first failure as the
     ``ValueError`` its call would have raised with ``check_values="sync"``; a no-op when
-    none is pending (or on the CPU, where checks are synchronous by default)."""
-    while _pending:
-        _read(_pending.popleft(), wait=True)
+    none is pending (or on the CPU, where checks are synchronous by default). The queue is
+    shared by the process's threads: a check may be raised in another thread than the call
+    that queued it."""
+    while (item := _pop(ready_only=False)) is not None:
+        _read(item, wait=True)
 
 
 def pending_value_checks() -> int:
