@@ -422,6 +422,28 @@ def test_kl_of_columns_never_returns_an_uncertified_value(d):
         assert rel.numel() == 0 or rel.max() <= TOL_F64 / 4, f"t={t}: error {rel.max():.2e} on a certified row"
 
 
+def test_kl_of_columns_certifies_no_row_with_a_biased_product():
+    """Rows built (in review) so that the roundings of ``g`` and of the product all lean
+    one way, with ``p`` = 1.5 (once read through ``log p``: 7.4e-13 off, certified) and
+    ``p`` = 3.5 (the large branch): certified values stay within TOL_F64 / 4."""
+    x = torch.tensor(
+        [
+            0.022970568309597875, 0.02297056829565192, 0.02297056833690825, 0.022970568291094232,
+            0.022970568297892794, 0.02297056829499711, 0.022970568299854336, 0.022970568338111733,
+            0.022970568318245625, 0.022970568329521938, 0.02297056832714717, 0.022970568269294115,
+            0.02297056831151412, 0.022970568302961628, 0.02297056828614508, 0.022970568319990007,
+            0.022970568258015803, 0.022970568314531706,
+        ],
+        dtype=F64,
+    )  # fmt: skip
+    big = torch.full((1, 32), math.expm1(math.log(3.51) / 32), dtype=F64)
+    for row in (x.unsqueeze(0), big, big * (1 + 1e-9 * torch.arange(32, dtype=F64))):
+        want = 0.5 * kl_ops.kl_phi(row).sum(-1)
+        got, _, certified = kl_ops.kl_of_columns(list(row.T), torch.ones(1, dtype=F64))
+        rel = ((got - want).abs() / want)[certified]
+        assert rel.numel() == 0 or rel.max() <= TOL_F64 / 4, f"certified with error {rel.max():.2e}"
+
+
 @pytest.mark.parametrize("eps", [0.05, 10.0], ids=lambda e: f"eps={e:g}")
 def test_large_batch_path_projects_swinging_rows_as_the_eager_one(eps, large_batch_path, monkeypatch):
     """Rows far outside the region whose product swings (review: the uncertified product

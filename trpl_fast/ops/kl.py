@@ -270,8 +270,8 @@ def kl_of_columns(r_cols: list[Tensor], t: Tensor) -> tuple[Tensor, Tensor, Tens
     ``e = p - 1`` and the second-order ``D = e - sum q`` (``D += x q + e x`` per column, no
     cancellation) and ``2 KLc = D - psi(e)``; for large ``p`` the plain form is the
     accurate one. The recurrences lose digits when ``e`` swings (a few large ``x`` whose
-    product later columns bring back near 1): each row carries a rounding-error estimate,
-    ``d u (|D| + 2 sum|e x|)``; a row whose estimate
+    product later columns bring back near 1): each row carries a rounding-error estimate
+    (``d u (|D| + 2 sum|e x|)``; large ``p``: ``d u (|log p| + sum|q|)``); a row whose estimate
     exceeds a quarter of the solve's tolerance is not ``certified`` (its value still steers
     Newton, but cannot end the solve), and a product that over- or underflows gives
     ``NaN``. Measured against 60-digit arithmetic on random rows (d <= 64, |x| from 1e-8 to
@@ -295,18 +295,27 @@ def kl_of_columns(r_cols: list[Tensor], t: Tensor) -> tuple[Tensor, Tensor, Tens
             ex_abs = ex_abs + ex.abs()
         p = p * g
     normal = (p >= torch.finfo(p.dtype).tiny) & (p < float("inf"))
-    # log1p(e) near p = 1 (a certified e is accurate there), log(p) elsewhere (p itself is
-    # accurate to d roundings whatever e did)
-    near_one = (p - 1.0).abs() < 0.5
-    log_p = torch.where(near_one, torch.log1p(torch.where(near_one, e, 0.0)), torch.log(torch.where(normal, p, 1.0)))
-    kl_small = 0.5 * (d2 - _psi(e, log_p))
-    # the terms D sums (sum |e x| + sum x q <= |D| + 2 sum |e x|) bound its rounding, and
-    # e's own rounding (u sum |e| over the columns) reaches D through the x that follow,
-    # at most d u sum |e x| -- which is also what a swing of e makes large
-    err = (len(r_cols) * torch.finfo(p.dtype).eps) * (d2.abs() + 2.0 * ex_abs)
     large = p > 1.0 + _LARGE_PRODUCT
-    certified = normal & (large | (err <= (0.5 * TOL_F64) * kl_small))  # |error| <= tol / 4 of 2 KLc
-    kl = torch.where(large, 0.5 * (log_p - q_sum), kl_small)
+    # the small branch takes log1p(e) (a certified e is accurate; p carries d roundings,
+    # which psi(e) = e - log p, much smaller than log p, would not survive) except for
+    # p <= 0.5, where e has lost p's digits; the large branch takes log(p)
+    use_e = (p > 0.5) & ~large
+    log_p = torch.where(use_e, torch.log1p(torch.where(use_e, e, 0.0)), torch.log(torch.where(normal, p, 1.0)))
+    kl_small = 0.5 * (d2 - _psi(e, log_p))
+    kl_large = 0.5 * (log_p - q_sum)
+    # Rounding estimates, certified when below a quarter of the tolerance of 2 KLc. Small
+    # branch: the terms D sums (sum |e x| + sum x q <= |D| + 2 sum |e x|), and e's own
+    # rounding (u sum |e| over the columns) reaching D through the x that follow, at most
+    # d u sum |e x| -- also what a swing of e makes large. Large branch: log p (d roundings
+    # of p) and sum |q| <= sqrt(d s2).
+    d = len(r_cols)
+    unit = d * torch.finfo(p.dtype).eps
+    err_small = unit * (d2.abs() + 2.0 * ex_abs)
+    err_large = unit * (log_p.abs() + torch.sqrt(d * s2))
+    certified = normal & torch.where(
+        large, err_large <= (0.5 * TOL_F64) * kl_large, err_small <= (0.5 * TOL_F64) * kl_small
+    )
+    kl = torch.where(large, kl_large, kl_small)
     return torch.where(normal, kl, float("nan")), s2, certified
 
 
