@@ -200,20 +200,26 @@ def kl_diag(
     return mean_t, torch.where(active.unsqueeze(-1), std_t, std), t, conv
 
 
-def kl_diag_backward(g_mean, g_std, mean, std, old_mean, old_std, t, conv, mean_bound, cov_bound, mbv, cbv):
+def kl_diag_backward(
+    g_mean, g_std, mean, std, old_mean, old_std, t, conv, mean_bound, cov_bound, mbv, cbv, *, active=None
+):
     """Implicit gradient (MATH.md), elementwise: with ``q = sd_o / sd``, ``x = t r``,
     ``g = 1 + x``, ``sd_t = sd_o / sqrt(g)`` (the kernel's derivation, in terms that do not
     overflow where ``r^2`` would):
 
         dL/dsd = t q^3 g^-3/2 [G + c x / (sd_o sqrt(g))],
         c = -sum(sd_t G x / g) / sum((x / g)^2),   t q^3 = (t + x) q
+
+    ``active`` (rows,): the rows the forward projected, when the caller knows them (else
+    ``KLc(1) > eps`` is evaluated again).
     """
     old_var = old_std * old_std
     g_mean = mean_project_backward(
         g_mean, mean, old_mean, (mean - old_mean) / old_var, 2.0 * bound_or_value(mean_bound, mbv)
     )
     r = _ratio_minus_one(std, old_std)
-    active = kl_at_one(r) > bound_or_value(cov_bound, cbv)
+    if active is None:  # the projected rows, as the forward decided them
+        active = kl_at_one(r) > bound_or_value(cov_bound, cbv)
     t = t.to(r.dtype).unsqueeze(-1)
     x = t * torch.where(r < float("inf"), r, 0.0)  # unsolvable rows: t = 0, a constant output
     g = 1.0 + x
@@ -387,19 +393,9 @@ def _kl_diag_backward_columns(g_mean, g_std, mean, std, old_mean, old_std, t, me
     from the eager backward: a row with ``KLc(1)`` within the solve's tolerance above the
     bound may converge at ``t = 1`` exactly; its output is its input, and it gets the
     identity gradient here, the implicit one there (one-sided derivatives at the kink)."""
-    old_var = old_std * old_std
-    g_mean = mean_project_backward(g_mean, mean, old_mean, (mean - old_mean) / old_var, 2.0 * mean_bound)
-    r = _ratio_minus_one(std, old_std)
-    active = (t < 1.0).unsqueeze(-1)
-    t = t.unsqueeze(-1)
-    x = t * torch.where(r < float("inf"), r, 0.0)
-    g = 1.0 + x
-    root_g = torch.sqrt(g)
-    xg = x / g
-    s2 = (xg * xg).sum(-1, keepdim=True)
-    c = -((old_std / root_g) * g_std * xg).sum(-1, keepdim=True) / torch.where(s2 > 0, s2, 1.0)
-    g_sd = (t + x) * (old_std / std) / (g * root_g) * (g_std + c * x / (old_std * root_g))
-    return g_mean, torch.where(active, g_sd, g_std)
+    return kl_diag_backward(
+        g_mean, g_std, mean, std, old_mean, old_std, t, None, mean_bound, cov_bound, 0.0, 0.0, active=t < 1.0
+    )
 
 
 def _kl_diag_masked(mean, std, old_mean, old_std, mean_bound, cov_bound):
