@@ -513,8 +513,38 @@ def test_large_batch_path_compiles_one_function_per_d(large_batch_path, monkeypa
     monkeypatch.setattr(torch, "compile", recording_compile)
     for d in (3, 5, 3):
         _diag_forward_backward(whitened_case("diag", 4, d, 30.0, seed=d), F64, "scalar")
-    keys = sorted(k for fn, k in _compiled_cpu._compiled if fn is kl_ops._kl_diag_columns)
+    keys = sorted(k for fn, k, _ in _compiled_cpu._compiled if fn is kl_ops._kl_diag_columns)
     assert keys == [3, 5] and compiled.count("_kl_diag_columns") == 2
+
+
+def test_large_batch_path_compiles_for_the_current_thread_count(large_batch_path, monkeypatch):
+    """Inductor bakes the thread count into its CPU kernels (serial code below two threads)
+    and its disk cache does not key on it: each thread count gets a function compiled with
+    ``cpp.threads`` set to it (part of the cache key), so a graph cached by a one-thread
+    process is not served serial to a two-thread one."""
+    from trpl_fast.ops import _compiled_cpu
+
+    seen = []
+
+    def recording_compile(fn, **kw):
+        seen.append((fn.__name__, kw["options"]["cpp.threads"]))
+        return fn
+
+    monkeypatch.setattr(_compiled_cpu, "_compiled", {})
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    before = torch.get_num_threads()
+    case = whitened_case("diag", 4, 3, 30.0, seed=1)
+    try:
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            _diag_forward_backward(case, F64, "scalar")
+    finally:
+        torch.set_num_threads(before)
+    assert [s for s in seen if s[0] == "_kl_diag_columns"] == [("_kl_diag_columns", 1), ("_kl_diag_columns", 2)]
+    assert [s for s in seen if s[0] == "_kl_diag_backward_columns"] == [
+        ("_kl_diag_backward_columns", 1),
+        ("_kl_diag_backward_columns", 2),
+    ]
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True, "1"], ids=repr)
