@@ -377,7 +377,7 @@ def test_kl_of_columns_is_accurate_at_every_scale(d):
         rows += [x, x.abs(), -x.abs()]
     x = torch.cat(rows).clamp_min(-1 + 1e-12)
     want = 0.5 * kl_ops.kl_phi(x).sum(-1)
-    got, s2, certified = kl_ops.kl_of_columns(list(x.T), torch.ones(x.shape[0], dtype=F64))
+    got, s2, s3, certified = kl_ops.kl_of_columns(list(x.T), torch.ones(x.shape[0], dtype=F64))
     product = (1 + x).prod(-1)  # NaN exactly where it leaves float64's normal range
     in_range = (product >= torch.finfo(F64).tiny) & (product < math.inf)
     assert torch.equal(~got.isnan(), in_range) and not (certified & ~in_range).any()
@@ -386,10 +386,63 @@ def test_kl_of_columns_is_accurate_at_every_scale(d):
     assert_close(got[certified], want[certified], TOL_F64 / 4, "KLc (certified)")
     assert_close(got[in_range], want[in_range], TOL_F64, "KLc (all in range)")
     assert_close(s2, ((x / (1 + x)) ** 2).sum(-1), 1e-14, "s2")
+    assert_close(s3, ((x / (1 + x)) ** 3).sum(-1), 1e-14, "s3")
     # outside float64's range: 1e-200 ** 2 underflows, 1e200 ** 2 overflows
     far = torch.tensor([[1e-200 - 1, 1e-200 - 1], [1e200, 1e200]], dtype=F64)
-    kl_far, _, certified_far = kl_ops.kl_of_columns(list(far.T), torch.ones(2, dtype=F64))
+    kl_far, _, _, certified_far = kl_ops.kl_of_columns(list(far.T), torch.ones(2, dtype=F64))
     assert kl_far.isnan().all() and not certified_far.any()
+
+
+def _log_ratio_rows(n: int, d: int, scale: float, seed: int) -> torch.Tensor:
+    """Ratios ``r = v_o / v - 1`` (n, d) of log-std differences ``scale * N(0, 1)``."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.expm1(-2.0 * scale * torch.randn(n, d, generator=gen, dtype=F64))
+
+
+@pytest.mark.parametrize("d,scale", [(3, 0.3), (17, 0.05), (17, 1.0)], ids=["d3", "d17-near", "d17-far"])
+def test_halley_factor_matches_finite_differences(d, scale):
+    """``halley_factor`` (the closed form of ``1 - h h'' / (2 h'^2)`` in ``s = log t``)
+    against central differences of ``h(s) = log KLc(e^s) - log eps`` evaluated per element."""
+    r = _log_ratio_rows(40, d, scale, seed=d)
+    eps, step = 0.01, 1e-4
+    t = torch.full((r.shape[0],), 0.3, dtype=F64)
+
+    def h(s):
+        return torch.log(0.5 * kl_ops.kl_phi(torch.exp(s).unsqueeze(-1) * r).sum(-1) / eps)
+
+    s = torch.log(t)
+    h0, hp, hm = h(s), h(s + step), h(s - step)
+    d1, d2 = (hp - hm) / (2 * step), (hp - 2 * h0 + hm) / step**2
+    want = 1.0 - h0 * d2 / (2 * d1 * d1)
+    kl, s2, s3, _ = kl_ops.kl_of_columns(list(r.T), t)
+    assert_close(0.5 * s2 / kl, d1, 1e-7, "h'")
+    got = kl_ops.halley_factor(h0, kl, s2, s3)
+    lo, hi = kl_ops.HALLEY_FACTOR_RANGE
+    inside = (want > lo + 1e-3) & (want < hi - 1e-3)
+    assert inside.any()
+    assert_close(got[inside], want[inside], 1e-5, "Halley factor")
+    assert (got[~inside] == 1.0).all()
+
+
+@pytest.mark.parametrize(
+    "d,scale,eps,iterations",
+    [(17, 0.25, 0.01, 3), (6, 0.05, 0.005, 4), (6, 0.3, 0.05, 4), (17, 0.02, 0.001, 4), (17, 1.0, 0.5, 4)],
+    ids=["itpal-like", "d6-near", "d6-far", "d17-small-bound", "d17-large-bound"],
+)
+def test_column_solve_settles_rows_within_its_iterations(d, scale, eps, iterations):
+    """The masked Halley solve of the compiled path leaves no certified row open within
+    ``COLUMNS_ITER`` iterations on rows like ``bench.itpal_peer``'s and on random rows of
+    bounds up to 0.5 (open rows are correct, but settled by the slower eager solve), and
+    each converged row meets the bound to the tolerance."""
+    assert iterations <= kl_ops.COLUMNS_ITER
+    r = _log_ratio_rows(3000, d, scale, seed=11)
+    e = torch.full((r.shape[0],), eps, dtype=F64)
+    t, conv, active = kl_ops.kl_dual_newton_columns(list(r.T), e, iterations)
+    _, _, _, certain = kl_ops.kl_of_columns(list(r.T), t)
+    assert active.sum() > 0.9 * r.shape[0]
+    assert bool((conv | ~certain)[active].all()), f"{int((~conv & certain & active).sum())} rows open"
+    kl = 0.5 * kl_ops.kl_phi(t.unsqueeze(-1) * r).sum(-1)
+    assert_close(kl[conv & active], e[conv & active], 1e-11, "KLc(t)")
 
 
 def swinging_rows(n: int, d: int, seed: int) -> torch.Tensor:
@@ -417,7 +470,7 @@ def test_kl_of_columns_never_returns_an_uncertified_value(d):
     for t in (1.0, 0.3, 1e-3, 1e-6):
         x = t * r
         want = 0.5 * kl_ops.kl_phi(x).sum(-1)
-        got, _, certified = kl_ops.kl_of_columns(list(r.T), torch.full((r.shape[0],), t, dtype=F64))
+        got, _, _, certified = kl_ops.kl_of_columns(list(r.T), torch.full((r.shape[0],), t, dtype=F64))
         rel = ((got - want).abs() / want)[certified]
         assert rel.numel() == 0 or rel.max() <= TOL_F64 / 4, f"t={t}: error {rel.max():.2e} on a certified row"
 
@@ -439,7 +492,7 @@ def test_kl_of_columns_certifies_no_row_with_a_biased_product():
     big = torch.full((1, 32), math.expm1(math.log(3.51) / 32), dtype=F64)
     for row in (x.unsqueeze(0), big, big * (1 + 1e-9 * torch.arange(32, dtype=F64))):
         want = 0.5 * kl_ops.kl_phi(row).sum(-1)
-        got, _, certified = kl_ops.kl_of_columns(list(row.T), torch.ones(1, dtype=F64))
+        got, _, _, certified = kl_ops.kl_of_columns(list(row.T), torch.ones(1, dtype=F64))
         rel = ((got - want).abs() / want)[certified]
         assert rel.numel() == 0 or rel.max() <= TOL_F64 / 4, f"certified with error {rel.max():.2e}"
 
@@ -513,38 +566,26 @@ def test_large_batch_path_compiles_one_function_per_d(large_batch_path, monkeypa
     monkeypatch.setattr(torch, "compile", recording_compile)
     for d in (3, 5, 3):
         _diag_forward_backward(whitened_case("diag", 4, d, 30.0, seed=d), F64, "scalar")
-    keys = sorted(k for fn, k, _ in _compiled_cpu._compiled if fn is kl_ops._kl_diag_columns)
+    keys = sorted(k for fn, k in _compiled_cpu._compiled if fn is kl_ops._kl_diag_columns)
     assert keys == [3, 5] and compiled.count("_kl_diag_columns") == 2
 
 
-def test_large_batch_path_compiles_for_the_current_thread_count(large_batch_path, monkeypatch):
-    """Inductor bakes the thread count into its CPU kernels (serial code below two threads)
-    and its disk cache does not key on it: each thread count gets a function compiled with
-    ``cpp.threads`` set to it (part of the cache key), so a graph cached by a one-thread
-    process is not served serial to a two-thread one."""
+def test_large_batch_path_compiles_with_threads_chosen_at_run_time(large_batch_path, monkeypatch):
+    """Inductor sizes its OpenMP regions by the first call's shapes and caches the graph on
+    disk for every later size: a graph first compiled for a small batch came back serial
+    for large ones. The compiled functions ask for run-time thread counts instead."""
     from trpl_fast.ops import _compiled_cpu
 
     seen = []
 
     def recording_compile(fn, **kw):
-        seen.append((fn.__name__, kw["options"]["cpp.threads"]))
+        seen.append((fn.__name__, kw["dynamic"], kw["options"].get("cpp.dynamic_threads")))
         return fn
 
     monkeypatch.setattr(_compiled_cpu, "_compiled", {})
     monkeypatch.setattr(torch, "compile", recording_compile)
-    before = torch.get_num_threads()
-    case = whitened_case("diag", 4, 3, 30.0, seed=1)
-    try:
-        for threads in (1, 2, 1):
-            torch.set_num_threads(threads)
-            _diag_forward_backward(case, F64, "scalar")
-    finally:
-        torch.set_num_threads(before)
-    assert [s for s in seen if s[0] == "_kl_diag_columns"] == [("_kl_diag_columns", 1), ("_kl_diag_columns", 2)]
-    assert [s for s in seen if s[0] == "_kl_diag_backward_columns"] == [
-        ("_kl_diag_backward_columns", 1),
-        ("_kl_diag_backward_columns", 2),
-    ]
+    _diag_forward_backward(whitened_case("diag", 4, 3, 30.0, seed=1), F64, "scalar")
+    assert seen == [("_kl_diag_columns", True, True), ("_kl_diag_backward_columns", True, True)]
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True, "1"], ids=repr)

@@ -8,7 +8,7 @@ batches of the KL diagonal op (:func:`set_cpu_compile_min_elements`).
 """
 
 from ._common import in_torch_func_mode, torch_func_mode
-from ._compiled_cpu import cpu_compile_min_elements, cpu_compile_options, set_cpu_compile_min_elements
+from ._compiled_cpu import cpu_compile_min_elements, set_cpu_compile_min_elements
 from .frobenius import FROB_DIAG, FROB_FULL
 from .kl import KL_DIAG, KL_FULL
 from .wasserstein import W2_DIAG, W2_FULL
@@ -25,7 +25,6 @@ OPS = {
 __all__ = [
     "OPS",
     "cpu_compile_min_elements",
-    "cpu_compile_options",
     "in_torch_func_mode",
     "set_cpu_compile_min_elements",
     "torch_func_mode",

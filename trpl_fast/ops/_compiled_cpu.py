@@ -29,7 +29,7 @@ import torch
 DEFAULT_MIN_ELEMENTS = 1 << 18
 
 _min_elements: int | None = DEFAULT_MIN_ELEMENTS
-_compiled: dict[tuple[Callable, object, int], Callable] = {}
+_compiled: dict[tuple[Callable, object], Callable] = {}
 _unavailable = False
 
 
@@ -52,15 +52,15 @@ def wants_compiled(rows: torch.Tensor) -> bool:
     return not _unavailable and _min_elements is not None and rows.numel() >= _min_elements
 
 
-def cpu_compile_options() -> dict:
-    """Inductor options for CPU kernels: the thread count they run with, fixed now.
-
-    Inductor writes the thread count into the kernels it generates (OpenMP loops only where
-    more than one thread was set, at compile time) but its on-disk cache does not key on
-    it: a graph first compiled by a one-thread process came back serial to every later
-    process (measured: KL diagonal backward, 65,536 x 17 float64, 12.8 ms on 2 threads from
-    the cache vs 6.5 ms compiled afresh). Set explicitly, it is part of the cache key."""
-    return {"cpp.threads": torch.get_num_threads()}
+# Inductor options of the compiled CPU kernels. ``cpp.dynamic_threads``: every loop nest
+# gets an OpenMP region whose thread count is read at run time. By default inductor
+# decides parallelism from the sizes of the first call (a dynamic-shape graph first
+# compiled for 32 x 6 states is serial) and its disk cache serves that graph to every
+# later size and process: the KL diagonal backward at 65,536 x 17 float64 then ran on one
+# thread, 12.8 ms instead of 6.5 ms on two (measured). Setting ``cpp.threads`` instead
+# made inductor's precompiled header miss the vector headers (a C++ compile error,
+# torch 2.13 CPU).
+COMPILE_OPTIONS = {"cpp.dynamic_threads": True}
 
 
 def run_compiled(fn: Callable, *args, key=None):
@@ -68,14 +68,11 @@ def run_compiled(fn: Callable, *args, key=None):
     compilation is unavailable (warned once; the caller then runs eagerly). ``fn`` takes
     tensors only: a float argument would be guarded on, and a new value would recompile.
     ``key``: what ``fn``'s graph is specialized to (e.g. a dimension it unrolls over); each
-    key, and each thread count (:func:`cpu_compile_options`), gets a compiled function of
-    its own."""
+    key gets a compiled function of its own."""
     global _unavailable
-    threads = torch.get_num_threads()
-    compiled = _compiled.get((fn, key, threads))
+    compiled = _compiled.get((fn, key))
     if compiled is None:
-        compiled = torch.compile(fn, dynamic=True, fullgraph=True, options=cpu_compile_options())
-        _compiled[(fn, key, threads)] = compiled
+        compiled = _compiled[(fn, key)] = torch.compile(fn, dynamic=True, fullgraph=True, options=COMPILE_OPTIONS)
     # detached: an input that requires grad (the backward op gets the forward's leaves)
     # made the compiled call 2.5x slower, no_grad notwithstanding (measured: KL diag
     # backward, 65,536 x 17 float64, 16.5 vs 6.8 ms)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad
 
-from ..ops import cpu_compile_options, torch_func_mode
+from ..ops import torch_func_mode
 
 
 def supports(opt: torch.optim.Optimizer) -> bool:
@@ -170,14 +170,12 @@ def _guard_on_arguments(guards) -> list[bool]:
 def _compile_options(device: torch.device) -> dict:
     """``torch.compile`` options of a step. On the CPU the graph's wrapper is generated as
     C++ (``cpp_wrapper``) without per-call size asserts: the Python wrapper's ~85 buffer
-    allocations and ~37 asserts per call took ~35 us of the KL step (measured, one thread),
-    and its kernels are compiled for the current thread count (:func:`cpu_compile_options`:
-    inductor's disk cache would otherwise serve one process's serial kernels to another)."""
+    allocations and ~37 asserts per call took ~35 us of the KL step (measured, one thread)."""
     options = {}
     if hasattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe"):  # guard filters exist (torch >= 2.7)
         options["guard_filter_fn"] = _guard_on_arguments
     if device.type == "cpu":
-        options.update(cpp_wrapper=True, size_asserts=False, **cpu_compile_options())
+        options.update(cpp_wrapper=True, size_asserts=False)
     return options
 
 
