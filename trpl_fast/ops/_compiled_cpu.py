@@ -57,9 +57,8 @@ def wants_compiled(rows: torch.Tensor) -> bool:
 # decides parallelism from the sizes of the first call (a dynamic-shape graph first
 # compiled for 32 x 6 states is serial) and its disk cache serves that graph to every
 # later size and process: the KL diagonal backward at 65,536 x 17 float64 then ran on one
-# thread, 12.8 ms instead of 6.5 ms on two (measured). Setting ``cpp.threads`` instead
-# made inductor's precompiled header miss the vector headers (a C++ compile error,
-# torch 2.13 CPU).
+# thread, 12.8 ms instead of 6.5 ms on two (measured). Thread counts read at run time
+# also follow a later ``torch.set_num_threads``.
 COMPILE_OPTIONS = {"cpp.dynamic_threads": True}
 
 
