@@ -580,6 +580,9 @@ def test_large_batch_path_compiles_with_threads_chosen_at_run_time(large_batch_p
 
     def recording_compile(fn, **kw):
         seen.append((fn.__name__, kw["dynamic"], kw["options"].get("cpp.dynamic_threads")))
+        if fn.__name__ == "_kl_diag_backward_columns":  # rows of d: 256-bit vectors where there are
+            avx = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+            assert kw["options"].get("cpp.simdlen") == (256 if avx else None)
         return fn
 
     monkeypatch.setattr(_compiled_cpu, "_compiled", {})

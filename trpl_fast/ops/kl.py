@@ -28,7 +28,7 @@ from torch import Tensor
 from ..kernels.kl import MAX_ITER, TOL_F32, TOL_F64, launch_kl_diag_bwd, launch_kl_diag_fwd, launch_kl_newton
 from ..kernels.kl_full import MAX_D, launch_kl_full_bwd, launch_kl_full_fwd
 from ._common import Aux, ProjectionOp, to_float64
-from ._compiled_cpu import run_compiled
+from ._compiled_cpu import row_layout_options, run_compiled
 from ._layout import rows_to_columns
 from ._linalg import cholesky_backward, inner, solve_lower, solve_lower_t
 from ._torch_mean import bound_or_value, mean_project, mean_project_backward
@@ -462,7 +462,7 @@ def kl_diag_backward_large(g_mean, g_std, mean, std, old_mean, old_std, t, conv,
     rounded to 1 on active rows, so there ``KLc(1)`` is evaluated again)."""
     mb, cb = _per_row(mean_bound, mbv, mean), _per_row(cov_bound, cbv, mean)
     fn = _kl_diag_backward_columns if t.dtype == torch.float64 else _kl_diag_backward_rows
-    out = run_compiled(fn, g_mean, g_std, mean, std, old_mean, old_std, t, mb, cb)
+    out = run_compiled(fn, g_mean, g_std, mean, std, old_mean, old_std, t, mb, cb, options=row_layout_options())
     if out is None:
         return kl_diag_backward(g_mean, g_std, mean, std, old_mean, old_std, t, conv, mean_bound, cov_bound, mbv, cbv)
     return out
