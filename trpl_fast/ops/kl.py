@@ -116,6 +116,21 @@ def _newton_start(r, eps, dim=-1, t_start=None):
     return r, solvable, active, torch.where(active, t, 1.0)
 
 
+def _masked_newton(r, eps, tol, t, done, iterations: int, dim=-1, stop_when_done: bool = False):
+    """Up to ``iterations`` safeguarded Newton steps (:func:`_newton_step`) on every row of
+    ``r`` from ``t``, rows already ``done`` (or newly converged) staying put; returns
+    ``(t, lo, done)``. ``stop_when_done``: a host check ends the loop once every row is
+    done (real tensors only)."""
+    lo, hi = torch.zeros_like(t), torch.ones_like(t)
+    for _ in range(iterations):
+        if stop_when_done and bool(done.all()):
+            break
+        t_next, lo, hi, newly = _newton_step(r, t, lo, hi, eps, tol, dim=dim)
+        t = torch.where(done, t, t_next)  # rows done before (or inactive) stay put
+        done = done | newly
+    return t, lo, done
+
+
 def kl_dual_newton(
     r: Tensor, eps, early_exit: bool = False, iterations: int | None = None, t_start: Tensor | None = None
 ):
@@ -145,24 +160,13 @@ def kl_dual_newton(
         r_t = rows_to_columns(r.reshape(-1, r.shape[-1]))
         eps_t = eps.reshape(-1) if isinstance(eps, Tensor) and eps.dim() > 0 else eps
         r_t, solvable, active, t = _newton_start(r_t, eps_t, dim=0)
-        lo, hi = torch.zeros_like(t), torch.ones_like(t)
-        done = ~active
-        for _ in range(min(MAX_ITER, UNROLLED_ITER if iterations is None else iterations)):
-            t_next, lo, hi, newly = _newton_step(r_t, t, lo, hi, eps_t, tol, dim=0)
-            t = torch.where(done, t, t_next)  # rows done before (or inactive) stay put
-            done = done | newly
+        n_iter = min(MAX_ITER, UNROLLED_ITER if iterations is None else iterations)
+        t, lo, done = _masked_newton(r_t, eps_t, tol, t, ~active, n_iter, dim=0)
     elif r.shape[0] <= SMALL_BATCH_ROWS:
         # few rows: every iteration on all of them, stopping when all are done (gathering
         # the open rows costs more dispatch than it saves arithmetic here)
         r, solvable, active, t = _newton_start(r, eps, t_start=t_start)
-        lo, hi = torch.zeros_like(t), torch.ones_like(t)
-        done = ~active
-        for _ in range(MAX_ITER):
-            if bool(done.all()):
-                break
-            t_next, lo, hi, newly = _newton_step(r, t, lo, hi, eps, tol)
-            t = torch.where(done, t, t_next)
-            done = done | newly
+        t, lo, done = _masked_newton(r, eps, tol, t, ~active, MAX_ITER, stop_when_done=True)
     else:
         r, solvable, active, t = _newton_start(r, eps, t_start=t_start)
         lo, hi = torch.zeros_like(t), torch.ones_like(t)

@@ -720,11 +720,11 @@ class StackedEvaluator:
     stepped once for all seeds: the evaluation is most of a batched iteration's simulator
     steps. (``auto`` gives a single run with ``eval_episodes=1`` Gymnasium's env instead.)
     The pool steps until every seed's episodes are done; a seed's returns count its own
-    episodes only. (Its envs may then be stepped
-    past the point a single run stops at, so with tasks whose episodes end early the
-    later evaluations start elsewhere than the single run's -- EnvPool evaluations are
-    not reproducible across resumes either.) Gymnasium: one evaluator per seed, reseeded
-    per evaluation as the single run's, each seed stopping when its episodes are done."""
+    episodes only. (Its envs may then be stepped past the point a single run stops at, so
+    with tasks whose episodes end early the later evaluations start elsewhere than the
+    single run's -- EnvPool evaluations are not reproducible across resumes either.)
+    Gymnasium: one evaluator per seed, reseeded per evaluation as the single run's, each
+    seed stopping when its episodes are done."""
 
     def __init__(self, cfg: TrainConfig, seeds: list[int], first_iteration: int):
         E = cfg.eval_episodes
