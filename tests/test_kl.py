@@ -132,6 +132,7 @@ def test_full_factor_path_equals_the_eigenvector_path(d, scenario, spread, eps, 
     gen = torch.Generator().manual_seed(d)
     case[0] = case[2] + 0.3 * torch.randn(12, d, generator=gen, dtype=F64)
     case[1][3] = case[3][3]  # inside the region: the identity
+    monkeypatch.setattr(kl_ops, "CPU_KERNEL_DEVICE_TYPES", ())  # the torch factor path
     assert kl_ops.uses_factor_path(case[0])
     got, got_grads = _full_forward_backward(case, eps)
     monkeypatch.setattr(kl_ops, "FACTOR_PATH_DEVICE_TYPES", ())
@@ -155,10 +156,78 @@ def test_full_factor_path_flags_rows_whose_g_fails_to_factor(monkeypatch):
         return u, torch.where(torch.arange(len(info)) == 2, 1, info)
 
     monkeypatch.setattr(kl_ops, "_reverse_cholesky", fails_on_row_2)
+    monkeypatch.setattr(kl_ops, "CPU_KERNEL_DEVICE_TYPES", ())  # the torch factor path
     (mean_t, factor_t, t, conv), (_, g_factor) = _full_forward_backward(list(case), 0.01)
     assert not conv[2] and conv[[0, 1, 3, 4, 5]].all()
     assert t[2] == 0 and torch.allclose(factor_t[2], case[3][2], rtol=1e-14, atol=0)
     assert torch.equal(g_factor[2], torch.zeros_like(g_factor[2]))
+
+
+@pytest.mark.parametrize("eps", [1e-3, 0.1, 10.0], ids=lambda e: f"eps={e:g}")
+@pytest.mark.parametrize("scenario,spread", [("random", 1e4), ("one_far", 1e4), ("random", 3.0)])
+@pytest.mark.parametrize("layout", ["row_major", "column_major"])
+@pytest.mark.parametrize("d", [1, 2, 7, 17, 32], ids=lambda d: f"d={d}")
+def test_full_cpu_kernel_equals_the_factor_path(d, layout, scenario, spread, eps, monkeypatch):
+    """The full op's C kernel (``kernels/kl_full_cpu.c``, the CPU default for d <= 32)
+    against the torch factor path it runs the algorithm of: values, flags, eigenvalues,
+    ``t`` and both gradients, on rows far outside, near and inside the region, with factors
+    stored row- or column-major (the kernel reads them in place)."""
+    case = list(whitened_case("full", 70, d, spread, seed=d + 11, scenario=scenario))
+    gen = torch.Generator().manual_seed(d)
+    case[0] = case[2] + 0.3 * torch.randn(70, d, generator=gen, dtype=F64)
+    case[1][3] = case[3][3]  # inside the region: the identity
+    if layout == "column_major":
+        case[1], case[3] = (x.mT.contiguous().mT for x in (case[1], case[3]))
+        assert d == 1 or not case[1].is_contiguous()
+    assert kl_ops.uses_cpu_kernel(case[0])
+    calls = []
+    launch = kl_ops.launch_kl_full_cpu_fwd
+    monkeypatch.setattr(kl_ops, "launch_kl_full_cpu_fwd", lambda *a: calls.append(1) or launch(*a))
+    got, got_grads = _full_forward_backward(case, eps)
+    assert calls, "the C kernel did not run"
+    monkeypatch.setattr(kl_ops, "CPU_KERNEL_DEVICE_TYPES", ())
+    want, want_grads = _full_forward_backward(case, eps)
+    assert torch.equal(got[3], want[3])
+    for name, a, b in zip(("mean_t", "factor_t", "t"), got[:3], want[:3]):
+        assert_close(a, b, 1e-10, name, atol=1e-13)
+    assert_close(got_grads[0], want_grads[0], 1e-9, "grad mean", atol=1e-12)
+    assert_close(got_grads[1], want_grads[1], 1e-8, "grad factor", atol=1e-9 * float(want_grads[1].abs().max()))
+
+
+def test_full_cpu_kernel_threads_do_not_change_results():
+    """Rows are independent: a batch split across threads gives the one-thread result
+    bit for bit (forward outputs and both gradients)."""
+    case = list(whitened_case("full", 200, 9, 30.0, seed=4))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, one_grads = _full_forward_backward(case, 0.05)
+        torch.set_num_threads(max(2, before))
+        many, many_grads = _full_forward_backward(case, 0.05)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one + list(one_grads), many + list(many_grads)):
+        assert torch.equal(a, b)
+
+
+def test_full_cpu_kernel_unavailable_falls_back_to_torch(monkeypatch, tmp_path):
+    """Where the C kernel cannot be built (here: no compiler) the first call warns once and
+    the full op runs the torch factor path, with the same results."""
+    from trpl_fast.kernels import kl_full_cpu
+
+    case = list(whitened_case("full", 8, 5, 30.0, seed=2))
+    want, want_grads = _full_forward_backward(case, 0.05)
+    monkeypatch.setattr(kl_full_cpu, "_lib", None)
+    monkeypatch.setattr(kl_full_cpu, "_failed", False)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("TRPL_FAST_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.warns(RuntimeWarning, match="building the CPU KL kernel failed"):
+        assert not kl_ops.uses_cpu_kernel(case[0])
+    got, got_grads = _full_forward_backward(case, 0.05)
+    for a, b in zip(got[:3], want[:3]):
+        assert_close(a, b, 1e-10, "output", atol=1e-13)
+    for a, b in zip(got_grads, want_grads):
+        assert_close(a, b, 1e-8, "gradient", atol=1e-10)
 
 
 @pytest.mark.parametrize("form", ["diag", "full"])

@@ -27,6 +27,9 @@ from torch import Tensor
 
 from ..kernels.kl import MAX_ITER, TOL_F32, TOL_F64, launch_kl_diag_bwd, launch_kl_diag_fwd, launch_kl_newton
 from ..kernels.kl_full import MAX_D, launch_kl_full_bwd, launch_kl_full_fwd
+from ..kernels.kl_full_cpu import MAX_D as CPU_KERNEL_MAX_D
+from ..kernels.kl_full_cpu import available as cpu_kernel_available
+from ..kernels.kl_full_cpu import launch_kl_full_cpu_bwd, launch_kl_full_cpu_fwd
 from ._common import Aux, ProjectionOp, to_float64
 from ._compiled_cpu import row_layout_options, run_compiled
 from ._layout import rows_to_columns
@@ -54,6 +57,8 @@ SMALL_BATCH_ROWS = 4096
 
 # phi(x) = log1p(x) - x / (1 + x): series coefficients of x^2 * P(x), highest first
 _PHI_SERIES = (-8.0 / 9.0, 7.0 / 8.0, -6.0 / 7.0, 5.0 / 6.0, -4.0 / 5.0, 3.0 / 4.0, -2.0 / 3.0, 0.5)
+# |x| below which phi(x) is taken from the series (float64, float32)
+PHI_SERIES_CUT_F64, PHI_SERIES_CUT_F32 = 0.01, 0.05
 
 
 def kl_phi(x: Tensor) -> Tensor:
@@ -61,7 +66,7 @@ def kl_phi(x: Tensor) -> Tensor:
     p = x * _PHI_SERIES[0] + _PHI_SERIES[1]
     for c in _PHI_SERIES[2:]:
         p = p * x + c
-    cut = 0.01 if x.dtype == torch.float64 else 0.05
+    cut = PHI_SERIES_CUT_F64 if x.dtype == torch.float64 else PHI_SERIES_CUT_F32
     return torch.where(x.abs() < cut, x * x * p, torch.log1p(x) - x / (1.0 + x))
 
 
@@ -528,6 +533,28 @@ def uses_fused_kernel(mean: Tensor) -> bool:
     return mean.device.type in FUSED_DEVICE_TYPES and mean.shape[-1] <= MAX_D and not is_fake(mean)
 
 
+# Device types on which the full op runs the C kernel (``kernels/kl_full_cpu.c``: the
+# factor path's algorithm, one pass per state) for d <= its MAX_D; the tests empty it to
+# exercise the torch paths.
+CPU_KERNEL_DEVICE_TYPES = ("cpu",)
+# the torch solve's constants, handed to the C kernel (one home for each)
+_CPU_KERNEL_CONSTANTS = dict(max_iter=MAX_ITER, tol=TOL_F64, phi_cut=PHI_SERIES_CUT_F64, phi_series=_PHI_SERIES)
+
+
+def uses_cpu_kernel(mean: Tensor) -> bool:
+    """Whether the full op runs the C kernel for these (rows, d) means: real tensors on a
+    device of ``CPU_KERNEL_DEVICE_TYPES``, ``d <= CPU_KERNEL_MAX_D``, and the kernel built
+    (else the torch factor path, same outputs); forward and backward decide by this test."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return (
+        mean.device.type in CPU_KERNEL_DEVICE_TYPES
+        and mean.shape[-1] <= CPU_KERNEL_MAX_D
+        and not is_fake(mean)
+        and cpu_kernel_available()
+    )
+
+
 # Device types on which the full op's torch path runs without eigenvectors (the factor
 # path below); elsewhere (CUDA for d > MAX_D) it keeps the eigen-decomposition. The tests
 # empty it to exercise the eigenvector path on CPU.
@@ -606,6 +633,11 @@ def kl_full(mean, factor, old_mean, old_factor, mean_bound, cov_bound, mbv, cbv,
     mean, factor, old_mean, old_factor, mean_bound, cov_bound = _float64(
         mean, factor, old_mean, old_factor, mean_bound, cov_bound
     )
+    if uses_cpu_kernel(mean):
+        out = launch_kl_full_cpu_fwd(
+            mean, factor, old_mean, old_factor, mean_bound, cov_bound, mbv, cbv, _CPU_KERNEL_CONSTANTS
+        )
+        return (out[0].to(dtype), out[1].to(dtype), *out[2:])
     if uses_factor_path(mean):
         out = _kl_full_factor(mean, factor, old_mean, old_factor, mean_bound, cov_bound, mbv, cbv, early_exit)
         return (out[0].to(dtype), out[1].to(dtype), *out[2:])
@@ -639,6 +671,24 @@ def kl_full_backward(
     g_mean, g_factor, mean, factor, old_mean, old_factor, t, mean_bound, cov_bound = _float64(
         g_mean, g_factor, mean, factor, old_mean, old_factor, t, mean_bound, cov_bound
     )
+    if uses_cpu_kernel(mean):
+        out = launch_kl_full_cpu_bwd(
+            g_mean,
+            g_factor,
+            mean,
+            factor,
+            old_mean,
+            old_factor,
+            t,
+            m,
+            u,
+            mean_bound,
+            cov_bound,
+            mbv,
+            cbv,
+            _CPU_KERNEL_CONSTANTS,
+        )
+        return out[0].to(dtype), out[1].to(dtype)
     if uses_factor_path(mean):
         out = _kl_full_factor_backward(
             g_mean, g_factor, mean, factor, old_mean, old_factor, t, m, u, mean_bound, cov_bound, mbv, cbv
