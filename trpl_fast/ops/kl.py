@@ -13,7 +13,9 @@ gets what its forward saved):
 
 * CUDA, ``d <= MAX_D``: the fused kernel (``kernels/kl_full.py``) and the upper factor
   ``U`` of ``G = (1 - t) I + t M = U U^T``;
-* CPU: the same algorithm in batched torch (eigenvalues only, no eigenvectors) and ``U^-1``;
+* CPU, ``d <= 32``: the same algorithm as one C pass per state (``kernels/kl_full_cpu.c``,
+  :func:`uses_cpu_kernel`) and ``U^-1``; where it cannot be built, and for larger d, in
+  batched torch (eigenvalues only, no eigenvectors), the same outputs;
 * elsewhere (CUDA for larger d): whitening and ``eigh`` in batched torch, the Newton solve
   in Triton, and the eigenvectors of ``M``.
 """
