@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-# The largest d the kernel takes (its per-state matrices live on the stack)
+# The largest d the kernel takes (its per-state matrices live on the stack; MAXD there)
 MAX_D = 32
 # Implicit QR steps per eigenvalue at most (Golub & Van Loan: about 2 on average)
 QR_MAX_STEPS = 30
