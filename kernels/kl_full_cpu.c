@@ -373,19 +373,18 @@ static void invert_upper(const double *u, double *x, int d) {
     }
 }
 
-static int forward_rows(int64_t begin, int64_t end, int d, const double *mean, const double *factor,
-                        const double *old_mean, const double *old_factor, const int64_t *matrix_strides,
-                        const double *mean_bound,
-                        int64_t mean_bound_stride, const double *cov_bound, int64_t cov_bound_stride,
-                        int max_iter, double tol, double phi_cut, int n_series, const double *phi_series,
-                        int qr_max_steps, double *mean_out, double *chol_out, double *t_out, uint8_t *conv_out,
-                        double *eigvals_out, double *u_inv_out) {
-    if (d < 1 || d > MAXD) return -1;
+static void forward_rows(int64_t begin, int64_t end, int d, const double *mean, const double *factor,
+                         const double *old_mean, const double *old_factor, const int64_t *matrix_strides,
+                         const double *mean_bound,
+                         int64_t mean_bound_stride, const double *cov_bound, int64_t cov_bound_stride,
+                         int max_iter, double tol, double phi_cut, int n_series, const double *phi_series,
+                         int qr_max_steps, double *mean_out, double *chol_out, double *t_out, uint8_t *conv_out,
+                         double *eigvals_out, double *u_inv_out) {
     kl_params p = {max_iter, tol, phi_cut, n_series, phi_series, qr_max_steps};
     const strides3 fs = {matrix_strides[0], matrix_strides[1], matrix_strides[2]};
     const strides3 ofs = {matrix_strides[3], matrix_strides[4], matrix_strides[5]};
     double mm[GROUP][MAXD * MAXD], diag[GROUP][MAXD], sub[GROUP][MAXD];
-    double chol[MAXD * MAXD], old_chol[MAXD * MAXD], a[MAXD * MAXD], g[MAXD * MAXD];
+    double chol[GROUP][MAXD * MAXD], old_chol[GROUP][MAXD * MAXD], a[MAXD * MAXD], g[MAXD * MAXD];
     double u[MAXD * MAXD], u_inv[MAXD * MAXD], ut[MAXD * MAXD], x[MAXD * MAXD];
     double delta[MAXD], prec_delta[MAXD], m[MAXD], r[MAXD];
     int finite[GROUP], eig_ok[GROUP];
@@ -394,15 +393,15 @@ static int forward_rows(int64_t begin, int64_t end, int d, const double *mean, c
         /* 1. mean part; 2. M = A^T A, A = C^-1 C_o; its tridiagonal */
         for (int gi = 0; gi < count; gi++) {
             const int64_t row = first + gi, vb = row * d;
-            load_lower(factor, fs, row, chol, d);
-            load_lower(old_factor, ofs, row, old_chol, d);
-            double maha = mean_parts(mean + vb, old_mean + vb, old_chol, delta, prec_delta, d);
+            load_lower(factor, fs, row, chol[gi], d);
+            load_lower(old_factor, ofs, row, old_chol[gi], d);
+            double maha = mean_parts(mean + vb, old_mean + vb, old_chol[gi], delta, prec_delta, d);
             double eps_mu = 2.0 * mean_bound[row * mean_bound_stride];
             int mean_active = maha > eps_mu;
             double scale = sqrt(eps_mu / (mean_active ? maha : eps_mu));
             for (int i = 0; i < d; i++)
                 mean_out[vb + i] = mean_active ? old_mean[vb + i] + scale * delta[i] : mean[vb + i];
-            solve_lower_tri(chol, old_chol, a, d);
+            solve_lower_tri(chol[gi], old_chol[gi], a, d);
             gram_of_lower(a, mm[gi], d);
             finite[gi] = 1;
             for (int i = 0; i < d * d; i++) finite[gi] &= isfinite(mm[gi][i]);
@@ -413,8 +412,6 @@ static int forward_rows(int64_t begin, int64_t end, int d, const double *mean, c
         tridiagonal_eigvals(count, d, diag, sub, eig_ok, p.qr_max_steps * d);
         for (int gi = 0; gi < count; gi++) {
             const int64_t row = first + gi, vb = row * d, mb = vb * d;
-            load_lower(factor, fs, row, chol, d);
-            load_lower(old_factor, ofs, row, old_chol, d);
             const double *mmg = mm[gi];
             for (int i = 0; i < d; i++) m[i] = finite[gi] && eig_ok[gi] ? diag[gi][i] : NAN;
             sort_ascending(m, d);
@@ -440,8 +437,8 @@ static int forward_rows(int64_t begin, int64_t end, int d, const double *mean, c
             }
             invert_upper(u, u_inv, d);
             transpose(u_inv, ut, d);
-            projected_factor(old_chol, ut, x, d);
-            const double *chol_t = active ? x : chol;
+            projected_factor(old_chol[gi], ut, x, d);
+            const double *chol_t = active ? x : chol[gi];
             for (int i = 0; i < d * d; i++) {
                 chol_out[mb + i] = chol_t[i];
                 u_inv_out[mb + i] = u_inv[i];
@@ -451,16 +448,14 @@ static int forward_rows(int64_t begin, int64_t end, int d, const double *mean, c
             conv_out[row] = (uint8_t)conv;
         }
     }
-    return 0;
 }
 
-static int backward_rows(int64_t begin, int64_t end, int d, const double *grad_mean, const double *grad_factor,
-                         const double *mean, const double *factor, const double *old_mean,
-                         const double *old_factor, const int64_t *matrix_strides, const double *t_in, const double *eigvals,
-                         const double *u_inv_in, const double *mean_bound, int64_t mean_bound_stride,
-                         const double *cov_bound, int64_t cov_bound_stride, double phi_cut, int n_series,
-                         const double *phi_series, double *grad_mean_out, double *grad_factor_out) {
-    if (d < 1 || d > MAXD) return -1;
+static void backward_rows(int64_t begin, int64_t end, int d, const double *grad_mean, const double *grad_factor,
+                          const double *mean, const double *factor, const double *old_mean,
+                          const double *old_factor, const int64_t *matrix_strides, const double *t_in, const double *eigvals,
+                          const double *u_inv_in, const double *mean_bound, int64_t mean_bound_stride,
+                          const double *cov_bound, int64_t cov_bound_stride, double phi_cut, int n_series,
+                          const double *phi_series, double *grad_mean_out, double *grad_factor_out) {
     kl_params p = {0, 0.0, phi_cut, n_series, phi_series, 0};
     const strides3 gs = {matrix_strides[0], matrix_strides[1], matrix_strides[2]};
     const strides3 fs = {matrix_strides[3], matrix_strides[4], matrix_strides[5]};
@@ -559,7 +554,6 @@ static int backward_rows(int64_t begin, int64_t end, int d, const double *grad_m
         for (int i = 0; i < d; i++)
             for (int j = 0; j < d; j++) grad_factor_out[mb + IDX(i, j)] = j <= i ? -2.0 * t * cbar[IDX(i, j)] : 0.0;
     }
-    return 0;
 }
 
 /* rows [0, rows) on `threads` OpenMP threads (torch's own runtime: the library binds to the

@@ -21,6 +21,7 @@ the torch path. ``TRPL_FAST_CACHE_DIR`` moves the cache (default
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -135,7 +136,9 @@ def _bound(bound, value: float, rows: int):
     return bound.to(torch.float64).expand(rows).contiguous(), 1
 
 
-def _phi_series(series) -> torch.Tensor:
+@functools.lru_cache
+def _phi_series(series: tuple) -> torch.Tensor:
+    """The series coefficients as a float64 tensor, made once (read only by the kernel)."""
     return torch.tensor(series, dtype=torch.float64)
 
 
