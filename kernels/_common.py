@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -66,8 +68,10 @@ NUM_WARPS: int | None = None
 DEFAULT_TILE, DEFAULT_WARPS = 1024, 4
 
 
+@functools.lru_cache(maxsize=1024)
 def row_geometry(n_rows: int, d: int, elements_per_program: int = DEFAULT_TILE):
-    """(BLOCK_ROWS, BLOCK_D, grid) for a kernel that gives each program whole rows."""
+    """(BLOCK_ROWS, BLOCK_D, grid) for a kernel that gives each program whole rows (cached
+    per shape: it is on every eager call's host path)."""
     block_d = triton.next_power_of_2(max(d, 1))
     block_rows = max(1, min(triton.next_power_of_2(max(n_rows, 1)), elements_per_program // block_d))
     return block_rows, block_d, (triton.cdiv(n_rows, block_rows),)
@@ -123,6 +127,8 @@ def launch_rows(
             mean_bound = torch.full((n_rows,), float(mean_bound_value), dtype=torch.float64, device=inputs[0].device)
         if cov_bound is None:
             cov_bound = torch.full((n_rows,), float(cov_bound_value), dtype=torch.float64, device=inputs[0].device)
+    # the kernel itself in an eager call (``triton_op`` bodies and the ops' eager fast path
+    # turn wrap_triton off); recorded as a graph node while torch.compile traces the body
     wrap_triton(kernel)[grid](
         *inputs,
         bound_arg(mean_bound, inputs[0]),

@@ -398,9 +398,11 @@ def _float64_bound(bound, value: float, n: int, device) -> torch.Tensor:
 
 
 def _launch(kernel, grid, *args, **kw):
-    from torch.library import wrap_triton
-
-    wrap_triton(kernel)[grid](*args, **kw)
+    # Direct launches: these launchers run inside the opaque ``trpl::project_kl_full`` op
+    # (whose body only ever sees real tensors: torch.compile uses its fake kernel) and from
+    # the ops' eager fast path. ``wrap_triton`` would dispatch each eager launch through
+    # its higher-order op there (~1 ms of host work per call).
+    kernel[grid](*args, **kw)
 
 
 def launch_kl_full_fwd(

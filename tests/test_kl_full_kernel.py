@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+from trpl_fast.kernels import kl_full as kl_full_kernels
 
 import trpl_fast
 from trpl_fast import reference as R
@@ -138,8 +139,9 @@ def test_launchers_match_reference(d, dtype, bounds):
 
 
 def test_op_uses_fused_kernel_and_matches_torch_path(fused_path, monkeypatch):
-    """Through the op (forward, autograd backward, batch dims): the fused path against the
-    torch path, and the saved U is the upper factor of (1 - t) I + t M."""
+    """Through the functional API (forward, autograd backward, batch dims), by the eager
+    fast path and by the operator: the fused kernel both ways, bit for bit the same, against
+    the torch path; and the saved U is the upper factor of (1 - t) I + t M."""
     n, d = 4, 5
     case = case_with_inside_rows(n, d, 100.0, seed=3)
     case = on_device(*[x.reshape(2, 2, *x.shape[1:]) for x in case])
@@ -158,12 +160,21 @@ def test_op_uses_fused_kernel_and_matches_torch_path(fused_path, monkeypatch):
         return [o.detach() for o in out], grads
 
     calls = []
-    launch = kl_ops.launch_kl_full_fwd
-    monkeypatch.setattr(kl_ops, "launch_kl_full_fwd", lambda *a: calls.append(1) or launch(*a))
-    fused, fused_grads = run()
-    assert calls, "the fused kernel did not run"
+    launch = kl_full_kernels._launch
+    monkeypatch.setattr(kl_full_kernels, "_launch", lambda k, *a, **kw: calls.append(k) or launch(k, *a, **kw))
+    fused, fused_grads = run()  # the ops' eager fast path, launching the fused kernel itself
+    assert len(calls) == 2, "the fused kernel did not run forward and backward"
+    trpl_fast.ops.set_eager_fast_path(False)
+    try:
+        fused_op, fused_op_grads = run()  # through the operator, its body launching the kernel
+    finally:
+        trpl_fast.ops.set_eager_fast_path(True)
+    assert len(calls) == 4, "the operator did not run the fused kernel"
+    for a, b in zip(fused + list(fused_grads), fused_op + list(fused_op_grads)):
+        assert torch.equal(a, b), "fast path and operator differ"
     monkeypatch.setattr(kl_ops, "FUSED_DEVICE_TYPES", ())
     torch_path, torch_grads = run()
+    assert len(calls) == 4
     for name, i in (("mean_t", 0), ("chol_t", 1), ("t", 2), ("eigvals", 4)):
         report(name, fused[i], torch_path[i], 1e-11)
     assert torch.equal(fused[3], torch_path[3])

@@ -11,8 +11,13 @@ import torch
 from torch import Tensor
 
 from ._compiled_cpu import wants_compiled
+from ._eager import EagerPath
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+# Device types whose tensors the ops hand to their Triton launchers (the tests add "cpu" to
+# run the kernels through the ops under TRITON_INTERPRET).
+KERNEL_DEVICE_TYPES = ("cuda",)
 
 # Set by :func:`torch_func_mode`: the ops are being differentiated by ``torch.func.grad``.
 _TORCH_FUNC = False
@@ -166,6 +171,7 @@ class ProjectionOp:
         launch_backward: Callable | None = None,
         aux: tuple[Aux, ...] = (),
         large_batch: tuple[Callable, Callable] | None = None,
+        fused: tuple[Callable, Callable, Callable[[Tensor], bool]] | None = None,
     ):
         self.name = name
         self.cov_name = "std" if cov_event_dims == 1 else "factor"
@@ -180,16 +186,30 @@ class ProjectionOp:
         # (forward, backward) for large batches of real CPU tensors, same arguments as the
         # impls: compiled kernels (``_compiled_cpu``)
         self.large_batch = large_batch
+        # the eager fast path (``_eager``): the Triton launchers, or for an opaque op the
+        # fused kernel's ``(forward, backward, takes(mean))`` its implementation calls
+        if launch is not None:
+            self.eager = EagerPath(self, launch, launch_backward, self._kernel_device)
+        elif fused is not None:
+            self.eager = EagerPath(self, *fused)
+        else:
+            self.eager = None
         self.forward_op = self._define_forward()
         self.backward_op = self._define_backward()
         self._register_autograd()
         self._function = self._define_function()
 
     def apply(self, mean, cov, old_mean, old_cov, mean_bound, cov_bound, mbv, cbv):
-        """The forward op, or under :func:`torch_func_mode` on CPU the same computation as
-        a ``torch.func``-differentiable ``autograd.Function`` (same outputs, same backward)
+        """The forward op; or the eager fast path (``_eager``: an eager call the Triton
+        kernels take, launched without the dispatcher; same kernels, same outputs); or
+        under :func:`torch_func_mode` on CPU the same computation as a
+        ``torch.func``-differentiable ``autograd.Function`` (same outputs, same backward)
         -- for the ops whose body ``torch.compile`` traces anyway (those with a Triton
         launcher); the opaque ones stay opaque (see ``_make_op``)."""
+        if self.eager is not None:
+            out = self.eager(mean, cov, old_mean, old_cov, mean_bound, cov_bound, mbv, cbv)
+            if out is not None:
+                return out
         if _TORCH_FUNC and self.launch is not None and mean.device.type == "cpu":
             return self._function.apply(self, mean, cov, old_mean, old_cov, mean_bound, cov_bound, mbv, cbv)
         return self.forward_op(mean, cov, old_mean, old_cov, mean_bound, cov_bound, mbv, cbv)
@@ -201,11 +221,17 @@ class ProjectionOp:
             names, (mean, cov, old_mean, old_cov), ev, [("mean_bound", mean_bound), ("cov_bound", cov_bound)]
         )
 
+    @staticmethod
+    def _kernel_device(mean: Tensor) -> bool:
+        return mean.device.type in KERNEL_DEVICE_TYPES
+
     def uses_kernel(self, mean: Tensor, allow_kernel: bool, backward: bool) -> bool:
         """The backend, chosen here only: the Triton launcher for CUDA tensors when the op
-        has one (and the caller allows it), else the vectorized-torch implementation."""
+        has one (and the caller allows it), else the vectorized-torch implementation.
+        (The eager fast path, ``self.eager``, launches the same kernels for the same
+        tensors; an opaque op's implementation picks its fused kernel itself.)"""
         launch = self.launch_backward if backward else self.launch
-        return allow_kernel and launch is not None and mean.device.type == "cuda"
+        return allow_kernel and launch is not None and self._kernel_device(mean)
 
     def uses_large_batch_path(self, rows: Tensor, real_cpu: bool) -> bool:
         """Whether real CPU (rows, d[, d]) tensors take the compiled large-batch
@@ -346,10 +372,12 @@ class ProjectionOp:
         forward.__annotations__["return"] = tuple.__class_getitem__((Tensor,) * (2 + len(self.aux)))
         op = self._make_op(f"trpl::{self.name}", forward, spec.fake_forward)
 
+        # real CPU tensors: the torch implementation (the Triton launcher only where the
+        # tests add "cpu" to KERNEL_DEVICE_TYPES, under TRITON_INTERPRET)
         @op.register_kernel("cpu")
         def _(mean, cov, old_mean, old_cov, mean_bound, cov_bound, mbv, cbv):
             return spec.run_forward(
-                mean, cov, old_mean, old_cov, mean_bound, cov_bound, mbv, cbv, allow_kernel=False, early_exit=True
+                mean, cov, old_mean, old_cov, mean_bound, cov_bound, mbv, cbv, allow_kernel=True, early_exit=True
             )
 
         return op
@@ -401,7 +429,7 @@ class ProjectionOp:
                 cov_bound,
                 mbv,
                 cbv,
-                allow_kernel=False,
+                allow_kernel=True,
                 real_cpu=True,
             )
 

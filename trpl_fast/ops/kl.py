@@ -737,12 +737,29 @@ KL_DIAG = ProjectionOp(
     aux=(Aux("t", 0, "compute"), Aux("converged", 0, torch.bool)),
     large_batch=(kl_diag_large, kl_diag_backward_large),
 )
+
+
+def _launch_kl_full_bwd(
+    g_mean, g_factor, mean, factor, old_mean, old_factor, t, conv, m, u, mean_bound, cov_bound, mbv, cbv
+):
+    return launch_kl_full_bwd(
+        g_mean, g_factor, mean, factor, old_mean, old_factor, t, m, u, mean_bound, cov_bound, mbv, cbv
+    )
+
+
+def _fused_fast_path(mean: Tensor) -> bool:
+    """The eager fast path's test for the full op: the fused kernel's (float32 / float64
+    inputs; half precision goes through the op, which computes in float32)."""
+    return mean.dtype in (torch.float32, torch.float64) and uses_fused_kernel(mean)
+
+
 # full covariance: computed in float64 inside (module docstring), its aux outputs too
 KL_FULL = ProjectionOp(
     "project_kl_full",
     2,
     kl_full,
     kl_full_backward,
+    fused=(launch_kl_full_fwd, _launch_kl_full_bwd, _fused_fast_path),
     aux=(
         Aux("t", 0, torch.float64),
         Aux("converged", 0, torch.bool),
