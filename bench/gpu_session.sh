@@ -2,8 +2,11 @@
 # One call on a lent GPU machine (see bench/RESULTS.md): install trpl_fast over the
 # machine's own torch / triton, then run the phases named in the arguments, each under its
 # own time limit, logs and JSON under $OUT (default ./gpu_out).
-#   check   CUDA correctness: tests/test_cuda.py, and the kernel / KL / compile / layer tests
-#           (which run their Triton kernels on the GPU when one is there)
+#   check   CUDA correctness: tests/test_cuda.py (with the CUDA-graph captures), and the
+#           kernel / KL / fused-kernel / eager fast path tests (which run their Triton
+#           kernels on the GPU when one is there)
+#   host    host work per call, operators against the eager fast path, and CUDA-graph
+#           replay (bench/host_overhead.py)
 #   bench_kl, bench_diag, bench_full   pytest-benchmark suites on CUDA (KL; Frobenius / W2
 #           diagonal; Frobenius / W2 full), JSON per suite
 #   tune    sweep the row kernels' tile size and warps (bench/tune_rows.py)
@@ -41,7 +44,10 @@ for p in "$@"; do
       st=(); $PY -m pytest --help 2>/dev/null | grep -q -- --session-timeout && st=(--session-timeout "${CHECK_LIMIT:-240}")
       phase check "$(( ${CHECK_LIMIT:-240} + 60 ))" env OMP_NUM_THREADS=1 $PY -m pytest -q -p no:cacheprovider \
         -p no:benchmark -n 12 --tb=short -rf "${st[@]}" --junitxml "$OUT/check.xml" \
-        tests/test_cuda.py tests/test_kernels.py tests/test_kl.py tests/test_deferred_checks.py -k "cuda or kernel or triton" ;;
+        tests/test_cuda.py tests/test_kernels.py tests/test_kl.py tests/test_deferred_checks.py tests/test_eager.py \
+        tests/test_kl_full_kernel.py -k "cuda or kernel or triton or eager" ;;
+    host)
+      phase host "${HOST_LIMIT:-120}" $PY -m bench.host_overhead --device cuda --graph --out "$OUT/host_overhead_cuda.json" ;;
     bench_kl)
       phase bench_kl "${BENCH_LIMIT:-200}" $PY -m pytest -q -p no:cacheprovider bench/test_bench_kl.py -k "cuda and ${KL_FILTER:-cuda}" \
         --benchmark-json "$OUT/cuda_kl.json" ;;
