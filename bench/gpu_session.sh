@@ -45,9 +45,9 @@ for p in "$@"; do
       phase check "$(( ${CHECK_LIMIT:-240} + 60 ))" env OMP_NUM_THREADS=1 $PY -m pytest -q -p no:cacheprovider \
         -p no:benchmark -n 12 --tb=short -rf "${st[@]}" --junitxml "$OUT/check.xml" \
         tests/test_cuda.py tests/test_kernels.py tests/test_kl.py tests/test_deferred_checks.py tests/test_eager.py \
-        tests/test_kl_full_kernel.py -k "cuda or kernel or triton or eager" ;;
+        tests/test_kl_full_kernel.py tests/test_check_kernel.py -k "cuda or kernel or triton or eager" ;;
     host)
-      phase host "${HOST_LIMIT:-120}" $PY -m bench.host_overhead --device cuda --graph --out "$OUT/host_overhead_cuda.json" ;;
+      phase host "${HOST_LIMIT:-120}" $PY -m bench.host_overhead --device cuda --graph --checks --out "$OUT/host_overhead_cuda.json" ;;
     bench_kl)
       phase bench_kl "${BENCH_LIMIT:-200}" $PY -m pytest -q -p no:cacheprovider bench/test_bench_kl.py -k "cuda and ${KL_FILTER:-cuda}" \
         --benchmark-json "$OUT/cuda_kl.json" ;;

@@ -5,7 +5,8 @@ Per case (kind, form, rows, d, dtype): the median over ``--rounds`` of the wall 
 call of a loop of ``--calls`` calls -- forward only under ``torch.no_grad`` and forward +
 backward (``autograd.grad`` of the outputs against fixed upstream gradients) -- through
 ``trpl_fast.functional.project`` with ``check_values=False`` (the value checks are their
-own cost: see ``--checks``), by the operators and by the fast path.
+own cost: ``--checks`` adds the forward with the default checks -- deferred, on CUDA one
+check kernel for diagonal covariances), by the operators and by the fast path.
 
 ``--device cuda``: the kernels run; at small sizes the loop is host-bound, so its time per
 call is the host work per call (the GPU kernel time is reported beside it: the launchers
@@ -113,7 +114,7 @@ def _time_loop(fn, calls: int, sync) -> float:
     return (time.perf_counter() - t0) / calls
 
 
-def measure(kind, form, rows, d, dtype, device, calls, rounds, graph):
+def measure(kind, form, rows, d, dtype, device, calls, rounds, graph, checks=False):
     import torch
 
     import trpl_fast
@@ -133,6 +134,10 @@ def measure(kind, form, rows, d, dtype, device, calls, rounds, graph):
         mt, ct = project(form, mean, cov, case[2], case[3], **kw)
         torch.autograd.grad([mt, ct], [mean, cov], up)
 
+    def forward_checked():  # the default value checks (deferred on CUDA)
+        with torch.no_grad():
+            project(form, mean, cov, case[2], case[3], **{**kw, "check_values": True})
+
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     paths = {"operator": False, "fast_path": True}
     times = {f"{p}_{w}": [] for p in paths for w in ("fwd", "fwd_bwd")}
@@ -143,6 +148,10 @@ def measure(kind, form, rows, d, dtype, device, calls, rounds, graph):
                 forward(), forward_backward()  # warm: plans, caches, compilation
                 times[f"{path}_fwd"].append(_time_loop(forward, calls, sync))
                 times[f"{path}_fwd_bwd"].append(_time_loop(forward_backward, calls, sync))
+                if checks:
+                    forward_checked()
+                    times.setdefault(f"{path}_fwd_checked", []).append(_time_loop(forward_checked, calls, sync))
+                    trpl_fast.raise_deferred_errors()
             finally:
                 trpl_fast.ops.set_eager_fast_path(True)
     out = {k: statistics.median(v) * 1e6 for k, v in times.items()}
@@ -193,6 +202,7 @@ def main(argv=None):
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
     p.add_argument("--stub-kernels", action="store_true", help="CPU: launchers that launch nothing (see the module)")
     p.add_argument("--graph", action="store_true", help="CUDA: also forward + backward as one replayed CUDA graph")
+    p.add_argument("--checks", action="store_true", help="CUDA: also the forward with the default value checks")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--calls", type=int, default=300)
     p.add_argument("--rounds", type=int, default=5)
@@ -201,6 +211,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.device == "cpu" and not args.stub_kernels:
         p.error("--device cpu needs --stub-kernels (the CPU tensors take the torch implementations otherwise)")
+    if args.device == "cpu" and args.checks:
+        p.error("--checks needs --device cuda (the CPU checks are synchronous torch reductions)")
     import torch
 
     import trpl_fast
@@ -214,7 +226,7 @@ def main(argv=None):
             for kind, rows, d in cases:
                 if args.stub_kernels and rows > 4096:
                     continue  # stubs: the size does not matter
-                r = measure(kind, form, rows, d, dtype, args.device, args.calls, args.rounds, args.graph)
+                r = measure(kind, form, rows, d, dtype, args.device, args.calls, args.rounds, args.graph, args.checks)
                 results.append(dict(kind=kind, form=form, rows=rows, d=d, **r))
                 print(results[-1], flush=True)
     env = dict(

@@ -1,8 +1,10 @@
-"""Value checks for the public API: one fused reduction per call, read on the host.
+"""Value checks for the public API: one host read per call (or none: deferred).
 
 Shape, dtype and device checks need no data and live in the op bodies
 (:func:`trpl_fast.ops._common.check_metadata`); the checks here read values (finite,
-positive, triangular, symmetric positive definite). They run in eager mode by default and
+positive, triangular, symmetric positive definite): torch reductions, or for diagonal
+covariances on CUDA one Triton kernel (``kernels/validation.py``: one launch instead of
+one reduction per check, the same messages). They run in eager mode by default and
 are skipped while ``torch.compile`` traces or a CUDA graph is captured
 (``check_values=False`` skips them on a hot path).
 
@@ -143,6 +145,60 @@ def pending_value_checks() -> int:
     return len(_pending)
 
 
+def _finite_message(name: str) -> str:
+    return f"{name} has non-finite values (NaN or inf)"
+
+
+def _bound_message(name: str) -> str:
+    return f"{name} must be finite and > 0 everywhere"
+
+
+def _positive_message(name: str) -> str:
+    return f"{name} must be > 0 everywhere"
+
+
+def _frob_overflow_message(name: str) -> str:
+    return (
+        f"{name} is too large for kind='frob' in float64: its variances (std**2, "
+        f"or the row norms of the factor squared) overflow"
+    )
+
+
+def _w2_ratio_message(dtype: torch.dtype) -> str:
+    return f"std / old_std overflows {dtype} (kind='w2' works with the std ratio)"
+
+
+def _diag_checks_fused(kind, mean, std, old_mean, old_std, mean_bound, cov_bound):
+    """The diagonal checks as one kernel (``kernels/validation.py``): its messages in its
+    slots' order -- the order of the torch checks -- and its (slots,) ``ok`` vector."""
+    from ..kernels.validation import launch_check_diag
+
+    d = mean.shape[-1]
+    batch = mean.shape[:-1]
+    rows = [t.reshape(-1, d).contiguous() for t in (mean, std, old_mean, old_std)]
+    bounds = [None if b is None else b.expand(batch).reshape(-1).contiguous() for b in (mean_bound, cov_bound)]
+    messages = (
+        *(_finite_message(n) for n in ("mean", "std", "old_mean", "old_std")),
+        _bound_message("mean_bound"),
+        _bound_message("cov_bound"),
+        _positive_message("std"),
+        _positive_message("old_std"),
+        _frob_overflow_message("std"),
+        _frob_overflow_message("old_std"),
+        _w2_ratio_message(std.dtype),
+    )
+    ok = launch_check_diag(*rows, *bounds, frob_f64=kind == "frob" and std.dtype == torch.float64, w2=kind == "w2")
+    return messages, ok
+
+
+def uses_check_kernel(form: str, mean: Tensor) -> bool:
+    """The diagonal checks run as one Triton kernel on the devices the ops launch their
+    kernels on (CUDA; one launch instead of one reduction per check), on real tensors."""
+    from ._common import KERNEL_DEVICE_TYPES
+
+    return form == "diag" and mean.device.type in KERNEL_DEVICE_TYPES and torch._C._len_torch_dispatch_stack() == 0
+
+
 def validate_values(
     form: str,
     kind: str,
@@ -160,16 +216,31 @@ def validate_values(
     Cholesky factor (frob, kl) or a symmetric root (w2)."""
     if mode == "deferred":
         _raise_ready()
+    if uses_check_kernel(form, mean):
+        messages, ok = _diag_checks_fused(kind, mean, cov, old_mean, old_cov, mean_bound, cov_bound)
+    else:
+        messages, ok = _checks_torch(form, kind, mean, cov, old_mean, old_cov, mean_bound, cov_bound)
+    if mode == "deferred":
+        _defer(messages, ok)
+        return
+    for message, good in zip(messages, ok.tolist()):  # the one host read
+        if not good:
+            raise ValueError(message)
+
+
+def _checks_torch(form, kind, mean, cov, old_mean, old_cov, mean_bound, cov_bound):
+    """The checks as torch reductions: their messages and a bool tensor, True where the
+    check passed."""
     cov_name = "std" if form == "diag" else "factor"
     checks: list[tuple[str, Tensor]] = []  # (message, bool tensor that must be True)
     for name, t in (("mean", mean), (cov_name, cov), ("old_mean", old_mean), (f"old_{cov_name}", old_cov)):
-        checks.append((f"{name} has non-finite values (NaN or inf)", torch.isfinite(t).all()))
+        checks.append((_finite_message(name), torch.isfinite(t).all()))
     for name, b in (("mean_bound", mean_bound), ("cov_bound", cov_bound)):
         if b is not None:
-            checks.append((f"{name} must be finite and > 0 everywhere", (torch.isfinite(b) & (b > 0)).all()))
+            checks.append((_bound_message(name), (torch.isfinite(b) & (b > 0)).all()))
     if form == "diag":
-        checks.append(("std must be > 0 everywhere", (cov > 0).all()))
-        checks.append(("old_std must be > 0 everywhere", (old_cov > 0).all()))
+        checks.append((_positive_message("std"), (cov > 0).all()))
+        checks.append((_positive_message("old_std"), (old_cov > 0).all()))
     elif kind == "w2":
         for name, q in (("factor", cov), ("old_factor", old_cov)):
             scale = q.abs().amax((-2, -1), keepdim=True).clamp_min(torch.finfo(q.dtype).tiny)
@@ -192,13 +263,7 @@ def validate_values(
                 (f"{name} must have a positive diagonal (a Cholesky factor)", (c.diagonal(dim1=-2, dim2=-1) > 0).all())
             )
     checks += _range_checks(form, kind, cov, old_cov, cov_name)
-    ok = torch.stack([c for _, c in checks])
-    if mode == "deferred":
-        _defer(tuple(m for m, _ in checks), ok)
-        return
-    for (message, _), good in zip(checks, ok.tolist()):  # the one host read
-        if not good:
-            raise ValueError(message)
+    return tuple(m for m, _ in checks), torch.stack([c for _, c in checks])
 
 
 def _range_checks(form: str, kind: str, cov: Tensor, old_cov: Tensor, cov_name: str):
@@ -210,18 +275,7 @@ def _range_checks(form: str, kind: str, cov: Tensor, old_cov: Tensor, cov_name: 
     if kind == "frob" and cov.dtype == torch.float64:
         for name, c in ((cov_name, cov), (f"old_{cov_name}", old_cov)):
             sq = c * c if form == "diag" else (c * c).sum(-1)
-            out.append(
-                (
-                    f"{name} is too large for kind='frob' in float64: its variances (std**2, "
-                    f"or the row norms of the factor squared) overflow",
-                    torch.isfinite(2.0 * sq).all(),
-                )
-            )
+            out.append((_frob_overflow_message(name), torch.isfinite(2.0 * sq).all()))
     if kind == "w2" and form == "diag":
-        out.append(
-            (
-                f"std / old_std overflows {cov.dtype} (kind='w2' works with the std ratio)",
-                torch.isfinite(cov / old_cov).all(),
-            )
-        )
+        out.append((_w2_ratio_message(cov.dtype), torch.isfinite(cov / old_cov).all()))
     return out
