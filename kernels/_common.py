@@ -77,6 +77,31 @@ def row_geometry(n_rows: int, d: int, elements_per_program: int = DEFAULT_TILE):
     return block_rows, block_d, (triton.cdiv(n_rows, block_rows),)
 
 
+# (device, rows, value) -> a (rows,) float64 tensor of value: the scalar bounds of float64
+# launches, made once (an allocation and a fill per call otherwise). Only eager launches on
+# real tensors use it; the cache starts again past MAX_CACHED_BOUND_ELEMENTS elements.
+_BOUND_ROWS: dict = {}
+MAX_CACHED_BOUND_ELEMENTS = 1 << 22
+
+
+def float64_bound_rows(value: float, n_rows: int, like: torch.Tensor) -> torch.Tensor:
+    """A (n_rows,) float64 tensor of ``value`` on ``like``'s device (Triton passes a Python
+    float as float32, so float64 kernels take scalar bounds as tensors). Cached for eager
+    launches; made afresh while a CUDA graph is captured (the graph's pool keeps it, and a
+    cached tensor could be freed under the graph later) or a graph is traced."""
+    device = like.device
+    eager = type(like) is torch.Tensor and not torch.compiler.is_compiling()
+    if not eager or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return torch.full((n_rows,), float(value), dtype=torch.float64, device=device)
+    key = (device, n_rows, float(value))
+    rows = _BOUND_ROWS.get(key)
+    if rows is None:
+        if sum(t.numel() for t in _BOUND_ROWS.values()) + n_rows > MAX_CACHED_BOUND_ELEMENTS:
+            _BOUND_ROWS.clear()
+        rows = _BOUND_ROWS[key] = torch.full((n_rows,), float(value), dtype=torch.float64, device=device)
+    return rows
+
+
 def bound_arg(bound: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     """A pointer argument for an optional per-row bound (a dummy when it is a scalar)."""
     return like if bound is None else bound
@@ -124,9 +149,9 @@ def launch_rows(
         # see its bound rounded to 24 bits (measured on an H100: 1e-8 relative error). The
         # float64 path takes scalar bounds as per-row tensors instead.
         if mean_bound is None:
-            mean_bound = torch.full((n_rows,), float(mean_bound_value), dtype=torch.float64, device=inputs[0].device)
+            mean_bound = float64_bound_rows(mean_bound_value, n_rows, inputs[0])
         if cov_bound is None:
-            cov_bound = torch.full((n_rows,), float(cov_bound_value), dtype=torch.float64, device=inputs[0].device)
+            cov_bound = float64_bound_rows(cov_bound_value, n_rows, inputs[0])
     # the kernel itself in an eager call (``triton_op`` bodies and the ops' eager fast path
     # turn wrap_triton off); recorded as a graph node while torch.compile traces the body
     wrap_triton(kernel)[grid](

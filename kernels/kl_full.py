@@ -47,6 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import float64_bound_rows
 from .kl import MAX_ITER, kl_at_one, kl_dual_solve
 
 # The largest d the fused kernel takes: one (BLOCK, BLOCK) float64 tile per matrix and a
@@ -390,10 +391,10 @@ def _kl_full_bwd_kernel(
     _store_matrix(grad_factor_out_ptr, mbase, g_chol, n, idx)
 
 
-def _float64_bound(bound, value: float, n: int, device) -> torch.Tensor:
+def _float64_bound(bound, value: float, n: int, like) -> torch.Tensor:
     """A (n,) float64 bound tensor (a Python float would reach the kernel as float32)."""
     if bound is None:
-        return torch.full((n,), float(value), dtype=torch.float64, device=device)
+        return float64_bound_rows(value, n, like)
     return bound.to(torch.float64).contiguous()
 
 
@@ -440,8 +441,8 @@ def launch_kl_full_fwd(
         factor,
         old_mean,
         old_factor,
-        _float64_bound(mean_bound, mean_bound_value, rows, dev),
-        _float64_bound(cov_bound, cov_bound_value, rows, dev),
+        _float64_bound(mean_bound, mean_bound_value, rows, mean),
+        _float64_bound(cov_bound, cov_bound_value, rows, mean),
         *outs,
         tri,
         d,
@@ -490,8 +491,8 @@ def launch_kl_full_bwd(
         t.to(torch.float64).contiguous(),
         eigvals.to(torch.float64).contiguous(),
         u.to(torch.float64).contiguous(),
-        _float64_bound(mean_bound, mean_bound_value, rows, dev),
-        _float64_bound(cov_bound, cov_bound_value, rows, dev),
+        _float64_bound(mean_bound, mean_bound_value, rows, mean),
+        _float64_bound(cov_bound, cov_bound_value, rows, mean),
         *outs,
         d,
         BLOCK=block,

@@ -76,3 +76,35 @@ def test_diag_kernel_half_inputs(kind):
     # GPU rounds to nearest: allow one bfloat16 ulp, 2^-7 relative)
     assert_close(mean_t, e_mean, 2.0**-7, "mean_t")
     assert_close(std_t, e_std, 2.0**-7, "std_t")
+
+
+def test_float64_scalar_bounds_are_cached_for_eager_launches(monkeypatch):
+    """float64 kernels take scalar bounds as (rows,) tensors: made once per (device, rows,
+    value) for eager launches, afresh for tensors being traced; the cache is bounded."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from trpl_fast.kernels import _common
+
+    monkeypatch.setattr(_common, "_BOUND_ROWS", {})
+    like = torch.zeros(3, dtype=torch.float64, device=DEVICE)
+    a = _common.float64_bound_rows(0.1, 5, like)
+    assert a is _common.float64_bound_rows(0.1, 5, like)
+    assert a.dtype == torch.float64 and a.shape == (5,) and torch.all(a == 0.1)
+    b = _common.float64_bound_rows(0.2, 5, like)
+    assert b is not a and torch.all(b == 0.2)
+    assert _common.float64_bound_rows(0.1, 7, like) is not a
+    monkeypatch.setattr(_common, "MAX_CACHED_BOUND_ELEMENTS", 20)
+    _common.float64_bound_rows(0.3, 9, like)  # 5 + 5 + 7 + 9 > 20: the cache starts again
+    assert len(_common._BOUND_ROWS) == 1
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(like)
+        rows = _common.float64_bound_rows(0.1, 5, fake)
+        assert rows.shape == (5,)
+    assert len(_common._BOUND_ROWS) == 1  # nothing traced was kept
+    # and the launches read it: scalar bounds give what per-row tensors give
+    mean, std, old_mean, old_std = (t.to(DEVICE) for t in make_case("frob", "diag", (6,), 3, seed=5))
+    scalar = launch_frob_diag_fwd(mean, std, old_mean, old_std, None, None, 0.1, 0.05)
+    per_row = launch_frob_diag_fwd(
+        mean, std, old_mean, old_std, *(torch.full((6,), v, dtype=F64, device=DEVICE) for v in (0.1, 0.05)), 0.0, 0.0
+    )
+    for s, p in zip(scalar, per_row):
+        assert torch.equal(s, p)
