@@ -168,7 +168,7 @@ def test_full_factor_path_flags_rows_whose_g_fails_to_factor(monkeypatch):
 @pytest.mark.parametrize("layout", ["row_major", "column_major"])
 @pytest.mark.parametrize("d", [1, 2, 7, 17, 32], ids=lambda d: f"d={d}")
 def test_full_cpu_kernel_equals_the_factor_path(d, layout, scenario, spread, eps, monkeypatch):
-    """The full op's C kernel (``kernels/kl_full_cpu.c``, the CPU default for d <= 32)
+    """The full op's C kernel (``kernels/kl_cpu.c``, the CPU default for d <= 32)
     against the torch factor path it runs the algorithm of: values, flags, eigenvalues,
     ``t`` and both gradients, on rows far outside, near and inside the region, with factors
     stored row- or column-major (the kernel reads them in place)."""
@@ -210,24 +210,111 @@ def test_full_cpu_kernel_threads_do_not_change_results():
         assert torch.equal(a, b)
 
 
-def test_full_cpu_kernel_unavailable_falls_back_to_torch(monkeypatch, tmp_path):
-    """Where the C kernel cannot be built (here: no compiler) the first call warns once and
-    the full op runs the torch factor path, with the same results."""
-    from trpl_fast.kernels import kl_full_cpu
+def test_cpu_kernel_unavailable_falls_back_to_torch(monkeypatch, tmp_path):
+    """Where the C kernels cannot be built (here: no compiler) the first call warns once and
+    the full op runs the torch factor path, the diagonal op the torch solve, with the same
+    results."""
+    from trpl_fast.kernels import kl_cpu
 
     case = list(whitened_case("full", 8, 5, 30.0, seed=2))
+    diag_case = list(whitened_case("diag", 8, 5, 30.0, seed=2))
     want, want_grads = _full_forward_backward(case, 0.05)
-    monkeypatch.setattr(kl_full_cpu, "_lib", None)
-    monkeypatch.setattr(kl_full_cpu, "_failed", False)
+    want_diag, want_diag_grads = _diag_kernel_forward_backward(diag_case, 0.05, F64)
+    monkeypatch.setattr(kl_cpu, "_lib", None)
+    monkeypatch.setattr(kl_cpu, "_failed", False)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("TRPL_FAST_CACHE_DIR", str(tmp_path / "cache"))
     with pytest.warns(RuntimeWarning, match="building the CPU KL kernel failed"):
         assert not kl_ops.uses_cpu_kernel(case[0])
+    assert not kl_ops.uses_cpu_diag_kernel(diag_case[0])
     got, got_grads = _full_forward_backward(case, 0.05)
-    for a, b in zip(got[:3], want[:3]):
+    got_diag, got_diag_grads = _diag_kernel_forward_backward(diag_case, 0.05, F64)
+    for a, b in zip(got[:3] + got_diag[:3], want[:3] + want_diag[:3]):
         assert_close(a, b, 1e-10, "output", atol=1e-13)
-    for a, b in zip(got_grads, want_grads):
+    for a, b in zip(got_grads + got_diag_grads, want_grads + want_diag_grads):
         assert_close(a, b, 1e-8, "gradient", atol=1e-10)
+
+
+def _diag_kernel_forward_backward(case, eps, dtype, cov_bound=None):
+    """(mean_t, std_t, t, converged) and both gradients (upstream gradients not ones) of the
+    diagonal op on ``case`` in ``dtype``, cov bound ``eps`` or the tensor ``cov_bound``."""
+    gen = torch.Generator().manual_seed(1)
+    mean, std, old_mean, old_std = (x.to(dtype) for x in case)
+    mean, std = mean.clone().requires_grad_(True), std.clone().requires_grad_(True)
+    out = trpl_fast.functional.project(
+        "diag",
+        mean,
+        std,
+        old_mean,
+        old_std,
+        kind="kl",
+        mean_bound=0.05,
+        cov_bound=eps if cov_bound is None else cov_bound,
+        return_aux=True,
+    )
+    g = [torch.randn(mean.shape, generator=gen, dtype=F64).to(dtype) for _ in range(2)]
+    grads = torch.autograd.grad((out[0] * g[0]).sum() + (out[1] * g[1]).sum(), (mean, std))
+    return [o.detach() for o in out], grads
+
+
+@pytest.mark.parametrize("eps", [1e-3, 0.1, 10.0], ids=lambda e: f"eps={e:g}")
+@pytest.mark.parametrize("scenario,spread", [("random", 1e4), ("one_far", 1e4), ("random", 3.0)])
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("d", [1, 6, 17, 32], ids=lambda d: f"d={d}")
+def test_diag_cpu_kernel_equals_the_torch_path(d, dtype, scenario, spread, eps, monkeypatch):
+    """The diagonal op's C kernel (``kernels/kl_cpu.c``, the eager CPU default for d <= 32
+    below the compiled large-batch sizes) against the torch solve it runs the algorithm of:
+    values, ``t``, flags and both gradients, on rows far outside, near and inside the
+    region, with a per-state bound on some cases. float32 storage is computed in float64
+    by the kernel, in float32 by torch: compared to float32's resolution."""
+    case = list(whitened_case("diag", 70, d, spread, seed=d + 13, scenario=scenario))
+    gen = torch.Generator().manual_seed(d)
+    case[0] = case[2] + 0.3 * torch.randn(70, d, generator=gen, dtype=F64) * case[3]
+    case[1][3] = case[3][3]  # inside the region: the identity
+    bound = eps * (0.5 + torch.rand(70, generator=gen, dtype=F64)).to(dtype) if scenario == "one_far" else None
+    assert kl_ops.uses_cpu_diag_kernel(case[0].to(dtype))
+    calls = []
+    launch = kl_ops.launch_kl_diag_cpu_fwd
+    monkeypatch.setattr(kl_ops, "launch_kl_diag_cpu_fwd", lambda *a: calls.append(1) or launch(*a))
+    got, got_grads = _diag_kernel_forward_backward(case, eps, dtype, bound)
+    assert calls, "the C kernel did not run"
+    monkeypatch.setattr(kl_ops, "CPU_KERNEL_DEVICE_TYPES", ())
+    want, want_grads = _diag_kernel_forward_backward(case, eps, dtype, bound)
+    assert len(calls) == 1
+    assert torch.equal(got[3], want[3]) and got[3].all()
+    assert all(a.dtype == b.dtype for a, b in zip(got, want))
+    tol = 1e-12 if dtype == F64 else 2e-5
+    for name, a, b in zip(("mean_t", "std_t", "t"), got[:3], want[:3]):
+        assert_close(a, b, tol, name)
+    assert_close(got_grads[0], want_grads[0], tol, "grad mean", atol=tol)
+    assert_close(got_grads[1], want_grads[1], 50 * tol, "grad std", atol=50 * tol)
+
+
+def test_diag_cpu_kernel_reports_float32_overflow_as_torch_does():
+    """float32 storage: a row whose precision ratio overflows float32 (old_std / std past
+    ~1.8e19) is reported with the old std and t = 0 -- as the float32 torch solve does --
+    though the kernel's float64 could solve it; its neighbours are solved."""
+    case = [x.to(torch.float32) for x in whitened_case("diag", 4, 3, 10.0, seed=2)]
+    case[0] = case[2] + 0.1
+    case[1] = case[1].clone()
+    case[1][1, 2] = case[3][1, 2] * 1e-20
+    got, _ = _diag_kernel_forward_backward(case, 0.01, torch.float32)
+    assert got[3].tolist() == [True, False, True, True]
+    assert got[2][1] == 0 and torch.equal(got[1][1], case[3][1])
+
+
+def test_diag_cpu_kernel_threads_do_not_change_results():
+    case = list(whitened_case("diag", 3000, 7, 30.0, seed=4))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, one_grads = _diag_kernel_forward_backward(case, 0.05, F64)
+        torch.set_num_threads(max(2, before))
+        many, many_grads = _diag_kernel_forward_backward(case, 0.05, F64)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one + list(one_grads), many + list(many_grads)):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("form", ["diag", "full"])

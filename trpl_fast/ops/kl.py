@@ -13,7 +13,7 @@ gets what its forward saved):
 
 * CUDA, ``d <= MAX_D``: the fused kernel (``kernels/kl_full.py``) and the upper factor
   ``U`` of ``G = (1 - t) I + t M = U U^T``;
-* CPU, ``d <= 32``: the same algorithm as one C pass per state (``kernels/kl_full_cpu.c``,
+* CPU, ``d <= 32``: the same algorithm as one C pass per state (``kernels/kl_cpu.c``,
   :func:`uses_cpu_kernel`) and ``U^-1``; where it cannot be built, and for larger d, in
   batched torch (eigenvalues only, no eigenvectors), the same outputs;
 * elsewhere (CUDA for larger d): whitening and ``eigh`` in batched torch, the Newton solve
@@ -28,10 +28,16 @@ import torch
 from torch import Tensor
 
 from ..kernels.kl import MAX_ITER, TOL_F32, TOL_F64, launch_kl_diag_bwd, launch_kl_diag_fwd, launch_kl_newton
+from ..kernels.kl_cpu import (
+    DIAG_DTYPES,
+    launch_kl_diag_cpu_bwd,
+    launch_kl_diag_cpu_fwd,
+    launch_kl_full_cpu_bwd,
+    launch_kl_full_cpu_fwd,
+)
+from ..kernels.kl_cpu import MAX_D as CPU_KERNEL_MAX_D
+from ..kernels.kl_cpu import available as cpu_kernel_available
 from ..kernels.kl_full import MAX_D, launch_kl_full_bwd, launch_kl_full_fwd
-from ..kernels.kl_full_cpu import MAX_D as CPU_KERNEL_MAX_D
-from ..kernels.kl_full_cpu import available as cpu_kernel_available
-from ..kernels.kl_full_cpu import launch_kl_full_cpu_bwd, launch_kl_full_cpu_fwd
 from ._common import Aux, ProjectionOp, to_float64
 from ._compiled_cpu import row_layout_options, run_compiled
 from ._layout import rows_to_columns
@@ -200,9 +206,48 @@ def _ratio_minus_one(std, old_std):
     return ((old_std - std) / std) * ((old_std + std) / std)
 
 
+# Device types on which the KL ops run the C kernels (``kernels/kl_cpu.c``: the diagonal
+# op's eager solve, and the full op's factor path, one pass per state) for d <= their
+# MAX_D; the tests empty it to exercise the torch paths.
+CPU_KERNEL_DEVICE_TYPES = ("cpu",)
+
+
+def _cpu_kernel_constants() -> dict:
+    """The torch solve's constants handed to the C kernels, read at the call (one home
+    each; the tests change ``MAX_ITER``)."""
+    return dict(max_iter=MAX_ITER, tol=TOL_F64, phi_cut=PHI_SERIES_CUT_F64, phi_series=_PHI_SERIES)
+
+
+def _real_tensor(t: Tensor) -> bool:
+    """Not traced (torch.compile, fake tensors, subclasses) nor wrapped by torch.func."""
+    return (
+        not torch.compiler.is_compiling()
+        and type(t) is Tensor
+        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+    )
+
+
+def uses_cpu_diag_kernel(mean: Tensor) -> bool:
+    """Whether the diagonal op's eager CPU solve (and its backward) runs the C kernel
+    (``kernels/kl_cpu.c``: the same algorithm per row, float64 inside): real float32 /
+    float64 tensors on a device of ``CPU_KERNEL_DEVICE_TYPES``, ``d <= CPU_KERNEL_MAX_D``,
+    the kernel built. Large batches take the compiled path first (``kl_diag_large``)."""
+    return (
+        mean.device.type in CPU_KERNEL_DEVICE_TYPES
+        and mean.dtype in DIAG_DTYPES
+        and mean.shape[-1] <= CPU_KERNEL_MAX_D
+        and _real_tensor(mean)
+        and cpu_kernel_available()
+    )
+
+
 def kl_diag(
     mean, std, old_mean, old_std, mean_bound, cov_bound, mbv, cbv, early_exit=False, iterations=None, t_start=None
 ):
+    if early_exit and iterations is None and t_start is None and uses_cpu_diag_kernel(mean):
+        return launch_kl_diag_cpu_fwd(
+            mean, std, old_mean, old_std, mean_bound, cov_bound, mbv, cbv, _cpu_kernel_constants()
+        )
     old_var = old_std * old_std
     mean_t = mean_project(mean, old_mean, (mean - old_mean) / old_var, 2.0 * bound_or_value(mean_bound, mbv))
     r = _ratio_minus_one(std, old_std)
@@ -224,8 +269,12 @@ def kl_diag_backward(
         c = -sum(sd_t G x / g) / sum((x / g)^2),   t q^3 = (t + x) q
 
     ``active`` (rows,): the rows the forward projected, when the caller knows them (else
-    ``KLc(1) > eps`` is evaluated again).
+    ``KLc(1) > eps`` is evaluated again). Real CPU tensors: the C kernel, the same formulas.
     """
+    if active is None and uses_cpu_diag_kernel(mean):
+        return launch_kl_diag_cpu_bwd(
+            g_mean, g_std, mean, std, old_mean, old_std, t, mean_bound, cov_bound, mbv, cbv, _cpu_kernel_constants()
+        )
     old_var = old_std * old_std
     g_mean = mean_project_backward(
         g_mean, mean, old_mean, (mean - old_mean) / old_var, 2.0 * bound_or_value(mean_bound, mbv)
@@ -535,14 +584,6 @@ def uses_fused_kernel(mean: Tensor) -> bool:
     return mean.device.type in FUSED_DEVICE_TYPES and mean.shape[-1] <= MAX_D and not is_fake(mean)
 
 
-# Device types on which the full op runs the C kernel (``kernels/kl_full_cpu.c``: the
-# factor path's algorithm, one pass per state) for d <= its MAX_D; the tests empty it to
-# exercise the torch paths.
-CPU_KERNEL_DEVICE_TYPES = ("cpu",)
-# the torch solve's constants, handed to the C kernel (one home for each)
-_CPU_KERNEL_CONSTANTS = dict(max_iter=MAX_ITER, tol=TOL_F64, phi_cut=PHI_SERIES_CUT_F64, phi_series=_PHI_SERIES)
-
-
 def uses_cpu_kernel(mean: Tensor) -> bool:
     """Whether the full op runs the C kernel for these (rows, d) means: real tensors on a
     device of ``CPU_KERNEL_DEVICE_TYPES``, ``d <= CPU_KERNEL_MAX_D``, and the kernel built
@@ -637,7 +678,7 @@ def kl_full(mean, factor, old_mean, old_factor, mean_bound, cov_bound, mbv, cbv,
     )
     if uses_cpu_kernel(mean):
         out = launch_kl_full_cpu_fwd(
-            mean, factor, old_mean, old_factor, mean_bound, cov_bound, mbv, cbv, _CPU_KERNEL_CONSTANTS
+            mean, factor, old_mean, old_factor, mean_bound, cov_bound, mbv, cbv, _cpu_kernel_constants()
         )
         return (out[0].to(dtype), out[1].to(dtype), *out[2:])
     if uses_factor_path(mean):
@@ -688,7 +729,7 @@ def kl_full_backward(
             cov_bound,
             mbv,
             cbv,
-            _CPU_KERNEL_CONSTANTS,
+            _cpu_kernel_constants(),
         )
         return out[0].to(dtype), out[1].to(dtype)
     if uses_factor_path(mean):

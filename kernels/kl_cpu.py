@@ -1,5 +1,6 @@
-"""The full-covariance KL projection's CPU kernel (``kl_full_cpu.c``): built on first use
-with the system's C compiler, cached on disk, called through ctypes on float64 arrays, a
+"""The KL projection's CPU kernels (``kl_cpu.c``; full and diagonal covariances): built on
+first use with the system's C compiler, cached on disk, called through ctypes (full: float64
+arrays; diagonal: float32 or float64 arrays as they are, computed in float64), a
 batch split across ``torch.get_num_threads()`` OpenMP threads of torch's own runtime (the
 library binds to the ``libgomp.so.1`` torch has loaded; a second pool of threads -- tried
 first, Python threads around the ctypes call -- lost half its time to torch's OpenMP
@@ -40,7 +41,7 @@ QR_MAX_STEPS = 30
 # Each thread gets at least this many states (a parallel region costs more than fewer save)
 MIN_ROWS_PER_THREAD = 32
 
-_SOURCE = Path(__file__).with_name("kl_full_cpu.c")
+_SOURCE = Path(__file__).with_name("kl_cpu.c")
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _failed = False
@@ -70,7 +71,7 @@ def _build_with(openmp: bool) -> ctypes.CDLL:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256(source + " ".join([cc, version, *flags, platform.machine()]).encode()).hexdigest()[:20]
     cache = Path(os.environ.get("TRPL_FAST_CACHE_DIR", Path.home() / ".cache" / "trpl_fast"))
-    target = cache / f"kl_full_cpu-{key}.so"
+    target = cache / f"kl_cpu-{key}.so"
     if not target.exists():
         cache.mkdir(parents=True, exist_ok=True)
         # built beside the target and renamed into place: concurrent processes never load
@@ -90,6 +91,12 @@ def _build_with(openmp: bool) -> ctypes.CDLL:
     lib.kl_full_cpu_backward.restype = _int
     lib.kl_full_cpu_backward.argtypes = [_i64, _int, _int] + [_ptr] * 10 + [_ptr, _i64, _ptr, _i64]
     lib.kl_full_cpu_backward.argtypes += [_f64, _int, _ptr] + [_ptr] * 2
+    lib.kl_diag_cpu_forward.restype = _int
+    lib.kl_diag_cpu_forward.argtypes = [_i64, _int, _int, _int] + [_ptr] * 4 + [_ptr, _i64, _ptr, _i64]
+    lib.kl_diag_cpu_forward.argtypes += [_int, _f64, _f64, _int, _ptr] + [_ptr] * 4
+    lib.kl_diag_cpu_backward.restype = _int
+    lib.kl_diag_cpu_backward.argtypes = [_i64, _int, _int, _int] + [_ptr] * 7 + [_ptr, _i64, _ptr, _i64]
+    lib.kl_diag_cpu_backward.argtypes += [_f64, _int, _ptr] + [_ptr] * 2
     return lib
 
 
@@ -106,7 +113,7 @@ def _library() -> ctypes.CDLL | None:
                 detail = getattr(e, "stderr", "") or str(e)
                 warnings.warn(
                     f"trpl_fast: building the CPU KL kernel failed ({type(e).__name__}: {detail.strip()[:200]}); "
-                    "the full-covariance KL projection runs on batched torch.linalg instead (slower, same results)",
+                    "the KL projection runs on torch instead (slower, same results)",
                     RuntimeWarning,
                     stacklevel=3,
                 )
@@ -219,4 +226,61 @@ def launch_kl_full_cpu_bwd(
     args = [d, *(x.data_ptr() for x in ins), mb.data_ptr(), mbs, cb.data_ptr(), cbs]
     args += [constants["phi_cut"], series.numel(), series.data_ptr(), *(o.data_ptr() for o in outs)]
     _check(lib.kl_full_cpu_backward(rows, _threads(rows), *args))
+    return outs[0], outs[1]
+
+
+# Diagonal rows per thread at least (a row is ~d * 10 transcendental-bound Newton steps)
+MIN_DIAG_ROWS_PER_THREAD = 256
+DIAG_DTYPES = (torch.float32, torch.float64)
+
+
+def _diag_threads(rows: int) -> int:
+    return max(1, min(torch.get_num_threads(), rows // MIN_DIAG_ROWS_PER_THREAD))
+
+
+def launch_kl_diag_cpu_fwd(
+    mean, std, old_mean, old_std, mean_bound, cov_bound, mean_bound_value, cov_bound_value, constants
+):
+    """Forward on (rows, d) CPU tensors of one dtype, float32 or float64 (computed in
+    float64), bounds (rows,) or None (then the float values), ``constants`` as for the full
+    kernel. Returns ``(mean_t, std_t, t, converged)`` in the input dtype (``converged``
+    bool), as ``ops.kl.kl_diag``."""
+    lib = _library()
+    rows, d = mean.shape
+    ins = [x.contiguous() for x in (mean, std, old_mean, old_std)]
+    outs = [torch.empty(rows, d, dtype=mean.dtype), torch.empty(rows, d, dtype=mean.dtype)]
+    outs += [torch.empty(rows, dtype=mean.dtype), torch.empty(rows, dtype=torch.uint8)]
+    (mb, mbs), (cb, cbs) = _bound(mean_bound, mean_bound_value, rows), _bound(cov_bound, cov_bound_value, rows)
+    series = _phi_series(constants["phi_series"])
+    args = [d, int(mean.dtype == torch.float32), *(x.data_ptr() for x in ins), mb.data_ptr(), mbs, cb.data_ptr()]
+    args += [cbs, constants["max_iter"], constants["tol"], constants["phi_cut"], series.numel(), series.data_ptr()]
+    _check(lib.kl_diag_cpu_forward(rows, _diag_threads(rows), *args, *(o.data_ptr() for o in outs)))
+    return outs[0], outs[1], outs[2], outs[3].view(torch.bool)
+
+
+def launch_kl_diag_cpu_bwd(
+    grad_mean,
+    grad_std,
+    mean,
+    std,
+    old_mean,
+    old_std,
+    t,
+    mean_bound,
+    cov_bound,
+    mean_bound_value,
+    cov_bound_value,
+    constants,
+):
+    """Implicit backward on (rows, d) CPU tensors of the forward's dtype (the forward's
+    inputs and its ``t``) -> ``(grad_mean, grad_std)`` in that dtype."""
+    lib = _library()
+    rows, d = mean.shape
+    ins = [x.to(mean.dtype).contiguous() for x in (grad_mean, grad_std, mean, std, old_mean, old_std, t)]
+    outs = [torch.empty(rows, d, dtype=mean.dtype), torch.empty(rows, d, dtype=mean.dtype)]
+    (mb, mbs), (cb, cbs) = _bound(mean_bound, mean_bound_value, rows), _bound(cov_bound, cov_bound_value, rows)
+    series = _phi_series(constants["phi_series"])
+    args = [d, int(mean.dtype == torch.float32), *(x.data_ptr() for x in ins), mb.data_ptr(), mbs, cb.data_ptr()]
+    args += [cbs, constants["phi_cut"], series.numel(), series.data_ptr()]
+    _check(lib.kl_diag_cpu_backward(rows, _diag_threads(rows), *args, *(o.data_ptr() for o in outs)))
     return outs[0], outs[1]

@@ -1,8 +1,10 @@
-/* The full-covariance KL projection on the CPU, one state at a time (MATH.md "KL covariance
- * projection"): the algorithm of the fused Triton kernel (kernels/kl_full.py) as plain C,
- * float64 throughout, compiled on first use by kernels/kl_full_cpu.py and called through
- * ctypes on contiguous row-major arrays. Rows [begin, end) of a batch per call: the
- * launcher splits a batch across threads.
+/* The KL projection on the CPU, one state at a time (MATH.md "KL covariance projection"),
+ * for full and diagonal covariances, compiled on first use by kernels/kl_cpu.py and called
+ * through ctypes. Rows [begin, end) of a batch per call: the launcher splits a batch
+ * across threads.
+ *
+ * FULL COVARIANCE: the algorithm of the fused Triton kernel (kernels/kl_full.py) as plain
+ * C, float64 throughout, on row-major means and factors read in place at any strides.
  *
  * Forward, per state (lower factors S = C C^T, S_o = C_o C_o^T; only lower triangles read):
  *   1. mean part: y = C_o^-T C_o^-1 (mu - mu_o), maha = <mu - mu_o, y>, scaled back onto
@@ -23,7 +25,17 @@
  * A state whose Newton solve does not meet the tolerance is reported (converged = 0) with t
  * the lower end of its bracket (KLc(t) <= eps); a state whose M is not finite, whose eigen
  * iteration does not settle, or whose G does not factor gets t = 0 (the old factor),
- * reported too. Numeric constants come from the caller (one home: ops/kl.py, kernels/kl.py).
+ * reported too.
+ *
+ * DIAGONAL (the torch path's kl_diag / kl_diag_backward of ops/kl.py, per row): the mean
+ * part with L_o = diag(1 / v_o); r_i = v_o_i / v_i - 1 as ((sd_o - sd) / sd) ((sd_o + sd) / sd);
+ * the same Newton; sd_t = sd_o / sqrt(1 + t r). Backward: the implicit gradient in x = t r,
+ * g = 1 + x (no r^2 to overflow). Computed in float64 for float32 and float64 storage
+ * (contiguous (rows, d) arrays of either, `f32` says which; outputs in the storage dtype);
+ * with float32 storage a row whose ratio overflows float32 is reported with t = 0 (the old
+ * std), as the float32 torch solve reports it.
+ *
+ * Numeric constants come from the caller (one home: ops/kl.py, kernels/kl.py).
  */
 #include <math.h>
 #include <stdint.h>
@@ -554,6 +566,155 @@ static void backward_rows(int64_t begin, int64_t end, int d, const double *grad_
         for (int i = 0; i < d; i++)
             for (int j = 0; j < d; j++) grad_factor_out[mb + IDX(i, j)] = j <= i ? -2.0 * t * cbar[IDX(i, j)] : 0.0;
     }
+}
+
+/* -- diagonal covariances ------------------------------------------------------------- */
+
+static inline double load_value(const void *p, int64_t i, int f32) {
+    return f32 ? (double)((const float *)p)[i] : ((const double *)p)[i];
+}
+
+static inline void store_value(void *p, int64_t i, double v, int f32) {
+    if (f32) ((float *)p)[i] = (float)v;
+    else ((double *)p)[i] = v;
+}
+
+/* r = v_o / v - 1 of one row (float64), and whether it is finite in the storage dtype
+ * (float32: computed as the float32 torch path computes it) */
+static int diag_ratios(const void *std, const void *old_std, int64_t vb, int d, int f32, double *sd, double *sd_o,
+                       double *r) {
+    int finite = 1;
+    for (int i = 0; i < d; i++) {
+        sd[i] = load_value(std, vb + i, f32);
+        sd_o[i] = load_value(old_std, vb + i, f32);
+        r[i] = ((sd_o[i] - sd[i]) / sd[i]) * ((sd_o[i] + sd[i]) / sd[i]);
+        if (f32) {
+            const float a = (float)sd[i], b = (float)sd_o[i];
+            finite &= ((b - a) / a) * ((b + a) / a) < INFINITY;
+        } else {
+            finite &= r[i] < INFINITY;
+        }
+    }
+    return finite;
+}
+
+/* the mean part: delta = mu - mu_o, L_o delta = delta / v_o, maha = <delta, L_o delta> */
+static double diag_mean_parts(const void *mean, const void *old_mean, const double *sd_o, int64_t vb, int d,
+                              int f32, double *mu, double *mu_o, double *delta, double *prec_delta) {
+    double maha = 0.0;
+    for (int i = 0; i < d; i++) {
+        mu[i] = load_value(mean, vb + i, f32);
+        mu_o[i] = load_value(old_mean, vb + i, f32);
+        delta[i] = mu[i] - mu_o[i];
+        prec_delta[i] = delta[i] / (sd_o[i] * sd_o[i]);
+        maha += delta[i] * prec_delta[i];
+    }
+    return maha;
+}
+
+static void diag_forward_rows(int64_t begin, int64_t end, int d, int f32, const void *mean, const void *std,
+                              const void *old_mean, const void *old_std, const double *mean_bound,
+                              int64_t mean_bound_stride, const double *cov_bound, int64_t cov_bound_stride,
+                              const kl_params *p, void *mean_out, void *std_out, void *t_out, uint8_t *conv_out) {
+    double sd[MAXD], sd_o[MAXD], r[MAXD], mu[MAXD], mu_o[MAXD], delta[MAXD], prec_delta[MAXD];
+    for (int64_t row = begin; row < end; row++) {
+        const int64_t vb = row * d;
+        const int finite = diag_ratios(std, old_std, vb, d, f32, sd, sd_o, r);
+        const double maha = diag_mean_parts(mean, old_mean, sd_o, vb, d, f32, mu, mu_o, delta, prec_delta);
+        const double eps_mu = 2.0 * mean_bound[row * mean_bound_stride];
+        const int mean_active = maha > eps_mu;
+        const double scale = sqrt(eps_mu / (mean_active ? maha : eps_mu));
+        for (int i = 0; i < d; i++) store_value(mean_out, vb + i, mean_active ? mu_o[i] + scale * delta[i] : mu[i], f32);
+        double t;
+        int active;
+        int conv = kl_dual_newton(r, d, cov_bound[row * cov_bound_stride], p, &t, &active);
+        if (active && !finite) { /* the ratio overflowed the storage dtype: the old std, reported */
+            t = 0.0;
+            conv = 0;
+        }
+        for (int i = 0; i < d; i++) {
+            const double x = t * (r[i] < INFINITY ? r[i] : 0.0);
+            store_value(std_out, vb + i, active ? sd_o[i] / sqrt(1.0 + x) : sd[i], f32);
+        }
+        store_value(t_out, row, t, f32);
+        conv_out[row] = (uint8_t)conv;
+    }
+}
+
+static void diag_backward_rows(int64_t begin, int64_t end, int d, int f32, const void *grad_mean,
+                               const void *grad_std, const void *mean, const void *std, const void *old_mean,
+                               const void *old_std, const void *t_in, const double *mean_bound,
+                               int64_t mean_bound_stride, const double *cov_bound, int64_t cov_bound_stride,
+                               const kl_params *p, void *grad_mean_out, void *grad_std_out) {
+    double sd[MAXD], sd_o[MAXD], r[MAXD], mu[MAXD], mu_o[MAXD], delta[MAXD], prec_delta[MAXD];
+    for (int64_t row = begin; row < end; row++) {
+        const int64_t vb = row * d;
+        diag_ratios(std, old_std, vb, d, f32, sd, sd_o, r);
+        /* the mean part: b g - (b / maha) <g, delta> L_o delta on projected rows */
+        const double maha = diag_mean_parts(mean, old_mean, sd_o, vb, d, f32, mu, mu_o, delta, prec_delta);
+        const double eps_mu = 2.0 * mean_bound[row * mean_bound_stride];
+        const int mean_active = maha > eps_mu;
+        const double m_safe = mean_active ? maha : eps_mu, scale = sqrt(eps_mu / m_safe);
+        double g_dot = 0.0;
+        for (int i = 0; i < d; i++) g_dot += load_value(grad_mean, vb + i, f32) * delta[i];
+        for (int i = 0; i < d; i++) {
+            const double g = load_value(grad_mean, vb + i, f32);
+            store_value(grad_mean_out, vb + i, mean_active ? scale * g - (scale * g_dot / m_safe) * prec_delta[i] : g,
+                        f32);
+        }
+        /* the covariance part (ops/kl.py kl_diag_backward): with x = t r, g = 1 + x,
+         * dL/dsd = (t + x) (sd_o / sd) / g^3/2 [G + c x / (sd_o sqrt(g))],
+         * c = -sum(sd_o / sqrt(g) G x / g) / sum((x / g)^2) */
+        const int active = kl_at_one(r, d, p) > cov_bound[row * cov_bound_stride];
+        const double t = load_value(t_in, row, f32);
+        double num = 0.0, s2 = 0.0;
+        for (int i = 0; i < d; i++) {
+            const double x = t * (r[i] < INFINITY ? r[i] : 0.0), g = 1.0 + x, xg = x / g;
+            num += (sd_o[i] / sqrt(g)) * load_value(grad_std, vb + i, f32) * xg;
+            s2 += xg * xg;
+        }
+        const double c = -num / (s2 > 0.0 ? s2 : 1.0);
+        for (int i = 0; i < d; i++) {
+            const double gs = load_value(grad_std, vb + i, f32);
+            const double x = t * (r[i] < INFINITY ? r[i] : 0.0), g = 1.0 + x, root_g = sqrt(g);
+            const double g_sd = (t + x) * (sd_o[i] / sd[i]) / (g * root_g) * (gs + c * x / (sd_o[i] * root_g));
+            store_value(grad_std_out, vb + i, active ? g_sd : gs, f32);
+        }
+    }
+}
+
+/* Diagonal forward / backward over rows [0, rows) on `threads` OpenMP threads (as the full
+ * ones below); returns -1 for d outside [1, MAXD] */
+int kl_diag_cpu_forward(int64_t rows, int threads, int d, int f32, const void *mean, const void *std,
+                        const void *old_mean, const void *old_std, const double *mean_bound,
+                        int64_t mean_bound_stride, const double *cov_bound, int64_t cov_bound_stride, int max_iter,
+                        double tol, double phi_cut, int n_series, const double *phi_series, void *mean_out,
+                        void *std_out, void *t_out, uint8_t *conv_out) {
+    if (d < 1 || d > MAXD) return -1;
+    if (threads < 1) threads = 1;
+    const kl_params p = {max_iter, tol, phi_cut, n_series, phi_series, 0};
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int c = 0; c < threads; c++)
+        diag_forward_rows(rows * c / threads, rows * (c + 1) / threads, d, f32, mean, std, old_mean, old_std,
+                          mean_bound, mean_bound_stride, cov_bound, cov_bound_stride, &p, mean_out, std_out, t_out,
+                          conv_out);
+    return 0;
+}
+
+int kl_diag_cpu_backward(int64_t rows, int threads, int d, int f32, const void *grad_mean, const void *grad_std,
+                         const void *mean, const void *std, const void *old_mean, const void *old_std,
+                         const void *t_in, const double *mean_bound, int64_t mean_bound_stride,
+                         const double *cov_bound, int64_t cov_bound_stride, double phi_cut, int n_series,
+                         const double *phi_series, void *grad_mean_out, void *grad_std_out) {
+    if (d < 1 || d > MAXD) return -1;
+    if (threads < 1) threads = 1;
+    const kl_params p = {0, 0.0, phi_cut, n_series, phi_series, 0};
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int c = 0; c < threads; c++)
+        diag_backward_rows(rows * c / threads, rows * (c + 1) / threads, d, f32, grad_mean, grad_std, mean, std,
+                           old_mean, old_std, t_in, mean_bound, mean_bound_stride, cov_bound, cov_bound_stride, &p,
+                           grad_mean_out, grad_std_out);
+    return 0;
 }
 
 /* rows [0, rows) on `threads` OpenMP threads (torch's own runtime: the library binds to the
