@@ -89,9 +89,9 @@ def _stub_kernels():
         if op.launch is not None:
             saved += [(op, "launch", op.launch), (op, "launch_backward", op.launch_backward)]
             op.launch, op.launch_backward = forward_stub(op), backward_stub
-        if op.eager is not None:
-            saved += [(op.eager, "forward", op.eager.forward), (op.eager, "backward", op.eager.backward)]
-            op.eager.forward, op.eager.backward = forward_stub(op), backward_stub
+        for path in op.eager:
+            saved += [(path, "forward", path.forward), (path, "backward", path.backward)]
+            path.forward, path.backward = forward_stub(op), backward_stub
     # the full KL op's implementation calls the fused launchers by name
     saved += [(kl_ops, "launch_kl_full_fwd", kl_ops.launch_kl_full_fwd)]
     saved += [(kl_ops, "launch_kl_full_bwd", kl_ops.launch_kl_full_bwd)]

@@ -136,10 +136,16 @@ def _check(status: int) -> None:
         raise ValueError(f"the CPU KL kernel takes 1 <= d <= {MAX_D}")
 
 
+@functools.lru_cache(maxsize=256)
+def _scalar(value: float) -> torch.Tensor:
+    """A float bound as a one-element float64 tensor, made once per value (read only)."""
+    return torch.tensor([value], dtype=torch.float64)
+
+
 def _bound(bound, value: float, rows: int):
     """(pointer holder, stride): a per-row float64 bound, or the float value with stride 0."""
     if bound is None:
-        return torch.tensor([float(value)], dtype=torch.float64), 0
+        return _scalar(float(value)), 0
     return bound.to(torch.float64).expand(rows).contiguous(), 1
 
 

@@ -41,8 +41,8 @@ def kernels_on_device(monkeypatch):
         monkeypatch.setattr(kl_ops, "FUSED_DEVICE_TYPES", ("cuda", "cpu"))
     monkeypatch.setattr(eager, "_ENABLED", True)
     for op in OPS.values():
-        if op.eager is not None:
-            op.eager.plans.clear()
+        for path in op.eager:
+            path.plans.clear()
 
 
 def run(form, tensors, kind, mean_bound, cov_bound, upstream, fast: bool):
@@ -152,7 +152,7 @@ def test_without_grad_and_unused_outputs():
     fast path); an output left out of the loss gets a zero upstream gradient."""
     case = [t.to(DEVICE) for t in make_case("kl", "diag", (9,), 4, seed=2, dtype=torch.float32)]
     calls = []
-    path = OPS[("kl", "diag")].eager
+    path = OPS[("kl", "diag")].eager[0]  # the Triton launchers
     original = path.run_forward
     path.run_forward = lambda *a: calls.append(1) or original(*a)
     try:
@@ -180,10 +180,11 @@ def test_calls_left_to_the_operators(monkeypatch):
     op = OPS[("frob", "diag")]
     case = [t.to(DEVICE) for t in make_case("frob", "diag", (4,), 3, dtype=torch.float32)]
     m = case[0].clone().requires_grad_(True)
-    assert op.eager.plan(m, *case[1:], None, None) is not None
+    assert op.eager_path(m, case[1]) is op.eager[0]
+    assert op.eager[0].plan(m, *case[1:], None, None) is not None
     trpl_fast.ops.set_eager_fast_path(False)
     try:
-        assert op.eager(m, *case[1:], None, None, 0.1, 0.1) is None
+        assert op.eager_path(m, case[1]) is None
     finally:
         trpl_fast.ops.set_eager_fast_path(True)
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -193,7 +194,7 @@ def test_calls_left_to_the_operators(monkeypatch):
         # unwrapped): the op's fake CPU tensors take its torch body here
         patch.setattr(_common, "KERNEL_DEVICE_TYPES", ("cuda",))
         fake = [mode.from_tensor(t) for t in case]
-        assert op.eager(*fake, None, None, 0.1, 0.1) is None
+        assert op.eager_path(fake[0], fake[1]) is None
         out = trpl_fast.project_diag(*fake, kind="frob", mean_bound=0.1, cov_bound=0.1, check_values=False)
         assert out[0].shape == case[0].shape
     seen = []
@@ -211,18 +212,18 @@ def test_calls_left_to_the_operators(monkeypatch):
     assert seen[-1] is True
     assert_close(g_func, g_eager, 1e-6, "torch.func gradient vs the fast path's")
     empty = [t[:0] for t in case]
-    assert op.eager.plan(*empty, None, None) is None
+    assert op.eager[0].plan(*empty, None, None) is None
     assert trpl_fast.project_diag(*empty, kind="frob", mean_bound=0.1, cov_bound=0.1)[0].shape == (0, 3)
     kl_full = OPS[("kl", "full")]
+    fused = kl_full.eager[0]
     big = [t.to(DEVICE) for t in make_case("kl", "full", (2,), kl_ops.MAX_D + 1, dtype=torch.float32)]
-    assert not kl_full.eager.applies(big[0])
+    assert not fused.applies(big[0])
     half = [t.to(DEVICE).bfloat16() for t in make_case("kl", "full", (2,), 3)]
-    assert not kl_full.eager.applies(half[0])
-    assert kl_full.eager(*half, None, None, 0.1, 0.1) is None
+    assert kl_full.eager_path(half[0], half[1]) is None
     small = [t.to(DEVICE) for t in make_case("kl", "full", (2,), 3)]
-    assert kl_full.eager.applies(small[0])
+    assert kl_full.eager_path(small[0], small[1]) is fused
     monkeypatch.setattr(kl_ops, "FUSED_DEVICE_TYPES", ())
-    assert kl_full.eager(*small, None, None, 0.1, 0.1) is None
+    assert kl_full.eager_path(small[0], small[1]) is not fused
 
 
 def test_plans_are_made_once_per_signature(monkeypatch):
@@ -235,10 +236,10 @@ def test_plans_are_made_once_per_signature(monkeypatch):
     case = [t.to(DEVICE) for t in make_case("w2", "diag", (8,), 3, dtype=torch.float32)]
     for _ in range(3):
         op.apply(*case, None, None, 0.1, 0.1)
-    assert len(checks) == 1 and len(op.eager.plans) == 1
+    assert len(checks) == 1 and len(op.eager[0].plans) == 1
     op.apply(*case, torch.full((8,), 0.1, device=DEVICE), None, 0.0, 0.1)
     op.apply(*[t[:5] for t in case], None, None, 0.1, 0.1)
-    assert len(checks) == 3 and len(op.eager.plans) == 3
+    assert len(checks) == 3 and len(op.eager[0].plans) == 3
     with pytest.raises(ValueError, match="old_std must have shape"):
         op.apply(case[0], case[1], case[2], case[3][:4], None, None, 0.1, 0.1)
     with pytest.raises(ValueError, match="does not broadcast"):

@@ -809,3 +809,44 @@ def test_kl_newton_kernel_matches_torch(dtype):
     t_t, conv_t, _ = kl_ops.kl_dual_newton(r, 0.01)
     assert conv_k.all() and conv_t.all()
     assert_close(t_k, t_t, 1e-12 if dtype == F64 else 1e-5, "t")
+
+
+@pytest.mark.parametrize("batch", [(32,), (3, 5)], ids=lambda b: f"batch={b}")
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("form", ["diag", "full"])
+def test_cpu_kernels_take_the_eager_fast_path(form, dtype, batch):
+    """Eager CPU calls of the KL ops run their C kernels from the ops' eager fast path
+    (``ops/_eager.py``: no dispatcher) -- bit for bit what the operators give, which run
+    the same kernels; a batch for the compiled large-batch path goes through the op."""
+    d = 6
+    case = [x.reshape(*batch, *x.shape[1:]).to(dtype) for x in whitened_case(form, math.prod(batch), d, 30.0, 3)]
+    case[0] = case[2] + 0.3
+    gen = torch.Generator().manual_seed(2)
+    up = [torch.randn(x.shape, generator=gen, dtype=F64).to(dtype) for x in case[:2]]
+
+    def run(fast):
+        trpl_fast.ops.set_eager_fast_path(fast)
+        try:
+            m, c = case[0].clone().requires_grad_(True), case[1].clone().requires_grad_(True)
+            out = trpl_fast.functional.project(
+                form, m, c, *case[2:], kind="kl", mean_bound=0.05, cov_bound=0.01, return_aux=True
+            )
+            grads = torch.autograd.grad((out[0] * up[0]).sum() + (out[1] * up[1]).sum(), [m, c])
+        finally:
+            trpl_fast.ops.set_eager_fast_path(True)
+        return type(out[0].grad_fn).__name__, [o.detach() for o in out] + list(grads)
+
+    fast_node, fast = run(True)
+    op_node, op = run(False)
+    assert fast_node == "EagerProjectionBackward" and op_node != fast_node
+    for a, b in zip(fast, op):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if form == "diag":
+        kl_diag = trpl_fast.ops.OPS[("kl", "diag")]
+        with_compile = trpl_fast.ops.cpu_compile_min_elements()
+        try:
+            trpl_fast.ops.set_cpu_compile_min_elements(case[0].numel())
+            assert kl_diag.eager_path(case[0], case[1]) is None  # the large-batch path's size
+        finally:
+            trpl_fast.ops.set_cpu_compile_min_elements(with_compile)
+        assert kl_diag.eager_path(case[0], case[1]) is kl_diag.eager[-1]

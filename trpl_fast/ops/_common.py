@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ._compiled_cpu import wants_compiled
-from ._eager import EagerPath
+from ._eager import EagerPath, takes_fast_path
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -171,7 +171,7 @@ class ProjectionOp:
         launch_backward: Callable | None = None,
         aux: tuple[Aux, ...] = (),
         large_batch: tuple[Callable, Callable] | None = None,
-        fused: tuple[Callable, Callable, Callable[[Tensor], bool]] | None = None,
+        eager: tuple[tuple[Callable, Callable, Callable[[Tensor], bool]], ...] = (),
     ):
         self.name = name
         self.cov_name = "std" if cov_event_dims == 1 else "factor"
@@ -186,14 +186,11 @@ class ProjectionOp:
         # (forward, backward) for large batches of real CPU tensors, same arguments as the
         # impls: compiled kernels (``_compiled_cpu``)
         self.large_batch = large_batch
-        # the eager fast path (``_eager``): the Triton launchers, or for an opaque op the
-        # fused kernel's ``(forward, backward, takes(mean))`` its implementation calls
-        if launch is not None:
-            self.eager = EagerPath(self, launch, launch_backward, self._kernel_device)
-        elif fused is not None:
-            self.eager = EagerPath(self, *fused)
-        else:
-            self.eager = None
+        # the eager fast path's backends (``_eager``), first applicable first: the Triton
+        # launchers, then the op's other ``(forward, backward, takes(mean))`` (a fused
+        # kernel, a CPU kernel) with the launchers' arguments
+        backends = ((launch, launch_backward, self._kernel_device),) if launch is not None else ()
+        self.eager = tuple(EagerPath(self, *b) for b in backends + tuple(eager))
         self.forward_op = self._define_forward()
         self.backward_op = self._define_backward()
         self._register_autograd()
@@ -206,8 +203,9 @@ class ProjectionOp:
         ``torch.func``-differentiable ``autograd.Function`` (same outputs, same backward)
         -- for the ops whose body ``torch.compile`` traces anyway (those with a Triton
         launcher); the opaque ones stay opaque (see ``_make_op``)."""
-        if self.eager is not None:
-            out = self.eager(mean, cov, old_mean, old_cov, mean_bound, cov_bound, mbv, cbv)
+        path = self.eager_path(mean, cov)
+        if path is not None:
+            out = path(mean, cov, old_mean, old_cov, mean_bound, cov_bound, mbv, cbv)
             if out is not None:
                 return out
         if _TORCH_FUNC and self.launch is not None and mean.device.type == "cpu":
@@ -220,6 +218,13 @@ class ProjectionOp:
         return check_metadata(
             names, (mean, cov, old_mean, old_cov), ev, [("mean_bound", mean_bound), ("cov_bound", cov_bound)]
         )
+
+    def eager_path(self, mean: Tensor, cov: Tensor) -> EagerPath | None:
+        """The eager fast path's backend for this call (chosen here), or None: the call
+        goes through the operator (traced, switched off, or no backend takes it)."""
+        if not self.eager or not takes_fast_path(mean, cov):
+            return None
+        return next((path for path in self.eager if path.applies(mean)), None)
 
     @staticmethod
     def _kernel_device(mean: Tensor) -> bool:

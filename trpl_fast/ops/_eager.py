@@ -189,10 +189,8 @@ class EagerPath:
         )
 
     def __call__(self, mean, cov, old_mean, old_cov, mean_bound, cov_bound, mbv, cbv):
-        """The op's outputs by the fast path, or None when it does not take this call."""
-        # the kernels' own test, every call (the ops' device-type switches stay live)
-        if not (takes_fast_path(mean, cov) and self.applies(mean)):
-            return None
+        """The op's outputs by this backend (chosen by ``ProjectionOp.eager_path``: the call
+        is eager on plain tensors and ``applies``), or None when the plan refuses it."""
         plan = self.plan(mean, cov, old_mean, old_cov, mean_bound, cov_bound)
         if plan is None:
             return None
