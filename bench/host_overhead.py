@@ -9,9 +9,9 @@ own cost: ``--checks`` adds the forward with the default checks -- deferred, on 
 check kernel for diagonal covariances), by the operators and by the fast path.
 
 ``--device cuda``: the kernels run; at small sizes the loop is host-bound, so its time per
-call is the host work per call (the GPU kernel time is reported beside it: the launchers
-alone, timed with CUDA events), and ``--graph`` adds the same forward + backward captured in
-one CUDA graph and replayed (the floor: no host work per call at all).
+call is the host work per call; ``--graph`` adds the same forward + backward captured in one
+CUDA graph and replayed, timed with CUDA events (the GPU work alone: no host work per call
+at all, the floor the eager paths are measured against).
 
 ``--device cpu --stub-kernels``: no GPU. The launchers are replaced by stubs that only
 allocate their outputs, and "cpu" joins the kernel device types, so both paths do all their
@@ -164,9 +164,8 @@ def measure(kind, form, rows, d, dtype, device, calls, rounds, graph, checks=Fal
 
 
 def _cuda_floor(form, case, mean, cov, up, kw, calls, graph):
-    """GPU time of the forward + backward kernels alone (CUDA events around a loop of the
-    fast path: host-bound at small sizes, so timed on the stream as well), and with
-    ``graph`` the forward + backward captured once and replayed."""
+    """With ``graph``: the forward + backward captured once and replayed ``calls`` times,
+    GPU time per replay from CUDA events."""
     import torch
 
     from trpl_fast.functional import project

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -68,13 +69,28 @@ NUM_WARPS: int | None = None
 DEFAULT_TILE, DEFAULT_WARPS = 1024, 4
 
 
-@functools.lru_cache(maxsize=1024)
 def row_geometry(n_rows: int, d: int, elements_per_program: int = DEFAULT_TILE):
-    """(BLOCK_ROWS, BLOCK_D, grid) for a kernel that gives each program whole rows (cached
-    per shape: it is on every eager call's host path)."""
+    """(BLOCK_ROWS, BLOCK_D, grid) for a kernel that gives each program whole rows; cached
+    per shape (it is on every eager call's host path) -- plain ints only: under
+    ``torch.compile`` with dynamic shapes ``n_rows`` is a SymInt, which cannot be hashed."""
+    if type(n_rows) is int and type(d) is int and type(elements_per_program) is int:
+        return _row_geometry(n_rows, d, elements_per_program)
+    return _row_geometry.__wrapped__(n_rows, d, elements_per_program)
+
+
+@functools.lru_cache(maxsize=1024)
+def _row_geometry(n_rows, d, elements_per_program):
     block_d = triton.next_power_of_2(max(d, 1))
     block_rows = max(1, min(triton.next_power_of_2(max(n_rows, 1)), elements_per_program // block_d))
     return block_rows, block_d, (triton.cdiv(n_rows, block_rows),)
+
+
+def on_device(like: torch.Tensor):
+    """The context to launch a kernel on ``like``'s device: Triton launches on the current
+    CUDA device, which need not be the tensors' (multi-GPU)."""
+    if like.device.type == "cuda" and like.device.index != torch.cuda.current_device():
+        return torch.cuda.device(like.device)
+    return contextlib.nullcontext()
 
 
 # (device, rows, value) -> a (rows,) float64 tensor of value: the scalar bounds of float64
@@ -154,23 +170,24 @@ def launch_rows(
             cov_bound = float64_bound_rows(cov_bound_value, n_rows, inputs[0])
     # the kernel itself in an eager call (``triton_op`` bodies and the ops' eager fast path
     # turn wrap_triton off); recorded as a graph node while torch.compile traces the body
-    wrap_triton(kernel)[grid](
-        *inputs,
-        bound_arg(mean_bound, inputs[0]),
-        bound_arg(cov_bound, inputs[0]),
-        *outputs,
-        n_rows,
-        d,
-        float(mean_bound_value),
-        float(cov_bound_value),
-        **extra,
-        HAS_MEAN_BOUND=mean_bound is not None,
-        HAS_COV_BOUND=cov_bound is not None,
-        F64=f64,
-        BLOCK_ROWS=block_rows,
-        BLOCK_D=block_d,
-        num_warps=NUM_WARPS or warps,
-    )
+    with on_device(inputs[0]):
+        wrap_triton(kernel)[grid](
+            *inputs,
+            bound_arg(mean_bound, inputs[0]),
+            bound_arg(cov_bound, inputs[0]),
+            *outputs,
+            n_rows,
+            d,
+            float(mean_bound_value),
+            float(cov_bound_value),
+            **extra,
+            HAS_MEAN_BOUND=mean_bound is not None,
+            HAS_COV_BOUND=cov_bound is not None,
+            F64=f64,
+            BLOCK_ROWS=block_rows,
+            BLOCK_D=block_d,
+            num_warps=NUM_WARPS or warps,
+        )
     return outputs
 
 

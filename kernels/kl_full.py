@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import float64_bound_rows
+from ._common import float64_bound_rows, on_device
 from .kl import MAX_ITER, kl_at_one, kl_dual_solve
 
 # The largest d the fused kernel takes: one (BLOCK, BLOCK) float64 tile per matrix and a
@@ -403,7 +403,8 @@ def _launch(kernel, grid, *args, **kw):
     # (whose body only ever sees real tensors: torch.compile uses its fake kernel) and from
     # the ops' eager fast path. ``wrap_triton`` would dispatch each eager launch through
     # its higher-order op there (~1 ms of host work per call).
-    kernel[grid](*args, **kw)
+    with on_device(args[0]):
+        kernel[grid](*args, **kw)
 
 
 def launch_kl_full_fwd(

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import load_tile, row_geometry, row_tile
+from ._common import load_tile, on_device, row_geometry, row_tile
 
 CHECK_SLOTS = 11
 
@@ -81,8 +81,13 @@ def _check_diag_kernel(
         _fail(ok_ptr, 8, _non_finite(2.0 * (sd * sd)))
         _fail(ok_ptr, 9, _non_finite(2.0 * (sd_o * sd_o)))
     if W2:
-        # the ratio rounded to the storage dtype, in which the torch check computes it
-        _fail(ok_ptr, 10, _non_finite((sd / sd_o).to(sd_raw.dtype).to(tl.float32)))
+        # the ratio rounded to the storage dtype, in which the torch check computes it;
+        # float32 by div_rn (torch divides correctly rounded; Triton's float32 `/` may be
+        # 2 ulp off), float64 by `/` (correctly rounded)
+        if F64:
+            _fail(ok_ptr, 10, _non_finite(sd / sd_o))
+        else:
+            _fail(ok_ptr, 10, _non_finite(tl.math.div_rn(sd, sd_o).to(sd_raw.dtype).to(tl.float32)))
 
 
 def launch_check_diag(mean, std, old_mean, old_std, mean_bound, cov_bound, frob_f64: bool, w2: bool):
@@ -93,22 +98,23 @@ def launch_check_diag(mean, std, old_mean, old_std, mean_bound, cov_bound, frob_
     if n_rows == 0:
         return ok
     block_rows, block_d, grid = row_geometry(n_rows, d)
-    _check_diag_kernel[grid](
-        mean,
-        std,
-        old_mean,
-        old_std,
-        mean if mean_bound is None else mean_bound,
-        mean if cov_bound is None else cov_bound,
-        ok,
-        n_rows,
-        d,
-        HAS_MEAN_BOUND=mean_bound is not None,
-        HAS_COV_BOUND=cov_bound is not None,
-        FROB_F64=frob_f64,
-        W2=w2,
-        F64=mean.dtype == torch.float64,
-        BLOCK_ROWS=block_rows,
-        BLOCK_D=block_d,
-    )
+    with on_device(mean):
+        _check_diag_kernel[grid](
+            mean,
+            std,
+            old_mean,
+            old_std,
+            mean if mean_bound is None else mean_bound,
+            mean if cov_bound is None else cov_bound,
+            ok,
+            n_rows,
+            d,
+            HAS_MEAN_BOUND=mean_bound is not None,
+            HAS_COV_BOUND=cov_bound is not None,
+            FROB_F64=frob_f64,
+            W2=w2,
+            F64=mean.dtype == torch.float64,
+            BLOCK_ROWS=block_rows,
+            BLOCK_D=block_d,
+        )
     return ok

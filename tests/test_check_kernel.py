@@ -37,7 +37,7 @@ def message(case, kind, bounds, fused: bool, monkeypatch, mode="sync"):
     device = DEVICE if fused else "cpu"
     with monkeypatch.context() as patch:
         patch.setattr(_common, "KERNEL_DEVICE_TYPES", KERNEL_DEVICES if fused else ("cuda",))
-        assert validation.uses_check_kernel("diag", case[0].to(device)) == fused
+        assert validation.uses_check_kernel("diag", case[0].to(device)) == (fused and case[0].numel() > 0)
         tensors = [t.to(device) for t in case]
         mb, cb = (b.to(device) if isinstance(b, torch.Tensor) else b for b in bounds)
         # no projection: the checks only (the torch path projects on the CPU)
@@ -129,3 +129,23 @@ def test_good_inputs_pass_in_one_launch(kind, dtype, monkeypatch):
     assert launches == [1]
     empty = [t[:0] for t in case]
     assert message(empty, kind, (0.1, 0.05), fused=True, monkeypatch=monkeypatch) is None
+
+
+def test_float64_w2_ratio_beyond_float32_passes(monkeypatch):
+    """float64 std ratios past float32's range are valid W2 input (no overflow in float64):
+    the kernel keeps the ratio in float64 as the torch check does."""
+    case = [t.clone() for t in make_case("w2", "diag", (5,), 3, seed=6)]
+    case[1][2, 1], case[3][2, 1] = 1e30, 1e-10
+    assert message(case, "w2", (0.1, 0.05), fused=False, monkeypatch=monkeypatch) is None
+    assert message(case, "w2", (0.1, 0.05), fused=True, monkeypatch=monkeypatch) is None
+
+
+@pytest.mark.parametrize("bound_shape", [(), (1, 3)], ids=["scalar_tensor", "broadcast"])
+def test_empty_batch_still_checks_the_bounds(bound_shape, monkeypatch):
+    """An empty batch has no rows to check, but a bad bound tensor is still refused (the
+    torch checks run: the kernel would see the bound expanded to no rows)."""
+    case = [t[:0].reshape(0, 3, 4) for t in make_case("kl", "diag", (2,), 4, seed=7)]
+    bound = torch.full(bound_shape, -1.0)
+    want = "mean_bound must be finite and > 0 everywhere"
+    assert message(case, "kl", (bound, 0.05), fused=False, monkeypatch=monkeypatch) == want
+    assert message(case, "kl", (bound, 0.05), fused=True, monkeypatch=monkeypatch) == want

@@ -253,3 +253,25 @@ def test_double_backward_is_refused():
     (g,) = torch.autograd.grad((mt * mt).sum(), [m], create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|differentiate"):
         torch.autograd.grad(g.sum(), [m])
+
+
+def test_jit_trace_and_symbolic_shapes():
+    """``torch.jit.trace`` records operators, so the fast path stays out of it; the launch
+    geometry, cached for int shapes, takes the SymInts of ``torch.compile``'s dynamic
+    shapes (unhashable) uncached."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    from trpl_fast.kernels._common import row_geometry
+
+    seen = []
+
+    def f(x):
+        seen.append(eager.takes_fast_path(x, x))
+        return x * 2
+
+    torch.jit.trace(f, torch.ones(2), check_trace=False)
+    assert seen == [False]
+    env = ShapeEnv()
+    rows = env.create_symintnode(env.create_symbol(300, ConstantSource("rows")), hint=300)
+    got = row_geometry(rows, 7)
+    assert got[:2] == row_geometry(300, 7)[:2] and int(got[2][0]) == row_geometry(300, 7)[2][0]

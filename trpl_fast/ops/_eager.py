@@ -66,11 +66,12 @@ _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda
 
 def takes_fast_path(mean: Tensor, cov: Tensor) -> bool:
     """Whether this call may bypass the operators: the fast path is on, nothing traces
-    (no ``torch.compile``, no dispatch mode, no ``torch.func`` transform) and the inputs
+    (no ``torch.compile``, ``torch.jit.trace``, dispatch mode or ``torch.func`` transform) and the inputs
     are plain tensors (the old policy and bounds are checked by the plan)."""
     return (
         _ENABLED
         and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
         and type(mean) in _PLAIN_TYPES
         and type(cov) in _PLAIN_TYPES
         and torch._C._len_torch_dispatch_stack() == 0
@@ -251,6 +252,7 @@ class EagerProjection(torch.autograd.Function):
     def forward(ctx, path, plan, mean, cov, old_mean, old_cov, mb, cb, mbv, cbv):
         outs, rows, aux = path.run_forward(plan, mean, cov, old_mean, old_cov, mb, cb, mbv, cbv)
         ctx.save_for_backward(*rows, mb, cb, *aux)
+        ctx.set_materialize_grads(False)  # an unused output's gradient: None, no zeros made
         ctx.path, ctx.plan, ctx.bound_values = path, plan, (mbv, cbv)
         if len(outs) > 2:
             ctx.mark_non_differentiable(*outs[2:])

@@ -193,10 +193,16 @@ def _diag_checks_fused(kind, mean, std, old_mean, old_std, mean_bound, cov_bound
 
 def uses_check_kernel(form: str, mean: Tensor) -> bool:
     """The diagonal checks run as one Triton kernel on the devices the ops launch their
-    kernels on (CUDA; one launch instead of one reduction per check), on real tensors."""
+    kernels on (CUDA; one launch instead of one reduction per check), on real tensors of a
+    non-empty batch."""
     from ._common import KERNEL_DEVICE_TYPES
 
-    return form == "diag" and mean.device.type in KERNEL_DEVICE_TYPES and torch._C._len_torch_dispatch_stack() == 0
+    return (
+        form == "diag"
+        and mean.device.type in KERNEL_DEVICE_TYPES
+        and mean.numel() > 0  # an empty batch: the bounds are still checked, by torch
+        and torch._C._len_torch_dispatch_stack() == 0
+    )
 
 
 def validate_values(
