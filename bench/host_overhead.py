@@ -13,12 +13,17 @@ call is the host work per call; ``--graph`` adds the same forward + backward cap
 CUDA graph and replayed, timed with CUDA events (the GPU work alone: no host work per call
 at all, the floor the eager paths are measured against).
 
+``--device cpu``: the KL ops' C kernels (``kernels/kl_cpu.c``) through the fast path and
+through the operators, beside the operators on the torch solve (no C kernel): the per-call
+cost of an eager CPU call at the training loop's size.
+
 ``--device cpu --stub-kernels``: no GPU. The launchers are replaced by stubs that only
 allocate their outputs, and "cpu" joins the kernel device types, so both paths do all their
 host work except the kernel launch itself (Triton's own launch cost, ~10-20 us, is then the
 same for both): what the fast path removes, measured on this machine's CPU.
 
     python -m bench.host_overhead --device cpu --stub-kernels --out bench/results/host_overhead_cpu_stub.json
+    python -m bench.host_overhead --device cpu --out bench/results/host_overhead_cpu_kl.json
     python -m bench.host_overhead --device cuda --graph --out $OUT/host_overhead_cuda.json
 
 Not a test.
@@ -114,7 +119,7 @@ def _time_loop(fn, calls: int, sync) -> float:
     return (time.perf_counter() - t0) / calls
 
 
-def measure(kind, form, rows, d, dtype, device, calls, rounds, graph, checks=False):
+def measure(kind, form, rows, d, dtype, device, calls, rounds, graph, checks=False, torch_baseline=False):
     import torch
 
     import trpl_fast
@@ -139,11 +144,17 @@ def measure(kind, form, rows, d, dtype, device, calls, rounds, graph, checks=Fal
             project(form, mean, cov, case[2], case[3], **{**kw, "check_values": True})
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    paths = {"operator": False, "fast_path": True}
+    paths = {"operator": (False, True), "fast_path": (True, True)}
+    if torch_baseline:
+        paths["torch_solve"] = (False, False)  # the operator on the torch path: no C kernel
     times = {f"{p}_{w}": [] for p in paths for w in ("fwd", "fwd_bwd")}
+    from trpl_fast.ops import kl as kl_ops
+
+    c_kernels = kl_ops.CPU_KERNEL_DEVICE_TYPES
     for _ in range(rounds):
-        for path, fast in paths.items():
+        for path, (fast, c_kernel) in paths.items():
             trpl_fast.ops.set_eager_fast_path(fast)
+            kl_ops.CPU_KERNEL_DEVICE_TYPES = c_kernels if c_kernel else ()
             try:
                 forward(), forward_backward()  # warm: plans, caches, compilation
                 times[f"{path}_fwd"].append(_time_loop(forward, calls, sync))
@@ -154,10 +165,13 @@ def measure(kind, form, rows, d, dtype, device, calls, rounds, graph, checks=Fal
                     trpl_fast.raise_deferred_errors()
             finally:
                 trpl_fast.ops.set_eager_fast_path(True)
+                kl_ops.CPU_KERNEL_DEVICE_TYPES = c_kernels
     out = {k: statistics.median(v) * 1e6 for k, v in times.items()}
     out = {f"{k}_us": round(v, 2) for k, v in out.items()}
     out["fwd_ratio"] = round(out["operator_fwd_us"] / out["fast_path_fwd_us"], 2)
     out["fwd_bwd_ratio"] = round(out["operator_fwd_bwd_us"] / out["fast_path_fwd_bwd_us"], 2)
+    if torch_baseline:
+        out["torch_solve_fwd_bwd_ratio"] = round(out["torch_solve_fwd_bwd_us"] / out["fast_path_fwd_bwd_us"], 2)
     if device == "cuda":
         out.update(_cuda_floor(form, case, mean, cov, up, kw, calls, graph))
     return out
@@ -208,8 +222,6 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    if args.device == "cpu" and not args.stub_kernels:
-        p.error("--device cpu needs --stub-kernels (the CPU tensors take the torch implementations otherwise)")
     if args.device == "cpu" and args.checks:
         p.error("--checks needs --device cuda (the CPU checks are synchronous torch reductions)")
     import torch
@@ -220,12 +232,27 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     ctx = _stub_kernels() if args.stub_kernels else contextlib.nullcontext()
     results = []
+    cpu_kernels = args.device == "cpu" and not args.stub_kernels
     with ctx:
         for form, cases in (("diag", DIAG_CASES), ("full", FULL_CASES)):
             for kind, rows, d in cases:
                 if args.stub_kernels and rows > 4096:
                     continue  # stubs: the size does not matter
-                r = measure(kind, form, rows, d, dtype, args.device, args.calls, args.rounds, args.graph, args.checks)
+                if cpu_kernels and (kind != "kl" or rows > 4096):
+                    continue  # the CPU fast path: the KL ops' C kernels, below the compiled sizes
+                r = measure(
+                    kind,
+                    form,
+                    rows,
+                    d,
+                    dtype,
+                    args.device,
+                    args.calls,
+                    args.rounds,
+                    args.graph,
+                    args.checks,
+                    cpu_kernels,
+                )
                 results.append(dict(kind=kind, form=form, rows=rows, d=d, **r))
                 print(results[-1], flush=True)
     env = dict(
