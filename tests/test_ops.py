@@ -233,3 +233,52 @@ def test_theorem1_entropy_bounds(kind, form, conditioning):
         assert (h_t <= torch.maximum(h, h_old) + 1e-10).all()
     else:
         assert (h_t >= torch.minimum(h, h_old) - 1e-10).all()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("batch", [(32,), (3, 5)], ids=ids("batch"))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=ids("dtype"))
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_cpu_eager_fast_path_equals_the_operator(kind, form, dtype, batch, layout):
+    """Eager CPU calls take the ops' fast path (``ops/_eager.py``: the implementations the
+    op's CPU kernel runs -- the KL ops' C kernels among them -- without the dispatcher):
+    bit for bit the operator's outputs, aux outputs and both gradients (to rounding for
+    transposed inputs, which the fast path copies to rows), contiguous; half precision and
+    the compiled large-batch sizes go through the operator."""
+    case = [t.to(dtype) for t in make_case(kind, form, batch, 6, seed=4, conditioning="ill")]
+    if layout == "transposed":  # inputs that are not rows: copied by the fast path
+        case = [t.mT.contiguous().mT if t.dim() > 2 or form == "diag" else t for t in case]
+    gen = torch.Generator().manual_seed(5)
+    up = [torch.randn(t.shape, generator=gen, dtype=F64).to(dtype) for t in case[:2]]
+
+    def run(fast):
+        trpl_fast.ops.set_eager_fast_path(fast)
+        try:
+            m, c = case[0].clone().requires_grad_(True), case[1].clone().requires_grad_(True)
+            out = trpl_fast.functional.project(
+                form, m, c, *case[2:], kind=kind, mean_bound=MEAN_BOUND, cov_bound=COV_BOUND, return_aux=True
+            )
+            grads = torch.autograd.grad((out[0] * up[0]).sum() + (out[1] * up[1]).sum(), [m, c])
+        finally:
+            trpl_fast.ops.set_eager_fast_path(True)
+        return type(out[0].grad_fn).__name__, [o.detach() for o in out] + list(grads)
+
+    fast_node, fast = run(True)
+    op_node, op = run(False)
+    assert fast_node == "EagerProjectionBackward" and op_node != fast_node
+    for i, (a, b) in enumerate(zip(fast, op)):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.is_contiguous()
+        if layout == "contiguous" or a.dtype == torch.bool:
+            assert torch.equal(a, b), f"output {i}"
+        else:  # the fast path computes on a contiguous copy: sums in another order
+            assert_close(a, b, 1e-13 if dtype == torch.float64 else 1e-5, f"output {i}")
+    spec = OPS[(kind, form)]
+    assert spec.eager_path(case[0].bfloat16(), case[1].bfloat16()) is None
+    if spec.large_batch is not None:
+        before = trpl_fast.ops.cpu_compile_min_elements()
+        try:
+            trpl_fast.ops.set_cpu_compile_min_elements(case[0].numel())
+            assert spec.eager_path(case[0], case[1]) is None  # the compiled path's size
+        finally:
+            trpl_fast.ops.set_cpu_compile_min_elements(before)

@@ -187,10 +187,12 @@ class ProjectionOp:
         # impls: compiled kernels (``_compiled_cpu``)
         self.large_batch = large_batch
         # the eager fast path's backends (``_eager``), first applicable first: the Triton
-        # launchers, then the op's other ``(forward, backward, takes(mean))`` (a fused
-        # kernel, a CPU kernel) with the launchers' arguments
+        # launchers, the op's other ``(forward, backward, takes(mean))`` with the
+        # launchers' arguments (a fused kernel), and on the CPU the implementations the
+        # op's CPU kernel runs (the KL ones pick their C kernels themselves)
         backends = ((launch, launch_backward, self._kernel_device),) if launch is not None else ()
-        self.eager = tuple(EagerPath(self, *b) for b in backends + tuple(eager))
+        backends += tuple(eager) + ((self._cpu_forward, impl_backward, self._cpu_implementation),)
+        self.eager = tuple(EagerPath(self, *b) for b in backends)
         self.forward_op = self._define_forward()
         self.backward_op = self._define_backward()
         self._register_autograd()
@@ -225,6 +227,22 @@ class ProjectionOp:
         if not self.eager or not takes_fast_path(mean, cov):
             return None
         return next((path for path in self.eager if path.applies(mean)), None)
+
+    def _cpu_forward(self, mean, cov, old_mean, old_cov, mean_bound, cov_bound, mbv, cbv):
+        """The implementation as the op's CPU kernel calls it (iterative solves stop early:
+        the tensors are real)."""
+        kw = {"early_exit": True} if self.aux else {}
+        return self.impl(mean, cov, old_mean, old_cov, mean_bound, cov_bound, mbv, cbv, **kw)
+
+    def _cpu_implementation(self, mean: Tensor) -> bool:
+        """The fast path's test for the CPU implementations: float32 / float64 CPU tensors
+        (half precision goes through the op, which computes it in float32) of a batch the
+        compiled large-batch implementations (where the op has them) do not want."""
+        return (
+            mean.device.type == "cpu"
+            and mean.dtype in (torch.float32, torch.float64)
+            and not (self.large_batch is not None and wants_compiled(mean))
+        )
 
     @staticmethod
     def _kernel_device(mean: Tensor) -> bool:

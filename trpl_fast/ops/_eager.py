@@ -112,7 +112,9 @@ def _as_rows(t: Tensor, shape: tuple, flat: bool) -> Tensor:
 
 
 def _shaped(t: Tensor, shape, flat: bool) -> Tensor:
-    return t if flat else t.view(shape)
+    """An output row tensor in the op's output shape, contiguous (as the op returns it: a
+    torch implementation may hand back a transposed factor)."""
+    return t.contiguous() if flat else t.reshape(shape).contiguous()
 
 
 class EagerPath:

@@ -39,7 +39,7 @@ from ..kernels.kl_cpu import MAX_D as CPU_KERNEL_MAX_D
 from ..kernels.kl_cpu import available as cpu_kernel_available
 from ..kernels.kl_full import MAX_D, launch_kl_full_bwd, launch_kl_full_fwd
 from ._common import Aux, ProjectionOp, to_float64
-from ._compiled_cpu import row_layout_options, run_compiled, wants_compiled
+from ._compiled_cpu import row_layout_options, run_compiled
 from ._layout import rows_to_columns
 from ._linalg import cholesky_backward, inner, solve_lower, solve_lower_t
 from ._torch_mean import bound_or_value, mean_project, mean_project_backward
@@ -764,27 +764,6 @@ def kl_full_backward(
     return g_mean.to(dtype), torch.where(active[..., None, None], g_chol, g_factor.tril()).to(dtype)
 
 
-# the input dtypes the full op's eager fast path takes (half precision goes through the op,
-# which computes it in float32)
-FAST_PATH_DTYPES = (torch.float32, torch.float64)
-
-
-def _cpu_kernel_fast_path(mean: Tensor) -> bool:
-    """The eager fast path's test for the full op's C kernel (which ``kl_full`` and
-    ``kl_full_backward`` then run): float32 / float64 inputs."""
-    return mean.dtype in FAST_PATH_DTYPES and uses_cpu_kernel(mean)
-
-
-def _diag_cpu_fast_path(mean: Tensor) -> bool:
-    """The eager fast path's test for the diagonal op's C kernel: what it takes, below the
-    sizes the compiled large-batch path is for."""
-    return uses_cpu_diag_kernel(mean) and not wants_compiled(mean)
-
-
-def _kl_diag_eager(mean, std, old_mean, old_std, mean_bound, cov_bound, mbv, cbv):
-    return kl_diag(mean, std, old_mean, old_std, mean_bound, cov_bound, mbv, cbv, early_exit=True)
-
-
 def _launch_kl_diag_bwd(g_mean, g_std, mean, std, old_mean, old_std, t, conv, mean_bound, cov_bound, mbv, cbv):
     return launch_kl_diag_bwd(g_mean, g_std, mean, std, old_mean, old_std, t, mean_bound, cov_bound, mbv, cbv)
 
@@ -798,7 +777,6 @@ KL_DIAG = ProjectionOp(
     _launch_kl_diag_bwd,
     aux=(Aux("t", 0, "compute"), Aux("converged", 0, torch.bool)),
     large_batch=(kl_diag_large, kl_diag_backward_large),
-    eager=((_kl_diag_eager, kl_diag_backward, _diag_cpu_fast_path),),
 )
 
 
@@ -813,7 +791,7 @@ def _launch_kl_full_bwd(
 def _fused_fast_path(mean: Tensor) -> bool:
     """The eager fast path's test for the full op's fused kernel (float32 / float64
     inputs)."""
-    return mean.dtype in FAST_PATH_DTYPES and uses_fused_kernel(mean)
+    return mean.dtype in (torch.float32, torch.float64) and uses_fused_kernel(mean)
 
 
 # full covariance: computed in float64 inside (module docstring), its aux outputs too
@@ -822,10 +800,7 @@ KL_FULL = ProjectionOp(
     2,
     kl_full,
     kl_full_backward,
-    eager=(
-        (launch_kl_full_fwd, _launch_kl_full_bwd, _fused_fast_path),
-        (kl_full, kl_full_backward, _cpu_kernel_fast_path),
-    ),
+    eager=((launch_kl_full_fwd, _launch_kl_full_bwd, _fused_fast_path),),
     aux=(
         Aux("t", 0, torch.float64),
         Aux("converged", 0, torch.bool),
