@@ -13,9 +13,10 @@ call is the host work per call; ``--graph`` adds the same forward + backward cap
 CUDA graph and replayed, timed with CUDA events (the GPU work alone: no host work per call
 at all, the floor the eager paths are measured against).
 
-``--device cpu``: the KL ops' C kernels (``kernels/kl_cpu.c``) through the fast path and
-through the operators, beside the operators on the torch solve (no C kernel): the per-call
-cost of an eager CPU call at the training loop's size.
+``--device cpu``: the CPU implementations (the KL ops' C kernels, ``kernels/kl_cpu.c``,
+and batched torch for the others) through the fast path and through the operators, and
+for KL beside the operators on the torch solve (no C kernel): the per-call cost of an
+eager CPU call at the training loop's size.
 
 ``--device cpu --stub-kernels``: no GPU. The launchers are replaced by stubs that only
 allocate their outputs, and "cpu" joins the kernel device types, so both paths do all their
@@ -23,7 +24,7 @@ host work except the kernel launch itself (Triton's own launch cost, ~10-20 us, 
 same for both): what the fast path removes, measured on this machine's CPU.
 
     python -m bench.host_overhead --device cpu --stub-kernels --out bench/results/host_overhead_cpu_stub.json
-    python -m bench.host_overhead --device cpu --out bench/results/host_overhead_cpu_kl.json
+    python -m bench.host_overhead --device cpu --out bench/results/host_overhead_cpu.json
     python -m bench.host_overhead --device cuda --graph --out $OUT/host_overhead_cuda.json
 
 Not a test.
@@ -40,7 +41,7 @@ import time
 from ._output import emit
 
 DIAG_CASES = [("frob", 32, 6), ("w2", 32, 6), ("kl", 32, 6), ("kl", 4096, 17), ("kl", 65536, 17)]
-FULL_CASES = [("kl", 32, 6), ("kl", 512, 17)]
+FULL_CASES = [("frob", 32, 6), ("w2", 32, 6), ("kl", 32, 6), ("kl", 512, 17)]
 
 
 def _case(kind, form, rows, d, dtype, device):
@@ -55,9 +56,13 @@ def _case(kind, form, rows, d, dtype, device):
         cov = old_cov * torch.exp(0.5 * torch.randn(rows, d, generator=gen, dtype=f64))
     else:
 
-        def chol():
+        def chol():  # a lower Cholesky factor; W2 takes the symmetric root instead
             a = torch.randn(rows, d, d, generator=gen, dtype=f64) / d**0.5
-            return torch.linalg.cholesky(a @ a.mT + 0.5 * torch.eye(d, dtype=f64))
+            s = a @ a.mT + 0.5 * torch.eye(d, dtype=f64)
+            if kind != "w2":
+                return torch.linalg.cholesky(s)
+            ev, u = torch.linalg.eigh(s)
+            return u @ torch.diag_embed(ev.sqrt()) @ u.mT
 
         old_cov, cov = chol(), chol()
     # contiguous (as a network builds them; cholesky returns column-major factors)
@@ -145,7 +150,7 @@ def measure(kind, form, rows, d, dtype, device, calls, rounds, graph, checks=Fal
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     paths = {"operator": (False, True), "fast_path": (True, True)}
-    if torch_baseline:
+    if torch_baseline and kind == "kl":
         paths["torch_solve"] = (False, False)  # the operator on the torch path: no C kernel
     times = {f"{p}_{w}": [] for p in paths for w in ("fwd", "fwd_bwd")}
     from trpl_fast.ops import kl as kl_ops
@@ -170,7 +175,7 @@ def measure(kind, form, rows, d, dtype, device, calls, rounds, graph, checks=Fal
     out = {f"{k}_us": round(v, 2) for k, v in out.items()}
     out["fwd_ratio"] = round(out["operator_fwd_us"] / out["fast_path_fwd_us"], 2)
     out["fwd_bwd_ratio"] = round(out["operator_fwd_bwd_us"] / out["fast_path_fwd_bwd_us"], 2)
-    if torch_baseline:
+    if "torch_solve" in paths:
         out["torch_solve_fwd_bwd_ratio"] = round(out["torch_solve_fwd_bwd_us"] / out["fast_path_fwd_bwd_us"], 2)
     if device == "cuda":
         out.update(_cuda_floor(form, case, mean, cov, up, kw, calls, graph))
@@ -238,8 +243,8 @@ def main(argv=None):
             for kind, rows, d in cases:
                 if args.stub_kernels and rows > 4096:
                     continue  # stubs: the size does not matter
-                if cpu_kernels and (kind != "kl" or rows > 4096):
-                    continue  # the CPU fast path: the KL ops' C kernels, below the compiled sizes
+                if cpu_kernels and rows > 4096:
+                    continue  # the CPU fast path at the training loop's sizes
                 r = measure(
                     kind,
                     form,
