@@ -32,8 +32,10 @@
  * the same Newton; sd_t = sd_o / sqrt(1 + t r). Backward: the implicit gradient in x = t r,
  * g = 1 + x (no r^2 to overflow). Computed in float64 for float32 and float64 storage
  * (contiguous (rows, d) arrays of either, `f32` says which; outputs in the storage dtype);
- * with float32 storage a row whose ratio overflows float32 is reported with t = 0 (the old
- * std), as the float32 torch solve reports it.
+ * with float32 storage a row whose ratio overflows float32 is projected to the old std
+ * with t = 0 and reported, forward and backward, as the float32 torch solve treats it
+ * (infinitely far). Solving in float64 also converges float32 rows that the float32 solve
+ * would flag (t below float32's normal range).
  *
  * Numeric constants come from the caller (one home: ops/kl.py, kernels/kl.py).
  */
@@ -628,7 +630,9 @@ static void diag_forward_rows(int64_t begin, int64_t end, int d, int f32, const 
         double t;
         int active;
         int conv = kl_dual_newton(r, d, cov_bound[row * cov_bound_stride], p, &t, &active);
-        if (active && !finite) { /* the ratio overflowed the storage dtype: the old std, reported */
+        if (!finite) { /* the ratio overflowed the storage dtype: infinitely far there, so
+                        * projected -- to the old std, reported -- as the torch solve does */
+            active = 1;
             t = 0.0;
             conv = 0;
         }
@@ -649,7 +653,7 @@ static void diag_backward_rows(int64_t begin, int64_t end, int d, int f32, const
     double sd[MAXD], sd_o[MAXD], r[MAXD], mu[MAXD], mu_o[MAXD], delta[MAXD], prec_delta[MAXD];
     for (int64_t row = begin; row < end; row++) {
         const int64_t vb = row * d;
-        diag_ratios(std, old_std, vb, d, f32, sd, sd_o, r);
+        const int finite = diag_ratios(std, old_std, vb, d, f32, sd, sd_o, r);
         /* the mean part: b g - (b / maha) <g, delta> L_o delta on projected rows */
         const double maha = diag_mean_parts(mean, old_mean, sd_o, vb, d, f32, mu, mu_o, delta, prec_delta);
         const double eps_mu = 2.0 * mean_bound[row * mean_bound_stride];
@@ -665,7 +669,7 @@ static void diag_backward_rows(int64_t begin, int64_t end, int d, int f32, const
         /* the covariance part (ops/kl.py kl_diag_backward): with x = t r, g = 1 + x,
          * dL/dsd = (t + x) (sd_o / sd) / g^3/2 [G + c x / (sd_o sqrt(g))],
          * c = -sum(sd_o / sqrt(g) G x / g) / sum((x / g)^2) */
-        const int active = kl_at_one(r, d, p) > cov_bound[row * cov_bound_stride];
+        const int active = !finite || kl_at_one(r, d, p) > cov_bound[row * cov_bound_stride];
         const double t = load_value(t_in, row, f32);
         double num = 0.0, s2 = 0.0;
         for (int i = 0; i < d; i++) {

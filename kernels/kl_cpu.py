@@ -131,6 +131,17 @@ def _threads(rows: int) -> int:
     return max(1, min(torch.get_num_threads(), rows // MIN_ROWS_PER_THREAD))
 
 
+# every tensor a kernel reads or writes is made on the CPU, whatever torch's default device
+_CPU64 = dict(dtype=torch.float64, device="cpu")
+
+
+def _on_cpu(*tensors) -> None:
+    """The kernels take host pointers: refuse anything else (an error, not a crash)."""
+    for t in tensors:
+        if t is not None and t.device.type != "cpu":
+            raise ValueError(f"the CPU KL kernel takes CPU tensors, got one on {t.device}")
+
+
 def _check(status: int) -> None:
     if status != 0:
         raise ValueError(f"the CPU KL kernel takes 1 <= d <= {MAX_D}")
@@ -139,7 +150,7 @@ def _check(status: int) -> None:
 @functools.lru_cache(maxsize=256)
 def _scalar(value: float) -> torch.Tensor:
     """A float bound as a one-element float64 tensor, made once per value (read only)."""
-    return torch.tensor([value], dtype=torch.float64)
+    return torch.tensor([value], dtype=torch.float64, device="cpu")
 
 
 def _bound(bound, value: float, rows: int):
@@ -152,14 +163,14 @@ def _bound(bound, value: float, rows: int):
 @functools.lru_cache
 def _phi_series(series: tuple) -> torch.Tensor:
     """The series coefficients as a float64 tensor, made once (read only by the kernel)."""
-    return torch.tensor(series, dtype=torch.float64)
+    return torch.tensor(series, dtype=torch.float64, device="cpu")
 
 
 def _matrices(*matrices) -> tuple[list[torch.Tensor], torch.Tensor]:
     """float64 (rows, d, d) batches as they are (any strides: the kernel reads them in
     place, no copy of a column-major factor) and their (batch, row, column) strides."""
     mats = [m.to(torch.float64) for m in matrices]
-    return mats, torch.tensor([s for m in mats for s in m.stride()], dtype=torch.int64)
+    return mats, torch.tensor([s for m in mats for s in m.stride()], dtype=torch.int64, device="cpu")
 
 
 def launch_kl_full_cpu_fwd(
@@ -171,16 +182,17 @@ def launch_kl_full_cpu_fwd(
     chol_t, t, converged, eigvals, u_inv)``: float64 (rows, d), (rows, d, d), (rows,), bool
     (rows,), eigenvalues of ``M = C_o^T L C_o`` ascending (rows, d), ``U^-1`` (rows, d, d)
     for ``G = (1 - t) I + t M = U U^T``."""
+    _on_cpu(mean, factor, old_mean, old_factor, mean_bound, cov_bound)
     lib = _library()
     rows, d = mean.shape
     (factor, old_factor), strides = _matrices(factor, old_factor)
     mean, old_mean = mean.contiguous(), old_mean.contiguous()
-    f64 = dict(dtype=torch.float64)
+    f64 = dict(dtype=torch.float64, device="cpu")
     outs = [
         torch.empty(rows, d, **f64),
         torch.empty(rows, d, d, **f64),
         torch.empty(rows, **f64),
-        torch.empty(rows, dtype=torch.uint8),
+        torch.empty(rows, dtype=torch.uint8, device="cpu"),
         torch.empty(rows, d, **f64),
         torch.empty(rows, d, d, **f64),
     ]
@@ -220,13 +232,14 @@ def launch_kl_full_cpu_bwd(
     """Implicit backward on float64 CPU tensors (the forward's inputs, its ``t``,
     ``eigvals`` and ``u_inv``) -> ``(grad_mean, grad_factor)``, float64, ``grad_factor``
     lower triangular."""
+    _on_cpu(grad_mean, grad_factor, mean, factor, old_mean, old_factor, t, eigvals, u_inv, mean_bound, cov_bound)
     lib = _library()
     rows, d = mean.shape
     (grad_factor, factor, old_factor), strides = _matrices(grad_factor, factor, old_factor)
     grad_mean, mean, old_mean = (x.to(torch.float64).contiguous() for x in (grad_mean, mean, old_mean))
     ins = [grad_mean, grad_factor, mean, factor, old_mean, old_factor, strides]
     ins += [x.to(torch.float64).contiguous() for x in (t, eigvals, u_inv)]
-    outs = [torch.empty(rows, d, dtype=torch.float64), torch.empty(rows, d, d, dtype=torch.float64)]
+    outs = [torch.empty(rows, d, **_CPU64), torch.empty(rows, d, d, **_CPU64)]
     (mb, mbs), (cb, cbs) = _bound(mean_bound, mean_bound_value, rows), _bound(cov_bound, cov_bound_value, rows)
     series = _phi_series(constants["phi_series"])
     args = [d, *(x.data_ptr() for x in ins), mb.data_ptr(), mbs, cb.data_ptr(), cbs]
@@ -251,11 +264,13 @@ def launch_kl_diag_cpu_fwd(
     float64), bounds (rows,) or None (then the float values), ``constants`` as for the full
     kernel. Returns ``(mean_t, std_t, t, converged)`` in the input dtype (``converged``
     bool), as ``ops.kl.kl_diag``."""
+    _on_cpu(mean, std, old_mean, old_std, mean_bound, cov_bound)
     lib = _library()
     rows, d = mean.shape
     ins = [x.contiguous() for x in (mean, std, old_mean, old_std)]
-    outs = [torch.empty(rows, d, dtype=mean.dtype), torch.empty(rows, d, dtype=mean.dtype)]
-    outs += [torch.empty(rows, dtype=mean.dtype), torch.empty(rows, dtype=torch.uint8)]
+    like = dict(dtype=mean.dtype, device="cpu")
+    outs = [torch.empty(rows, d, **like), torch.empty(rows, d, **like)]
+    outs += [torch.empty(rows, **like), torch.empty(rows, dtype=torch.uint8, device="cpu")]
     (mb, mbs), (cb, cbs) = _bound(mean_bound, mean_bound_value, rows), _bound(cov_bound, cov_bound_value, rows)
     series = _phi_series(constants["phi_series"])
     args = [d, int(mean.dtype == torch.float32), *(x.data_ptr() for x in ins), mb.data_ptr(), mbs, cb.data_ptr()]
@@ -280,10 +295,11 @@ def launch_kl_diag_cpu_bwd(
 ):
     """Implicit backward on (rows, d) CPU tensors of the forward's dtype (the forward's
     inputs and its ``t``) -> ``(grad_mean, grad_std)`` in that dtype."""
+    _on_cpu(grad_mean, grad_std, mean, std, old_mean, old_std, t, mean_bound, cov_bound)
     lib = _library()
     rows, d = mean.shape
     ins = [x.to(mean.dtype).contiguous() for x in (grad_mean, grad_std, mean, std, old_mean, old_std, t)]
-    outs = [torch.empty(rows, d, dtype=mean.dtype), torch.empty(rows, d, dtype=mean.dtype)]
+    outs = [torch.empty(rows, d, dtype=mean.dtype, device="cpu"), torch.empty(rows, d, dtype=mean.dtype, device="cpu")]
     (mb, mbs), (cb, cbs) = _bound(mean_bound, mean_bound_value, rows), _bound(cov_bound, cov_bound_value, rows)
     series = _phi_series(constants["phi_series"])
     args = [d, int(mean.dtype == torch.float32), *(x.data_ptr() for x in ins), mb.data_ptr(), mbs, cb.data_ptr()]

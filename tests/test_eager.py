@@ -246,13 +246,32 @@ def test_plans_are_made_once_per_signature(monkeypatch):
         op.apply(*case, torch.ones(3, device=DEVICE), None, 0.0, 0.1)
 
 
-def test_double_backward_is_refused():
+@pytest.mark.parametrize("fast", [True, False], ids=["fast_path", "operator"])
+def test_double_backward_is_refused(fast):
+    """A second derivative through the projection raises (its backward is first order) --
+    never a silent one missing the projection's term; create_graph=True alone is fine."""
     case = [t.to(DEVICE) for t in make_case("frob", "diag", (3,), 2, dtype=torch.float32)]
-    m = case[0].clone().requires_grad_(True)
-    mt, _ = trpl_fast.project_diag(m, *case[1:], kind="frob", mean_bound=1e-3, cov_bound=1e-3)
-    (g,) = torch.autograd.grad((mt * mt).sum(), [m], create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|differentiate"):
-        torch.autograd.grad(g.sum(), [m])
+    trpl_fast.ops.set_eager_fast_path(fast)
+    try:
+        m = case[0].clone().requires_grad_(True)
+        mt, _ = trpl_fast.project_diag(m, *case[1:], kind="frob", mean_bound=1e-3, cov_bound=1e-3)
+        (g,) = torch.autograd.grad((mt * mt).sum() + (m**3).sum(), [m], create_graph=True)
+        assert g.requires_grad
+        with pytest.raises(RuntimeError):
+            torch.autograd.grad(g.sum(), [m])
+    finally:
+        trpl_fast.ops.set_eager_fast_path(True)
+
+
+def test_outputs_require_grad_when_only_a_bound_does():
+    """As the operators: outputs require grad when any input does (a bound tensor here);
+    the bound gets no gradient."""
+    case = [t.to(DEVICE) for t in make_case("w2", "diag", (4,), 3, dtype=torch.float32)]
+    bound = torch.full((4,), 0.05, device=DEVICE, requires_grad=True)
+    mt, st = trpl_fast.project_diag(*case, kind="w2", mean_bound=bound, cov_bound=0.01)
+    assert mt.requires_grad and type(mt.grad_fn).__name__ == FAST_NODE
+    (mt.sum() + st.sum()).backward()
+    assert bound.grad is None
 
 
 def test_jit_trace_and_symbolic_shapes():
@@ -275,3 +294,18 @@ def test_jit_trace_and_symbolic_shapes():
     rows = env.create_symintnode(env.create_symbol(300, ConstantSource("rows")), hint=300)
     got = row_geometry(rows, 7)
     assert got[:2] == row_geometry(300, 7)[:2] and int(got[2][0]) == row_geometry(300, 7)[2][0]
+
+
+@pytest.mark.parametrize("kind", ["frob", "kl"])
+def test_batched_gradients_take_the_torch_backward(kind):
+    """``autograd.grad(is_grads_batched=True)`` vmaps the backward: the kernels cannot read
+    batched gradients, so the fast path's backward runs the op's torch implementation of
+    the same formulas (the operators have no batching rule): the Jacobian row by row."""
+    case = [t.to(DEVICE) for t in make_case(kind, "diag", (3,), 2, seed=3)]
+    m = case[0].clone().requires_grad_(True)
+    mt, _ = trpl_fast.project_diag(m, *case[1:], kind=kind, mean_bound=MEAN_BOUND, cov_bound=COV_BOUND)
+    assert type(mt.grad_fn).__name__ == FAST_NODE
+    eye = torch.eye(mt.numel(), dtype=mt.dtype, device=DEVICE).reshape(-1, *mt.shape)
+    (batched,) = torch.autograd.grad(mt, m, eye, is_grads_batched=True, retain_graph=True)
+    rows = [torch.autograd.grad(mt, m, e, retain_graph=True)[0] for e in eye]
+    assert_close(batched, torch.stack(rows), 1e-12, "batched vs row-by-row gradients")

@@ -809,3 +809,76 @@ def test_kl_newton_kernel_matches_torch(dtype):
     t_t, conv_t, _ = kl_ops.kl_dual_newton(r, 0.01)
     assert conv_k.all() and conv_t.all()
     assert_close(t_k, t_t, 1e-12 if dtype == F64 else 1e-5, "t")
+
+
+def test_diag_cpu_kernel_float32_overflow_with_a_large_bound_matches_torch(monkeypatch):
+    """A float32 ratio that overflows is infinitely far for the float32 torch solve, so its
+    row is projected (to the old std, flagged, zero std gradient) whatever the bound -- the
+    C kernel's float64 would call it inside a bound of 200; it must not, forward or backward."""
+    case = [x.to(torch.float32) for x in whitened_case("diag", 3, 2, 3.0, seed=8)]
+    case[1] = case[1].clone()
+    case[1][1] = torch.tensor([1e-25, 1.0]) * case[3][1]
+    got, got_grads = _diag_kernel_forward_backward(case, 200.0, torch.float32)
+    monkeypatch.setattr(kl_ops, "CPU_KERNEL_DEVICE_TYPES", ())
+    want, want_grads = _diag_kernel_forward_backward(case, 200.0, torch.float32)
+    assert got[3].tolist() == want[3].tolist() == [True, False, True]
+    assert got[2][1] == 0 and torch.equal(got[1][1], case[3][1])
+    for a, b in zip(got[:3] + list(got_grads), want[:3] + list(want_grads)):
+        assert_close(a, b, 1e-6, "output or gradient")
+
+
+def test_cpu_kernels_under_another_default_device():
+    """The C kernels allocate on the CPU whatever torch's default device (a 'meta' default
+    once crashed the process)."""
+    case = list(whitened_case("diag", 5, 3, 10.0, seed=9))
+    full = list(whitened_case("full", 5, 3, 10.0, seed=9))
+    want = [project("diag", case, 0.01), project("full", full, 0.01)]
+    torch.set_default_device("meta")
+    try:
+        got = [project("diag", case, 0.01), project("full", full, 0.01)]
+    finally:
+        torch.set_default_device("cpu")
+    for g, w in zip(got, want):
+        for a, b in zip(g[:4], w[:4]):
+            assert a.device.type == "cpu" and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("form", ["diag", "full"])
+def test_cpu_kernels_under_vmapped_gradients(form):
+    """Gradients vmapped over (``torch.func.jacrev`` in ``torch_func_mode``, diagonal op;
+    ``autograd.grad(is_grads_batched=True)`` through the eager fast path, which the
+    operators cannot do: no batching rule) reach the backward as batched tensors, which the
+    C kernels cannot read: the torch backward runs (same formulas), and the Jacobian is the
+    one computed row by row."""
+    case = list(whitened_case(form, 3, 3, 10.0, seed=10))
+    case[0] = case[2] + 0.5
+
+    def f(mean):
+        out = trpl_fast.functional.project(form, mean, *case[1:], kind="kl", mean_bound=0.05, cov_bound=0.01)
+        return out[0]
+
+    want = torch.autograd.functional.jacobian(f, case[0])
+    if form == "diag":  # the opaque full op is not differentiable by torch.func at all
+        with trpl_fast.ops.torch_func_mode():
+            got = torch.func.jacrev(f)(case[0])
+        assert_close(got, want, 1e-12, "jacrev")
+    m = case[0].clone().requires_grad_(True)
+    out = f(m)
+    eye = torch.eye(out.numel(), dtype=F64).reshape(-1, *out.shape)
+    (batched,) = torch.autograd.grad(out, m, eye, is_grads_batched=True)
+    assert_close(batched.reshape(want.shape), want, 1e-12, "is_grads_batched")
+
+
+def test_diag_cpu_kernel_takes_parameters(monkeypatch):
+    """``nn.Parameter`` inputs are read by the C kernel like tensors (fast path and operator
+    alike)."""
+    case = list(whitened_case("diag", 6, 4, 10.0, seed=11))
+    case[0] = case[2] + 0.5
+    calls = []
+    launch = kl_ops.launch_kl_diag_cpu_fwd
+    monkeypatch.setattr(kl_ops, "launch_kl_diag_cpu_fwd", lambda *a: calls.append(1) or launch(*a))
+    mean, std = torch.nn.Parameter(case[0].clone()), torch.nn.Parameter(case[1].clone())
+    out = trpl_fast.project_diag(mean, std, *case[2:], kind="kl", mean_bound=0.05, cov_bound=0.01)
+    assert calls
+    want = trpl_fast.project_diag(*case, kind="kl", mean_bound=0.05, cov_bound=0.01)
+    assert all(torch.equal(a, b) for a, b in zip(out, want))

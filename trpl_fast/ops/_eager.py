@@ -1,22 +1,27 @@
 """The operators' eager fast path: Triton kernels launched without the dispatcher.
 
-An eager call of ``torch.ops.trpl.project_*`` on CUDA goes through the dispatcher, the
+An eager call of ``torch.ops.trpl.project_*`` goes through the dispatcher, the
 generated autograd wrapper of the custom op, a redispatch into the Python body, the
 metadata checks and the launcher, and its backward through the backward op the same way:
 ~0.15-0.25 ms of host work per call on an H100 (bench/RESULTS.md), more than the
-kernels themselves below ~1M rows. :meth:`ProjectionOp.apply` (``_common.py``) takes this
-path instead when the call is eager on plain tensors (:func:`takes_fast_path`): a
-``torch.autograd.Function`` whose forward and backward call the same launchers directly
-(``wrap_triton`` turned off, as in a ``triton_op`` body), with the metadata checks,
-row shapes and bound layout worked out once per input signature (:class:`EagerPlan`,
-cached per op) and the launch geometry cached per shape in the kernels.
+kernels themselves below ~1M rows (on the CPU ~0.1 ms, more than the KL ops' C kernels
+at the training loop's size). :meth:`ProjectionOp.apply` (``_common.py``) takes this
+path instead when the call is eager on plain tensors (:func:`takes_fast_path`) and one of
+the op's backends takes the inputs (``ProjectionOp.eager_path``: the Triton launchers on
+CUDA, the fused full-KL kernel, the CPU implementations): a ``torch.autograd.Function``
+whose forward and backward call the same code the operator would (``wrap_triton`` turned
+off, as in a ``triton_op`` body), with the metadata checks, row shapes and bound layout
+worked out once per input signature (:class:`EagerPlan`, cached per backend) and the
+launch geometry cached per shape in the kernels.
 
 Everything else keeps the operators: ``torch.compile`` (dynamo, and the
 ``FunctionalTensorMode`` it traces with), any other dispatch mode (``make_fx``, fake
 tensors, ...), ``torch.func`` transforms, tensor subclasses, inputs the kernels do not take
-(the op's own predicate, e.g. the full KL kernel's ``d <= 32``) and empty batches. Both
-paths run the same kernels, so they agree bit for bit (tested); :func:`set_eager_fast_path`
-switches the fast path off (for comparisons and debugging).
+(the op's own predicate, e.g. the full KL kernel's ``d <= 32``; half precision on the
+CPU; the compiled large-batch sizes) and empty batches. Both paths run the same code, so
+they agree bit for bit (tested); :func:`set_eager_fast_path` switches the fast path off
+(for comparisons and debugging). Like the operators, its backward is first order: a
+double backward is refused with an error.
 
 The fast path has no host synchronization and allocates only its outputs (and, for float64
 with scalar bounds, the per-row bound tensors the launchers build), so it can be captured
@@ -31,7 +36,6 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 try:  # what a ``triton_op`` body runs under eagerly: wrap_triton hands back the kernel itself
     from torch._library.triton import set_wrap_triton_enabled as _set_wrap_triton_enabled
@@ -199,7 +203,9 @@ class EagerPath:
             return None
         mb = _flat_bound(mean_bound, plan.mean_bound, plan)
         cb = _flat_bound(cov_bound, plan.cov_bound, plan)
-        if torch.is_grad_enabled() and (mean.requires_grad or cov.requires_grad):
+        if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (mean, cov, old_mean, old_cov, mean_bound, cov_bound)
+        ):  # (as the operators: outputs that require grad, gradients for mean and cov only)
             return EagerProjection.apply(self, plan, mean, cov, old_mean, old_cov, mb, cb, mbv, cbv)
         return self.run_forward(plan, mean, cov, old_mean, old_cov, mb, cb, mbv, cbv)[0]
 
@@ -222,20 +228,31 @@ class EagerPath:
         return shaped, rows, outs[2:]
 
     def run_backward(self, plan: EagerPlan, grad_mean, grad_cov, rows, aux, mb, cb, mbv, cbv):
-        flat, mean = plan.flat, rows[0]
+        flat, dtype, backward = plan.flat, rows[0].dtype, self.backward
+        as_rows = _as_rows
+        if any(g is not None and not torch._C._has_storage(g) for g in (grad_mean, grad_cov)):
+            # batched gradients (autograd.grad(is_grads_batched=True) vmaps the backward):
+            # no kernel can read them; the op's torch implementation of the same formulas
+            # runs instead (the operators have no batching rule at all). The fused full-KL
+            # kernel's aux outputs have no torch counterpart: its backward then fails, as
+            # the op's does.
+            backward = self.spec.impl_backward
+            rows = [r.to(plan.compute_dtype) for r in rows]
+            as_rows = lambda t, shape, _flat: t.reshape(shape)  # noqa: E731 (batched: no strides)
+        like = dict(dtype=rows[0].dtype, device=rows[0].device)
         grad_mean = (
-            torch.zeros(plan.mean_rows, dtype=mean.dtype, device=mean.device)
+            torch.zeros(plan.mean_rows, **like)
             if grad_mean is None
-            else _as_rows(grad_mean.to(mean.dtype), plan.mean_rows, flat)
+            else as_rows(grad_mean.to(like["dtype"]), plan.mean_rows, flat)
         )
         grad_cov = (
-            torch.zeros(plan.cov_rows, dtype=mean.dtype, device=mean.device)
+            torch.zeros(plan.cov_rows, **like)
             if grad_cov is None
-            else _as_rows(grad_cov.to(mean.dtype), plan.cov_rows, flat)
+            else as_rows(grad_cov.to(like["dtype"]), plan.cov_rows, flat)
         )
         with _set_wrap_triton_enabled(False):
-            gm, gc = self.backward(grad_mean, grad_cov, *rows, *aux, mb, cb, float(mbv), float(cbv))
-        return _shaped(gm, plan.mean_shape, flat), _shaped(gc, plan.cov_shape, flat)
+            gm, gc = backward(grad_mean, grad_cov, *rows, *aux, mb, cb, float(mbv), float(cbv))
+        return _shaped(gm.to(dtype), plan.mean_shape, flat), _shaped(gc.to(dtype), plan.cov_shape, flat)
 
 
 def _flat_bound(bound, mode, plan: EagerPlan):
@@ -261,9 +278,30 @@ class EagerProjection(torch.autograd.Function):
         return outs
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_mean, grad_cov, *_aux_grads):
         saved = ctx.saved_tensors
         rows, (mb, cb), aux = saved[:4], saved[4:6], saved[6:]
-        gm, gc = ctx.path.run_backward(ctx.plan, grad_mean, grad_cov, rows, aux, mb, cb, *ctx.bound_values)
+        with torch.no_grad():
+            gm, gc = ctx.path.run_backward(ctx.plan, grad_mean, grad_cov, rows, aux, mb, cb, *ctx.bound_values)
+        deps = [t for t in (grad_mean, grad_cov, rows[0], rows[1]) if t is not None and t.requires_grad]
+        if torch.is_grad_enabled() and deps:
+            # create_graph: these gradients depend on the inputs through a first-order
+            # formula (kernels, implicit differentiation); differentiating them raises, as
+            # through the operators, instead of a second derivative silently missing a term
+            gm, gc = _FirstOrderOnly.apply(gm, gc, *deps)
         return None, None, gm, gc, None, None, None, None, None, None
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Passes gradients through; differentiating them raises (no double backward)."""
+
+    @staticmethod
+    def forward(ctx, grad_mean, grad_cov, *deps):
+        return grad_mean.view_as(grad_mean), grad_cov.view_as(grad_cov)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "trpl_fast: the projection's backward is not differentiable (a double backward, or a "
+            "gradient taken with create_graph=True differentiated again, through the projection)"
+        )

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..kernels.kl import MAX_ITER, TOL_F32, TOL_F64, launch_kl_diag_bwd, launch_kl_diag_fwd, launch_kl_newton
 from ..kernels.kl_cpu import (
@@ -218,25 +218,32 @@ def _cpu_kernel_constants() -> dict:
     return dict(max_iter=MAX_ITER, tol=TOL_F64, phi_cut=PHI_SERIES_CUT_F64, phi_series=_PHI_SERIES)
 
 
-def _real_tensor(t: Tensor) -> bool:
-    """Not traced (torch.compile, fake tensors, subclasses) nor wrapped by torch.func."""
-    return (
-        not torch.compiler.is_compiling()
-        and type(t) is Tensor
-        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+def _real_tensors(*tensors) -> bool:
+    """Every tensor given (None skipped) is one a C kernel can read: not traced
+    (torch.compile, fake tensors, subclasses), not wrapped by torch.func nor batched by
+    ``autograd.grad(is_grads_batched=True)`` (no storage), on the CPU."""
+    if torch.compiler.is_compiling():
+        return False
+    wrapped, has_storage = torch._C._functorch.is_functorch_wrapped_tensor, torch._C._has_storage
+    return all(
+        t is None
+        or (type(t) in (Tensor, nn.Parameter) and t.device.type == "cpu" and not wrapped(t) and has_storage(t))
+        for t in tensors
     )
 
 
-def uses_cpu_diag_kernel(mean: Tensor) -> bool:
+def uses_cpu_diag_kernel(mean: Tensor, *others) -> bool:
     """Whether the diagonal op's eager CPU solve (and its backward) runs the C kernel
-    (``kernels/kl_cpu.c``: the same algorithm per row, float64 inside): real float32 /
-    float64 tensors on a device of ``CPU_KERNEL_DEVICE_TYPES``, ``d <= CPU_KERNEL_MAX_D``,
-    the kernel built. Large batches take the compiled path first (``kl_diag_large``)."""
+    (``kernels/kl_cpu.c``: the same algorithm per row, float64 inside): (rows, d) float32 /
+    float64 tensors (``mean`` and the call's ``others``) that the kernel can read, on a
+    device of ``CPU_KERNEL_DEVICE_TYPES``, ``d <= CPU_KERNEL_MAX_D``, the kernel built.
+    Large batches take the compiled path first (``kl_diag_large``)."""
     return (
         mean.device.type in CPU_KERNEL_DEVICE_TYPES
         and mean.dtype in DIAG_DTYPES
+        and mean.dim() == 2
         and mean.shape[-1] <= CPU_KERNEL_MAX_D
-        and _real_tensor(mean)
+        and _real_tensors(mean, *others)
         and cpu_kernel_available()
     )
 
@@ -244,7 +251,12 @@ def uses_cpu_diag_kernel(mean: Tensor) -> bool:
 def kl_diag(
     mean, std, old_mean, old_std, mean_bound, cov_bound, mbv, cbv, early_exit=False, iterations=None, t_start=None
 ):
-    if early_exit and iterations is None and t_start is None and uses_cpu_diag_kernel(mean):
+    if (
+        early_exit
+        and iterations is None
+        and t_start is None
+        and uses_cpu_diag_kernel(mean, std, old_mean, old_std, mean_bound, cov_bound)
+    ):
         return launch_kl_diag_cpu_fwd(
             mean, std, old_mean, old_std, mean_bound, cov_bound, mbv, cbv, _cpu_kernel_constants()
         )
@@ -271,7 +283,7 @@ def kl_diag_backward(
     ``active`` (rows,): the rows the forward projected, when the caller knows them (else
     ``KLc(1) > eps`` is evaluated again). Real CPU tensors: the C kernel, the same formulas.
     """
-    if active is None and uses_cpu_diag_kernel(mean):
+    if active is None and uses_cpu_diag_kernel(mean, g_mean, g_std, std, old_mean, old_std, t, mean_bound, cov_bound):
         return launch_kl_diag_cpu_bwd(
             g_mean, g_std, mean, std, old_mean, old_std, t, mean_bound, cov_bound, mbv, cbv, _cpu_kernel_constants()
         )
@@ -584,16 +596,15 @@ def uses_fused_kernel(mean: Tensor) -> bool:
     return mean.device.type in FUSED_DEVICE_TYPES and mean.shape[-1] <= MAX_D and not is_fake(mean)
 
 
-def uses_cpu_kernel(mean: Tensor) -> bool:
-    """Whether the full op runs the C kernel for these (rows, d) means: real tensors on a
-    device of ``CPU_KERNEL_DEVICE_TYPES``, ``d <= CPU_KERNEL_MAX_D``, and the kernel built
-    (else the torch factor path, same outputs); forward and backward decide by this test."""
-    from torch._subclasses.fake_tensor import is_fake
-
+def uses_cpu_kernel(mean: Tensor, *others) -> bool:
+    """Whether the full op runs the C kernel for these (rows, d) means (and the call's
+    ``others``): tensors the kernel can read on a device of ``CPU_KERNEL_DEVICE_TYPES``,
+    ``d <= CPU_KERNEL_MAX_D``, and the kernel built (else the torch factor path, same outputs
+    in the same aux slots, so forward and backward may each take either)."""
     return (
         mean.device.type in CPU_KERNEL_DEVICE_TYPES
         and mean.shape[-1] <= CPU_KERNEL_MAX_D
-        and not is_fake(mean)
+        and _real_tensors(mean, *others)
         and cpu_kernel_available()
     )
 
@@ -676,7 +687,7 @@ def kl_full(mean, factor, old_mean, old_factor, mean_bound, cov_bound, mbv, cbv,
     mean, factor, old_mean, old_factor, mean_bound, cov_bound = _float64(
         mean, factor, old_mean, old_factor, mean_bound, cov_bound
     )
-    if uses_cpu_kernel(mean):
+    if uses_cpu_kernel(mean, factor, old_mean, old_factor, mean_bound, cov_bound):
         out = launch_kl_full_cpu_fwd(
             mean, factor, old_mean, old_factor, mean_bound, cov_bound, mbv, cbv, _cpu_kernel_constants()
         )
@@ -714,7 +725,7 @@ def kl_full_backward(
     g_mean, g_factor, mean, factor, old_mean, old_factor, t, mean_bound, cov_bound = _float64(
         g_mean, g_factor, mean, factor, old_mean, old_factor, t, mean_bound, cov_bound
     )
-    if uses_cpu_kernel(mean):
+    if uses_cpu_kernel(mean, g_mean, g_factor, factor, old_mean, old_factor, t, m, u, mean_bound, cov_bound):
         out = launch_kl_full_cpu_bwd(
             g_mean,
             g_factor,
