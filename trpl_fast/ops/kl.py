@@ -220,15 +220,14 @@ def _cpu_kernel_constants() -> dict:
 
 def _real_tensors(*tensors) -> bool:
     """Every tensor given (None skipped) is one a C kernel can read: not traced
-    (torch.compile, fake tensors, subclasses), not wrapped by torch.func nor batched by
-    ``autograd.grad(is_grads_batched=True)`` (no storage), on the CPU."""
-    if torch.compiler.is_compiling():
+    (torch.compile, fake tensors, subclasses), no torch.func transform active, not batched
+    by ``autograd.grad(is_grads_batched=True)`` (no storage), on the CPU. Callers pass the
+    tensors that can differ in kind (the inputs; the incoming gradients)."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
-    wrapped, has_storage = torch._C._functorch.is_functorch_wrapped_tensor, torch._C._has_storage
+    has_storage = torch._C._has_storage
     return all(
-        t is None
-        or (type(t) in (Tensor, nn.Parameter) and t.device.type == "cpu" and not wrapped(t) and has_storage(t))
-        for t in tensors
+        t is None or (type(t) in (Tensor, nn.Parameter) and t.device.type == "cpu" and has_storage(t)) for t in tensors
     )
 
 
@@ -251,12 +250,7 @@ def uses_cpu_diag_kernel(mean: Tensor, *others) -> bool:
 def kl_diag(
     mean, std, old_mean, old_std, mean_bound, cov_bound, mbv, cbv, early_exit=False, iterations=None, t_start=None
 ):
-    if (
-        early_exit
-        and iterations is None
-        and t_start is None
-        and uses_cpu_diag_kernel(mean, std, old_mean, old_std, mean_bound, cov_bound)
-    ):
+    if early_exit and iterations is None and t_start is None and uses_cpu_diag_kernel(mean, std):
         return launch_kl_diag_cpu_fwd(
             mean, std, old_mean, old_std, mean_bound, cov_bound, mbv, cbv, _cpu_kernel_constants()
         )
@@ -283,7 +277,7 @@ def kl_diag_backward(
     ``active`` (rows,): the rows the forward projected, when the caller knows them (else
     ``KLc(1) > eps`` is evaluated again). Real CPU tensors: the C kernel, the same formulas.
     """
-    if active is None and uses_cpu_diag_kernel(mean, g_mean, g_std, std, old_mean, old_std, t, mean_bound, cov_bound):
+    if active is None and uses_cpu_diag_kernel(mean, g_mean, g_std):
         return launch_kl_diag_cpu_bwd(
             g_mean, g_std, mean, std, old_mean, old_std, t, mean_bound, cov_bound, mbv, cbv, _cpu_kernel_constants()
         )
@@ -687,7 +681,7 @@ def kl_full(mean, factor, old_mean, old_factor, mean_bound, cov_bound, mbv, cbv,
     mean, factor, old_mean, old_factor, mean_bound, cov_bound = _float64(
         mean, factor, old_mean, old_factor, mean_bound, cov_bound
     )
-    if uses_cpu_kernel(mean, factor, old_mean, old_factor, mean_bound, cov_bound):
+    if uses_cpu_kernel(mean, factor):
         out = launch_kl_full_cpu_fwd(
             mean, factor, old_mean, old_factor, mean_bound, cov_bound, mbv, cbv, _cpu_kernel_constants()
         )
@@ -725,7 +719,7 @@ def kl_full_backward(
     g_mean, g_factor, mean, factor, old_mean, old_factor, t, mean_bound, cov_bound = _float64(
         g_mean, g_factor, mean, factor, old_mean, old_factor, t, mean_bound, cov_bound
     )
-    if uses_cpu_kernel(mean, g_mean, g_factor, factor, old_mean, old_factor, t, m, u, mean_bound, cov_bound):
+    if uses_cpu_kernel(mean, g_mean, g_factor):
         out = launch_kl_full_cpu_bwd(
             g_mean,
             g_factor,
