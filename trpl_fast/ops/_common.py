@@ -159,6 +159,9 @@ class ProjectionOp:
     the two float values); they run on CPU, and on every device when there is no launcher.
     ``launch`` / ``launch_backward`` are the Triton launchers used on CUDA (same arguments,
     contiguous, in the input dtype: the kernels upcast half precision themselves).
+    ``eager``: further ``(forward, backward, takes(mean))`` backends of the eager fast path
+    with the launchers' arguments (the fused full-KL kernel); the launchers come first, the
+    CPU implementations last (:meth:`eager_path`).
     """
 
     def __init__(
@@ -199,8 +202,9 @@ class ProjectionOp:
         self._function = self._define_function()
 
     def apply(self, mean, cov, old_mean, old_cov, mean_bound, cov_bound, mbv, cbv):
-        """The forward op; or the eager fast path (``_eager``: an eager call the Triton
-        kernels take, launched without the dispatcher; same kernels, same outputs); or
+        """The forward op; or the eager fast path (``_eager``: an eager call one of the
+        op's backends takes -- its Triton kernels, a fused kernel, its CPU implementation --
+        run without the dispatcher; the same code, the same outputs); or
         under :func:`torch_func_mode` on CPU the same computation as a
         ``torch.func``-differentiable ``autograd.Function`` (same outputs, same backward)
         -- for the ops whose body ``torch.compile`` traces anyway (those with a Triton
