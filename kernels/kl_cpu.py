@@ -40,6 +40,8 @@ MAX_D = 32
 QR_MAX_STEPS = 30
 # Each thread gets at least this many states (a parallel region costs more than fewer save)
 MIN_ROWS_PER_THREAD = 32
+# Diagonal rows per thread at least (a row is ~d * 10 transcendental-bound Newton steps)
+MIN_DIAG_ROWS_PER_THREAD = 256
 
 _SOURCE = Path(__file__).with_name("kl_cpu.c")
 _lock = threading.Lock()
@@ -125,10 +127,10 @@ def available() -> bool:
     return _library() is not None
 
 
-def _threads(rows: int) -> int:
-    """Threads for a batch of ``rows`` states: torch's count, at most one per
-    ``MIN_ROWS_PER_THREAD`` states."""
-    return max(1, min(torch.get_num_threads(), rows // MIN_ROWS_PER_THREAD))
+def _threads(rows: int, min_rows: int = MIN_ROWS_PER_THREAD) -> int:
+    """Threads for a batch of ``rows`` states: torch's count, at most one per ``min_rows``
+    states."""
+    return max(1, min(torch.get_num_threads(), rows // min_rows))
 
 
 # every tensor a kernel reads or writes is made on the CPU, whatever torch's default device
@@ -248,13 +250,7 @@ def launch_kl_full_cpu_bwd(
     return outs[0], outs[1]
 
 
-# Diagonal rows per thread at least (a row is ~d * 10 transcendental-bound Newton steps)
-MIN_DIAG_ROWS_PER_THREAD = 256
 DIAG_DTYPES = (torch.float32, torch.float64)
-
-
-def _diag_threads(rows: int) -> int:
-    return max(1, min(torch.get_num_threads(), rows // MIN_DIAG_ROWS_PER_THREAD))
 
 
 def launch_kl_diag_cpu_fwd(
@@ -275,7 +271,9 @@ def launch_kl_diag_cpu_fwd(
     series = _phi_series(constants["phi_series"])
     args = [d, int(mean.dtype == torch.float32), *(x.data_ptr() for x in ins), mb.data_ptr(), mbs, cb.data_ptr()]
     args += [cbs, constants["max_iter"], constants["tol"], constants["phi_cut"], series.numel(), series.data_ptr()]
-    _check(lib.kl_diag_cpu_forward(rows, _diag_threads(rows), *args, *(o.data_ptr() for o in outs)))
+    _check(
+        lib.kl_diag_cpu_forward(rows, _threads(rows, MIN_DIAG_ROWS_PER_THREAD), *args, *(o.data_ptr() for o in outs))
+    )
     return outs[0], outs[1], outs[2], outs[3].view(torch.bool)
 
 
@@ -304,5 +302,7 @@ def launch_kl_diag_cpu_bwd(
     series = _phi_series(constants["phi_series"])
     args = [d, int(mean.dtype == torch.float32), *(x.data_ptr() for x in ins), mb.data_ptr(), mbs, cb.data_ptr()]
     args += [cbs, constants["phi_cut"], series.numel(), series.data_ptr()]
-    _check(lib.kl_diag_cpu_backward(rows, _diag_threads(rows), *args, *(o.data_ptr() for o in outs)))
+    _check(
+        lib.kl_diag_cpu_backward(rows, _threads(rows, MIN_DIAG_ROWS_PER_THREAD), *args, *(o.data_ptr() for o in outs))
+    )
     return outs[0], outs[1]
