@@ -1,12 +1,15 @@
 """Return against wall-clock time for groups of runs (issue 11's throughput preset beside the
 paper preset): per group the mean +- 95% interval over seeds of "final" (last 20
 evaluations), the return reached by given wall times (each run's mean of its last 5
-evaluations by then), and each run's wall time to reach a target return (the first time the
-mean of 5 consecutive evaluations reaches it); a figure of the curves against wall time.
+evaluations by then), the same at ``--fraction`` of the target group's mean wall time (the
+issue's measure: 1/3), and each run's wall time to reach a target return (the first time the
+mean of 5 consecutive evaluations reaches it); a figure of the curves against wall time
+(each run thin, the mean over a group's runs thick) and, with ``--copy-runs``, each run's
+``config.json`` and ``progress.csv`` under ``OUT/runs/`` so that the report can be redrawn.
 
     python -m bench.throughput_report --groups paper=runs/tp3/kl_paper_s* \
         throughput=runs/tp3/kl_throughput_s* e10_mb512=runs/tp3/kl_tp_e10_mb512_s* \
-        --target-group paper --out bench/results/throughput_3seeds
+        --target-group paper --copy-runs --out bench/results/throughput_3seeds
 
 Not a test.
 """
@@ -17,6 +20,7 @@ import argparse
 import glob
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +52,8 @@ def main(argv=None) -> dict:
     p.add_argument("--groups", nargs="+", required=True, help="NAME=GLOB of run directories")
     p.add_argument("--target-group", required=True, help="the group whose final return is the target")
     p.add_argument("--times", type=float, nargs="+", default=[30, 60, 90, 120])
+    p.add_argument("--fraction", type=float, default=1 / 3, help="of the target group's mean wall time")
+    p.add_argument("--copy-runs", action="store_true", help="copy config.json / progress.csv to OUT/runs/")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     groups = {}
@@ -57,8 +63,17 @@ def main(argv=None) -> dict:
     curves = {n: [_curve(d) for d in dirs] for n, dirs in groups.items()}
     finals = {n: [float(np.mean(r[-20:])) for _, _, r in cs] for n, cs in curves.items()}
     target = float(np.mean(finals[args.target_group]))
-    report: dict = {"target": target, "target_group": args.target_group, "groups": {}}
+    target_wall = float(np.mean([w[-1] for w, _, _ in curves[args.target_group]]))
+    t_frac = args.fraction * target_wall
+    report: dict = {
+        "target": target,
+        "target_group": args.target_group,
+        "target_wall_s": target_wall,
+        "fraction": args.fraction,
+        "groups": {},
+    }
     for n, cs in curves.items():
+        at_frac = [_at(w, r, t_frac) for w, _, r in cs]
         mean, half, _ = ci95(finals[n])
         report["groups"][n] = {
             "runs": groups[n],
@@ -67,10 +82,21 @@ def main(argv=None) -> dict:
             "steps": [int(s[-1]) for _, s, _ in cs],
             "wall_s": [float(w[-1]) for w, _, _ in cs],
             "at_wall_s": {str(t): [_at(w, r, t) for w, _, r in cs] for t in args.times},
+            "at_fraction": {"wall_s": t_frac, "per_run": at_frac, "mean": ci95(at_frac)[:2]},
             "time_to_target_s": [_time_to(w, r, target) for w, _, r in cs],
         }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.copy_runs:
+        for dirs in groups.values():
+            for d in dirs:
+                dest = out / "runs" / Path(d).name
+                dest.mkdir(parents=True, exist_ok=True)
+                for name in ("config.json", "progress.csv"):
+                    shutil.copyfile(Path(d) / name, dest / name)
+        report["groups"] = {
+            n: {**g, "runs": [f"runs/{Path(d).name}" for d in g["runs"]]} for n, g in report["groups"].items()
+        }
     with open(out / "report.json", "w") as f:
         json.dump(report, f, indent=2)
     import matplotlib
@@ -80,8 +106,14 @@ def main(argv=None) -> dict:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (n, cs) in enumerate(curves.items()):
-        for j, (w, _, r) in enumerate(cs):
-            ax.plot(w, r, color=f"C{i}", alpha=0.8, lw=1, label=n if j == 0 else None)
+        for w, _, r in cs:
+            ax.plot(w, r, color=f"C{i}", alpha=0.35, lw=0.8)
+        # from every run's first evaluation to the end of the shortest run: each run's return
+        # as last evaluated by then (a step function), averaged over the group
+        grid = np.linspace(max(w[0] for w, _, _ in cs), min(w[-1] for w, _, _ in cs), 200)
+        held = [r[np.searchsorted(w, grid, side="right") - 1] for w, _, r in cs]
+        ax.plot(grid, np.mean(held, 0), color=f"C{i}", lw=2.2, label=f"{n} (mean of {len(cs)})")
+    ax.axvline(t_frac, color="grey", ls="--", lw=1, label=f"{args.fraction:.2g} of {args.target_group}'s wall time")
     ax.axhline(target, color="k", ls=":", lw=1, label=f"{args.target_group} final ({target:,.0f})")
     ax.set_xlabel("wall time (s)")
     ax.set_ylabel("evaluation return")

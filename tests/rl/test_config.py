@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from trpl_fast.rl.config import TrainConfig, parse_overrides, preset
+from trpl_fast.rl.config import ALGOS, TrainConfig, parse_overrides, preset
 
 PROJ = ("frob", "w2", "kl")
 BASE = ("ppo", "ppo-m")
@@ -110,6 +110,21 @@ def test_reacher_contextual_kl_bound_and_envs():
     assert preset("reacher", "kl", contextual_cov=True).cov_bound == 1e-3
     assert preset("humanoid", "kl").env_id == "Humanoid-v5"
     assert preset("reacher", "kl").env_id == "trpl_fast/ReacherSparse5-v0"
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_throughput_preset(algo):
+    """The large-batch preset as measured in bench/RESULTS.md (issue 11): KL with 10 epochs
+    of 512 and the wider bounds 0.1 / 0.005 chosen there; the others keep the paper's
+    bounds and 4-5 epochs of 4,096 (not tuned)."""
+    cfg = preset("throughput", algo)
+    assert (cfg.num_envs, cfg.rollout_steps, cfg.lr, cfg.epochs_vf) == (64, 16384, 3e-4, 5)
+    if algo == "kl":
+        assert (cfg.epochs, cfg.minibatch_size, cfg.mean_bound, cfg.cov_bound) == (10, 512, 0.1, 0.005)
+    else:
+        paper = preset("mujoco", algo)
+        assert (cfg.mean_bound, cfg.cov_bound) == (paper.mean_bound, paper.cov_bound)
+        assert cfg.minibatch_size == 4096 and cfg.epochs == (5 if algo in ("w2", "frob") else 4)
 
 
 @pytest.mark.parametrize("preset_name", ["mujoco", "humanoid", "reacher", "throughput"])
