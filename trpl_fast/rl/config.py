@@ -313,8 +313,8 @@ def parse_overrides(items) -> dict:
 def preset(name: str, algo: str, **overrides) -> TrainConfig:
     """The paper's hyperparameters for ``algo`` (table 2: ``mujoco``; table 3: ``humanoid``)
     or the ``throughput`` variant for a many-core GPU machine (64 envs, 16,384 steps per
-    iteration, large minibatches, few epochs; KL with wider bounds), or ``reacher`` (table 4, the 5-link sparse
-    Reacher), with ``overrides`` applied last."""
+    iteration, large minibatches, few epochs; KL with wider bounds), or ``reacher`` (table
+    4, the 5-link sparse Reacher), with ``overrides`` applied last."""
     if algo not in ALGOS:
         raise ValueError(f"algo must be one of {ALGOS}, got {algo!r}")
     if name not in PRESETS:
