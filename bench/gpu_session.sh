@@ -11,6 +11,9 @@
 #           diagonal; Frobenius / W2 full), JSON per suite
 #   tune    sweep the row kernels' tile size and warps (bench/tune_rows.py)
 #   train   the training loop's steps/s on this machine: bench/train_algos.py, CUDA and CPU
+#   seeds   issue 11's GPU target: SEEDS (32) seeds of the KL throughput preset in one process,
+#           networks on CUDA, evaluation after every iteration, aggregate env steps/s against
+#           one single-seed run (bench/train_seeds.py)
 # The MuJoCo / EnvPool packages come from ../shared/tools/device-site.sh, carried as .devsite.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -65,6 +68,10 @@ for p in "$@"; do
       [ "$p" = train_cuda ] && continue
       phase train_cpu "${TRAIN_LIMIT:-150}" env OMP_NUM_THREADS=1 $PY -m bench.train_algos --env HalfCheetah-v5 \
         --steps 16384 --algos kl ppo ppo-m --device cpu --out "$OUT/train_cpu.json" ;;
+    seeds)
+      phase seeds_cuda "${SEEDS_LIMIT:-300}" $PY -m bench.train_seeds --preset throughput --algo kl \
+        --env HalfCheetah-v5 --seeds "${SEEDS:-32}" --steps "${SEEDS_STEPS:-65536}" --device cuda \
+        --threads "${SEEDS_THREADS:-4}" --out "$OUT/train_seeds_cuda.json" ;;
     *) echo "unknown phase $p"; exit 2 ;;
   esac
 done

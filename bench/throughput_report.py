@@ -3,9 +3,11 @@ paper preset): per group the mean +- 95% interval over seeds of "final" (last 20
 evaluations), the return reached by given wall times (each run's mean of its last 5
 evaluations by then), the same at ``--fraction`` of the target group's mean wall time (the
 issue's measure: 1/3), and each run's wall time to reach a target return (the first time the
-mean of 5 consecutive evaluations reaches it); a figure of the curves against wall time
-(each run thin, the mean over a group's runs thick) and, with ``--copy-runs``, each run's
-``config.json`` and ``progress.csv`` under ``OUT/runs/`` so that the report can be redrawn.
+mean of 5 consecutive evaluations reaches it); with ``--pairs NEW:OLD``, the per-seed
+difference of two groups run on the same seeds (a change shown before and after); a figure
+of the curves against wall time (each run thin, the mean over a group's runs thick) and,
+with ``--copy-runs``, each run's ``config.json`` and ``progress.csv`` under
+``OUT/runs/<group>/`` so that the report can be redrawn.
 
     python -m bench.throughput_report --groups paper=runs/tp3/kl_paper_s* \
         throughput=runs/tp3/kl_throughput_s* e10_mb512=runs/tp3/kl_tp_e10_mb512_s* \
@@ -34,6 +36,22 @@ def _curve(run_dir):
     return cols["wall_time"][ok], cols["global_step"][ok], cols["eval_return_mean"][ok]
 
 
+def _paired(report: dict, seeds: dict, new: str, old: str) -> dict:
+    """``new - old`` per seed (matched by each run's ``config.json`` seed, over the seeds both
+    groups have) at the fraction and final, with the mean +- 95% interval."""
+    g_new, g_old = report["groups"][new], report["groups"][old]
+    common = sorted(set(seeds[new]) & set(seeds[old]))
+    if len(common) < 2:
+        raise ValueError(f"--pairs {new}:{old}: the groups share {len(common)} seed(s); a paired interval needs 2")
+    out = {"seeds": common}
+    for key, get in (("at_fraction", lambda g: g["at_fraction"]["per_run"]), ("final", lambda g: g["final_per_run"])):
+        by_new = dict(zip(seeds[new], get(g_new)))
+        by_old = dict(zip(seeds[old], get(g_old)))
+        diff = [by_new[k] - by_old[k] for k in common]
+        out[key] = {"per_seed": diff, "mean": list(ci95(diff)[:2])}
+    return out
+
+
 def _at(wall, ret, t, window=5):
     have = ret[wall <= t]
     return float(np.mean(have[-window:])) if len(have) else math.nan
@@ -51,9 +69,16 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--groups", nargs="+", required=True, help="NAME=GLOB of run directories")
     p.add_argument("--target-group", required=True, help="the group whose final return is the target")
-    p.add_argument("--times", type=float, nargs="+", default=[30, 60, 90, 120])
+    p.add_argument("--times", type=float, nargs="+", default=[30.0, 60.0, 90.0, 120.0])
     p.add_argument("--fraction", type=float, default=1 / 3, help="of the target group's mean wall time")
-    p.add_argument("--copy-runs", action="store_true", help="copy config.json / progress.csv to OUT/runs/")
+    p.add_argument(
+        "--pairs",
+        nargs="+",
+        default=[],
+        metavar="NEW:OLD",
+        help="group pairs: NEW - OLD per seed (each run's config.json seed) at the fraction and final",
+    )
+    p.add_argument("--copy-runs", action="store_true", help="copy config.json / progress.csv to OUT/runs/<group>/")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     groups = {}
@@ -85,17 +110,25 @@ def main(argv=None) -> dict:
             "at_fraction": {"wall_s": t_frac, "per_run": at_frac, "mean": ci95(at_frac)[:2]},
             "time_to_target_s": [_time_to(w, r, target) for w, _, r in cs],
         }
+    pairs = [spec.split(":", 1) for spec in args.pairs]
+    for spec, pair in zip(args.pairs, pairs):
+        if len(pair) != 2 or not set(pair) <= set(groups):
+            p.error(f"--pairs {spec}: expected NEW:OLD, two of the groups {', '.join(groups)}")
+    seeds = {n: [load_run(d)[0].get("seed") for d in dirs] for n, dirs in groups.items()}
+    report["pairs"] = {f"{a} - {b}": _paired(report, seeds, a, b) for a, b in pairs}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.copy_runs:
-        for dirs in groups.values():
+        # one folder per group: two groups' runs may share a name (e.g. probe_a/Hopper_before_s0
+        # and probe_b/Hopper_before_s0); by name alone one would overwrite the other
+        for n, dirs in groups.items():
             for d in dirs:
-                dest = out / "runs" / Path(d).name
+                dest = out / "runs" / n / Path(d).name
                 dest.mkdir(parents=True, exist_ok=True)
                 for name in ("config.json", "progress.csv"):
                     shutil.copyfile(Path(d) / name, dest / name)
         report["groups"] = {
-            n: {**g, "runs": [f"runs/{Path(d).name}" for d in g["runs"]]} for n, g in report["groups"].items()
+            n: {**g, "runs": [f"runs/{n}/{Path(d).name}" for d in g["runs"]]} for n, g in report["groups"].items()
         }
     with open(out / "report.json", "w") as f:
         json.dump(report, f, indent=2)
@@ -120,7 +153,8 @@ def main(argv=None) -> dict:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "curves_wall.png", dpi=120)
-    print(json.dumps({n: {k: v for k, v in g.items() if k != "runs"} for n, g in report["groups"].items()}, indent=1))
+    shown = {n: {k: v for k, v in g.items() if k != "runs"} for n, g in report["groups"].items()}
+    print(json.dumps({**shown, "pairs": report["pairs"]}, indent=1))
     return report
 
 

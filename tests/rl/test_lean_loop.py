@@ -9,8 +9,8 @@ import torch
 from trpl_fast.rl.config import preset
 from trpl_fast.rl.policies import GaussianPolicy
 from trpl_fast.rl.rollout import Actor
-from trpl_fast.rl.runlog import TIMING_COLUMNS
-from trpl_fast.rl.train import train
+from trpl_fast.rl.runlog import TIMING_COLUMNS, PhaseClock
+from trpl_fast.rl.train import device_synchronizer, train
 
 pytest.importorskip("gymnasium")
 
@@ -120,3 +120,16 @@ def test_phase_times_are_logged(tmp_path):
         assert rows[0][col] > 0, col
     phases = sum(rows[0][c] for c in TIMING_COLUMNS if c.startswith("time_"))
     assert phases == pytest.approx(256 / rows[0]["steps_per_second"], rel=1e-6)
+
+
+def test_phase_clock_waits_for_the_device_before_each_reading():
+    # a GPU runs kernels asynchronously: without a sync a phase's queued work would be
+    # counted in the next phase that waits for it
+    calls = []
+    clock = PhaseClock(sync=lambda: calls.append(len(calls)))
+    first, second = clock.lap(), clock.lap()
+    assert calls == [0, 1] and first >= 0 and second >= 0
+    assert clock.total == pytest.approx(first + second)
+    assert device_synchronizer(torch.device("cpu")) is None
+    cuda_sync = device_synchronizer(torch.device("cuda", 0))  # built without touching CUDA
+    assert cuda_sync.func is torch.cuda.synchronize and cuda_sync.args == (torch.device("cuda", 0),)

@@ -42,6 +42,8 @@ def test_fraction_target_and_copied_runs(runs, tmp_path):
             "slow",
             "--times",
             "50",
+            "--pairs",
+            "fast:slow",
             "--copy-runs",
             "--out",
             str(out),
@@ -60,9 +62,53 @@ def test_fraction_target_and_copied_runs(runs, tmp_path):
     slow = report["groups"]["slow"]
     assert slow["at_fraction"]["per_run"] == pytest.approx([80.0, 80.0])
     assert slow["time_to_target_s"] == pytest.approx([230.0, 230.0])  # w - 20 >= 205
-    assert fast["runs"] == ["runs/fast_s0", "runs/fast_s1"]
-    for name in ("fast_s0", "slow_s1"):
+    assert fast["runs"] == ["runs/fast/fast_s0", "runs/fast/fast_s1"]
+    for group, name in (("fast", "fast_s0"), ("slow", "slow_s1")):
         for f in ("config.json", "progress.csv"):
-            assert (out / "runs" / name / f).read_text() == (runs / name / f).read_text()
+            assert (out / "runs" / group / name / f).read_text() == (runs / name / f).read_text()
+    # paired by seed: fast - slow at 100 s (270 / 271 - 80) and final (mean of the last 20)
+    pair = report["pairs"]["fast - slow"]
+    assert pair["seeds"] == [0, 1]
+    assert pair["at_fraction"]["per_seed"] == pytest.approx([190.0, 191.0])
+    assert pair["at_fraction"]["mean"][0] == pytest.approx(190.5)
+    assert pair["final"]["per_seed"] == pytest.approx([3 * 52.5 - 205.0, 3 * 52.5 + 1 - 205.0])
     assert (out / "curves_wall.png").stat().st_size > 0
     assert json.loads((out / "report.json").read_text())["groups"]["fast"]["at_fraction"]["per_run"] == [270.0, 271.0]
+
+
+def test_copied_runs_of_the_same_name_stay_apart(tmp_path):
+    # two probes name their runs alike: each group's copy keeps its own files
+    for probe, ret in (("probe_a", 100.0), ("probe_b", 200.0)):
+        _write_run(tmp_path / probe / "Hopper_before_s0", [10.0, 20.0], [ret, ret], 0)
+    out = tmp_path / "report"
+    report = throughput_report.main(
+        [
+            "--groups",
+            f"a={tmp_path}/probe_a/Hopper_before_s*",
+            f"b={tmp_path}/probe_b/Hopper_before_s*",
+            "--target-group",
+            "a",
+            "--copy-runs",
+            "--out",
+            str(out),
+        ]
+    )
+    assert report["groups"]["a"]["runs"] == ["runs/a/Hopper_before_s0"]
+    assert report["groups"]["b"]["runs"] == ["runs/b/Hopper_before_s0"]
+    for group, probe in (("a", "probe_a"), ("b", "probe_b")):
+        copied = out / "runs" / group / "Hopper_before_s0" / "progress.csv"
+        assert copied.read_text() == (tmp_path / probe / "Hopper_before_s0" / "progress.csv").read_text()
+
+
+def test_pairs_match_seeds_not_order_and_need_two(tmp_path, capsys):
+    # "new" lists seed 2 before seed 1 (a directory order); every run returns 100 x seed, +7 in "new"
+    for group, seeds, offset in (("old", (0, 1, 2), 0.0), ("new", (2, 1), 7.0)):
+        for k, seed in enumerate(seeds):
+            _write_run(tmp_path / group / f"run{k}", [10.0, 20.0], [100.0 * seed + offset] * 2, seed)
+    args = ["--groups", f"old={tmp_path}/old/*", f"new={tmp_path}/new/*", "--target-group", "old"]
+    report = throughput_report.main([*args, "--pairs", "new:old", "--out", str(tmp_path / "r")])
+    assert report["pairs"]["new - old"]["seeds"] == [1, 2]
+    assert report["pairs"]["new - old"]["final"]["per_seed"] == pytest.approx([7.0, 7.0])
+    with pytest.raises(SystemExit):
+        throughput_report.main([*args, "--pairs", "new:missing", "--out", str(tmp_path / "r")])
+    assert "--pairs new:missing: expected NEW:OLD" in capsys.readouterr().err

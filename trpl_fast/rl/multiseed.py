@@ -82,6 +82,7 @@ from .train import (
     Batch,
     TrainingDiverged,
     checkpoint_due,
+    device_synchronizer,
     evaluation_due,
     layer_reaches_func_grad,
     make_policy,
@@ -829,6 +830,7 @@ def train_seeds(
     cfg.validate()
     seeds = check_batchable(cfg, seeds)
     device = resolve_device(cfg.device)
+    device_sync = device_synchronizer(device)
     cfgs = _seed_configs(cfg, seeds)
     if dirs is None:
         dirs = [seed_dir(out_dir, s) for s in seeds]
@@ -1052,7 +1054,7 @@ def train_seeds(
     try:
         for iteration in range(start_iteration, n_iterations):
             check_terminated()
-            clock = PhaseClock()
+            clock = PhaseClock(sync=device_sync)
 
             set_learning_rates(cfg, opt_pi, opt_vf, iteration, n_iterations)
             rollout = collector.collect(actor, cfg.rollout_steps // cfg.num_envs)

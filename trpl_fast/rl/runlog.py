@@ -96,12 +96,17 @@ def read_progress(path: Path, iterations: int) -> list[dict]:
 
 class PhaseClock:
     """Wall seconds of one iteration's phases: :meth:`lap` returns the time since the last
-    lap (or the start), :attr:`total` the time from the start to the last lap."""
+    lap (or the start), :attr:`total` the time from the start to the last lap. ``sync``
+    (e.g. ``torch.cuda.synchronize``) is called before each reading, so that work a phase
+    queued on a GPU is counted in that phase, not in the next one that waits for it."""
 
-    def __init__(self):
+    def __init__(self, sync=None):
+        self.sync = sync
         self.start = self.last = time.perf_counter()
 
     def lap(self) -> float:
+        if self.sync is not None:
+            self.sync()
         now = time.perf_counter()
         elapsed, self.last = now - self.last, now
         return elapsed

@@ -122,6 +122,12 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def device_synchronizer(device: torch.device):
+    """What the phase clock calls before reading the time: the device's ``synchronize`` on
+    CUDA (kernels run asynchronously to the host), nothing on the CPU."""
+    return functools.partial(torch.cuda.synchronize, device) if device.type == "cuda" else None
+
+
 def make_policy(cfg: TrainConfig, obs_dim: int, act_dim: int) -> GaussianPolicy:
     """The policy of ``cfg``: for a full covariance the factor its projection takes (the
     symmetric root for W2, else the Cholesky factor; the baselines use Cholesky)."""
@@ -423,6 +429,7 @@ def train(
     run_dir = Path(run_dir)
     cfg.validate()
     device = resolve_device(cfg.device)
+    device_sync = device_synchronizer(device)
     check_run_dir(run_dir)
     ckpt_path = run_dir / "checkpoint.pt"
     saved = None
@@ -602,7 +609,7 @@ def train(
     try:
         for iteration in range(start_iteration, n_iterations):
             check_terminated()
-            clock = PhaseClock()
+            clock = PhaseClock(sync=device_sync)
 
             set_learning_rates(cfg, opt_pi, opt_vf, iteration, n_iterations)
 
