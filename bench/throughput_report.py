@@ -115,7 +115,10 @@ def main(argv=None) -> dict:
         if len(pair) != 2 or not set(pair) <= set(groups):
             p.error(f"--pairs {spec}: expected NEW:OLD, two of the groups {', '.join(groups)}")
     seeds = {n: [load_run(d)[0].get("seed") for d in dirs] for n, dirs in groups.items()}
-    report["pairs"] = {f"{a} - {b}": _paired(report, seeds, a, b) for a, b in pairs}
+    try:
+        report["pairs"] = {f"{a} - {b}": _paired(report, seeds, a, b) for a, b in pairs}
+    except ValueError as exc:
+        p.error(str(exc))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.copy_runs:

@@ -112,3 +112,10 @@ def test_pairs_match_seeds_not_order_and_need_two(tmp_path, capsys):
     with pytest.raises(SystemExit):
         throughput_report.main([*args, "--pairs", "new:missing", "--out", str(tmp_path / "r")])
     assert "--pairs new:missing: expected NEW:OLD" in capsys.readouterr().err
+    _write_run(tmp_path / "one" / "run0", [10.0, 20.0], [1.0, 1.0], 0)
+    with pytest.raises(SystemExit):  # shares only seed 0 with "old": no interval
+        throughput_report.main(
+            ["--groups", f"old={tmp_path}/old/*", f"one={tmp_path}/one/*", "--target-group", "old"]
+            + ["--pairs", "one:old", "--out", str(tmp_path / "r")]
+        )
+    assert "share 1 seed(s); a paired interval needs 2" in capsys.readouterr().err

@@ -354,7 +354,7 @@ def preset(name: str, algo: str, **overrides) -> TrainConfig:
             #   value steps per state sampled than the paper preset, the value function of
             #   Hopper's unscaled returns lagged. Paired, Hopper-v5 KL +1,495 (6 seeds), W2
             #   +1,412, Frobenius +1,667 (4 seeds); HalfCheetah-v5 -318, +270, -577, each
-            #   within its bimodal spread (one seed leaving or joining the high mode).
+            #   within its bimodal spread (seeds leaving or joining the high mode).
             # TRPO (one natural-gradient step per iteration; the minibatches are its value
             # function's) keeps the first design's 4 epochs of 4,096 (not measured).
             trpo = algo == "trpo"
