@@ -30,8 +30,7 @@ import numpy as np
 from trpl_fast.rl.plotting import ci95, load_run
 
 
-def _curve(run_dir):
-    _, cols = load_run(run_dir)
+def _curve(cols):
     ok = np.isfinite(cols["eval_return_mean"])
     return cols["wall_time"][ok], cols["global_step"][ok], cols["eval_return_mean"][ok]
 
@@ -85,7 +84,13 @@ def main(argv=None) -> dict:
     for spec in args.groups:
         name, pattern = spec.split("=", 1)
         groups[name] = sorted(glob.glob(pattern))
-    curves = {n: [_curve(d) for d in dirs] for n, dirs in groups.items()}
+    pairs = [spec.split(":", 1) for spec in args.pairs]
+    for spec, pair in zip(args.pairs, pairs):
+        if len(pair) != 2 or not set(pair) <= set(groups):
+            p.error(f"--pairs {spec}: expected NEW:OLD, two of the groups {', '.join(groups)}")
+    runs = {n: [load_run(d) for d in dirs] for n, dirs in groups.items()}
+    curves = {n: [_curve(cols) for _, cols in loaded] for n, loaded in runs.items()}
+    seeds = {n: [cfg.get("seed") for cfg, _ in loaded] for n, loaded in runs.items()}
     finals = {n: [float(np.mean(r[-20:])) for _, _, r in cs] for n, cs in curves.items()}
     target = float(np.mean(finals[args.target_group]))
     target_wall = float(np.mean([w[-1] for w, _, _ in curves[args.target_group]]))
@@ -110,11 +115,6 @@ def main(argv=None) -> dict:
             "at_fraction": {"wall_s": t_frac, "per_run": at_frac, "mean": ci95(at_frac)[:2]},
             "time_to_target_s": [_time_to(w, r, target) for w, _, r in cs],
         }
-    pairs = [spec.split(":", 1) for spec in args.pairs]
-    for spec, pair in zip(args.pairs, pairs):
-        if len(pair) != 2 or not set(pair) <= set(groups):
-            p.error(f"--pairs {spec}: expected NEW:OLD, two of the groups {', '.join(groups)}")
-    seeds = {n: [load_run(d)[0].get("seed") for d in dirs] for n, dirs in groups.items()}
     try:
         report["pairs"] = {f"{a} - {b}": _paired(report, seeds, a, b) for a, b in pairs}
     except ValueError as exc:
