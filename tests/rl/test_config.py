@@ -116,10 +116,13 @@ def test_reacher_contextual_kl_bound_and_envs():
 def test_throughput_preset(algo):
     """The large-batch preset as measured in bench/RESULTS.md (issue 11): every algorithm but
     TRPO with 10 epochs of 512; the projections with the wider bounds 0.1 / 0.005 and reward
-    normalization; the baselines keep the paper preset's bounds and reward handling."""
+    normalization; the baselines keep the paper preset's bounds and reward handling; KL and
+    PPO-M start from std 0.7, the others from the paper's 1.0."""
     cfg = preset("throughput", algo)
     paper = preset("mujoco", algo)
     assert (cfg.num_envs, cfg.rollout_steps, cfg.lr, cfg.epochs_vf) == (64, 16384, 3e-4, 5)
+    assert paper.init_std == 1.0
+    assert cfg.init_std == (0.7 if algo in ("kl", "ppo-m") else 1.0)
     if algo == "trpo":
         assert (cfg.epochs, cfg.minibatch_size) == (4, 4096)
     else:
