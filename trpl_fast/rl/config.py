@@ -314,8 +314,8 @@ def preset(name: str, algo: str, **overrides) -> TrainConfig:
     """The paper's hyperparameters for ``algo`` (table 2: ``mujoco``; table 3: ``humanoid``)
     or the ``throughput`` variant (64 envs, 16,384 steps per iteration, 10 epochs of 512-state
     minibatches; the projections with wider bounds and reward normalization; KL and PPO-M with
-    an initial std of 0.7; measured in bench/RESULTS.md), or ``reacher`` (table 4, the 5-link sparse Reacher), with
-    ``overrides`` applied last."""
+    an initial std of 0.7; measured in bench/RESULTS.md), or ``reacher`` (table 4, the 5-link
+    sparse Reacher), with ``overrides`` applied last."""
     if algo not in ALGOS:
         raise ValueError(f"algo must be one of {ALGOS}, got {algo!r}")
     if name not in PRESETS:
