@@ -18,8 +18,8 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from trpl_fast.rl.evaluation import torch_mean_action
 from trpl_fast.rl.train import load_policy
 
 from ._output import emit
@@ -39,14 +39,7 @@ def gait(run_dir: str | Path, episodes: int = 1, seed: int = 12345) -> dict:
     cfg, policy, obs_norm = load_policy(Path(run_dir) / "checkpoint.pt")
     if not cfg.env_id.startswith("HalfCheetah"):
         raise ValueError(f"{run_dir}: a run of {cfg.env_id}, not of HalfCheetah")
-
-    @torch.no_grad()
-    def act(obs):
-        x = torch.as_tensor(obs, dtype=torch.float32)[None]
-        if obs_norm is not None:
-            x = obs_norm(x)
-        return policy.mean_action(x)[0].double().numpy()
-
+    act = torch_mean_action(policy, obs_norm)
     env = gym.make(cfg.env_id)
     returns, on_back, velocity = [], [], []
     try:
@@ -54,7 +47,7 @@ def gait(run_dir: str | Path, episodes: int = 1, seed: int = 12345) -> dict:
             obs, _ = env.reset(seed=seed + k)
             total, done = 0.0, False
             while not done:
-                action = act(obs)
+                action = act(obs[None])[0]
                 if cfg.clip_actions:
                     action = np.clip(action, env.action_space.low, env.action_space.high)
                 obs, reward, terminated, truncated, _ = env.step(action)

@@ -102,7 +102,7 @@ def _numpy_mean_action(policy, obs_norm):
     as the policy computes). Falls back to torch for layers other than Linear / Tanh / ReLU."""
     ops = policy.numpy_mean()
     if ops is None:
-        return _torch_mean_action(policy, obs_norm)
+        return torch_mean_action(policy, obs_norm)
 
     def act(obs):
         x = obs.astype(np.float32)
@@ -113,7 +113,9 @@ def _numpy_mean_action(policy, obs_norm):
     return act
 
 
-def _torch_mean_action(policy, obs_norm):
+def torch_mean_action(policy, obs_norm):
+    """``obs (N, obs_dim) -> mean action (N, d) float64`` of ``policy`` in torch, observations
+    normalized by ``obs_norm`` (None: as they are); reads the weights at each call."""
     device = next(policy.parameters()).device
 
     @torch.no_grad()
