@@ -76,6 +76,22 @@ def test_fraction_target_and_copied_runs(runs, tmp_path):
     assert json.loads((out / "report.json").read_text())["groups"]["fast"]["at_fraction"]["per_run"] == [270.0, 271.0]
 
 
+def test_target_wall_time_given_instead_of_measured(runs, tmp_path, capsys):
+    # the target group's runs timed before a change of the code: their wall time less a saving
+    args = ["--groups", f"slow={runs}/slow_s*", f"fast={runs}/fast_s*", "--target-group", "slow"]
+    report = throughput_report.main([*args, "--target-wall-s", "240", "--out", str(tmp_path / "r")])
+    assert report["target_wall_s"] == 240.0
+    assert report["target_group_mean_wall_s"] == pytest.approx(300.0)
+    # 1/3 of 240 s = 80 s: the fast runs' evaluations at 60..80 s -> 3 x 70 (+ seed)
+    assert report["groups"]["fast"]["at_fraction"]["wall_s"] == pytest.approx(80.0)
+    assert report["groups"]["fast"]["at_fraction"]["per_run"] == pytest.approx([210.0, 211.0])
+    assert report["target"] == pytest.approx(205.0)  # the target return is unchanged
+    for bad in ("0", "-5", "nan"):
+        with pytest.raises(SystemExit):
+            throughput_report.main([*args, "--target-wall-s", bad, "--out", str(tmp_path / "bad")])
+        assert "--target-wall-s must be a positive number of seconds" in capsys.readouterr().err
+
+
 def test_copied_runs_of_the_same_name_stay_apart(tmp_path):
     # two probes name their runs alike: each group's copy keeps its own files
     for probe, ret in (("probe_a", 100.0), ("probe_b", 200.0)):
