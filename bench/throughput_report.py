@@ -87,6 +87,8 @@ def main(argv=None) -> dict:
     p.add_argument("--copy-runs", action="store_true", help="copy config.json / progress.csv to OUT/runs/<group>/")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
+    if args.target_wall_s is not None and not (math.isfinite(args.target_wall_s) and args.target_wall_s > 0):
+        p.error(f"--target-wall-s must be a positive number of seconds, got {args.target_wall_s}")
     groups = {}
     for spec in args.groups:
         name, pattern = spec.split("=", 1)
@@ -101,8 +103,6 @@ def main(argv=None) -> dict:
     finals = {n: [float(np.mean(r[-20:])) for _, _, r in cs] for n, cs in curves.items()}
     target = float(np.mean(finals[args.target_group]))
     measured_wall = float(np.mean([w[-1] for w, _, _ in curves[args.target_group]]))
-    if args.target_wall_s is not None and not (math.isfinite(args.target_wall_s) and args.target_wall_s > 0):
-        p.error(f"--target-wall-s must be a positive number of seconds, got {args.target_wall_s}")
     target_wall = measured_wall if args.target_wall_s is None else args.target_wall_s
     t_frac = args.fraction * target_wall
     report: dict = {
