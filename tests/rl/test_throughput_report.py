@@ -72,6 +72,11 @@ def test_fraction_target_and_copied_runs(runs, tmp_path):
     assert pair["at_fraction"]["per_seed"] == pytest.approx([190.0, 191.0])
     assert pair["at_fraction"]["mean"][0] == pytest.approx(190.5)
     assert pair["final"]["per_seed"] == pytest.approx([3 * 52.5 - 205.0, 3 * 52.5 + 1 - 205.0])
+    # against the target, as two sets of seeds: fast at 100 s (270, 271) - slow final (205, 205);
+    # Welch: se = sqrt(0.5 / 2 + 0 / 2) = 0.5 on 1 degree of freedom (t = 12.706)
+    vs = fast["at_fraction_vs_target"]
+    assert vs["difference"] == pytest.approx([65.5, 12.706 * 0.5])
+    assert vs["ratio"] == pytest.approx(270.5 / 205.0)
     assert (out / "curves_wall.png").stat().st_size > 0
     assert json.loads((out / "report.json").read_text())["groups"]["fast"]["at_fraction"]["per_run"] == [270.0, 271.0]
 
@@ -135,3 +140,19 @@ def test_pairs_match_seeds_not_order_and_need_two(tmp_path, capsys):
             + ["--pairs", "one:old", "--out", str(tmp_path / "r")]
         )
     assert "share 1 seed(s); a paired interval needs 2" in capsys.readouterr().err
+
+
+def test_welch_interval():
+    # var(a) = 5 / 3 over 4, var(b) = 4 over 3: se^2 = 5 / 12 + 4 / 3 = 1.75;
+    # df = 1.75^2 / ((5 / 12)^2 / 3 + (4 / 3)^2 / 2) = 3.23 -> the table's 3: t = 3.182
+    diff, half = throughput_report.welch_ci95([1.0, 2.0, 3.0, 4.0], [2.0, 4.0, 6.0])
+    assert diff == pytest.approx(-1.5)
+    assert half == pytest.approx(3.182 * 1.75**0.5)
+    # non-finite values are left out; one value or no spread at all gives no interval
+    assert throughput_report.welch_ci95([1.0, 2.0, 3.0, 4.0, float("nan")], [2.0, 4.0, 6.0]) == pytest.approx(
+        (diff, half)
+    )
+    d1, h1 = throughput_report.welch_ci95([1.0], [2.0, 4.0])
+    assert d1 == pytest.approx(-2.0) and h1 != h1
+    d2, h2 = throughput_report.welch_ci95([3.0, 3.0], [1.0, 1.0])
+    assert d2 == pytest.approx(2.0) and h2 != h2
